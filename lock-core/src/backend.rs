@@ -1,0 +1,207 @@
+//! The [`LeaseBackend`] trait: the few atomic operations a store must offer to hold leases.
+
+use std::fmt;
+use std::time::Duration;
+
+use crossbeam_channel::Receiver;
+
+use crate::BackendError;
+
+/// One lease as a backend sees it: a key, the owner's token and a time to live.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LeaseRequest<'a> {
+    /// The lock's key, as the user gave it (never empty).
+    pub key: &'a str,
+    /// The owner's token: unique per acquisition, ASCII, at most 64 bytes.
+    pub token: &'a str,
+    /// The time to live to set: at least 3 ms, at most [`MAX_TTL`](crate::MAX_TTL).
+    pub ttl: Duration,
+}
+
+/// The answer to [`LeaseBackend::try_acquire`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AcquireOutcome {
+    /// The key is ours, with this fence.
+    Acquired {
+        /// Strictly greater than every fence issued before for this key.
+        fence: u64,
+    },
+    /// Another token holds the key.
+    Held {
+        /// How long the holder's TTL still runs, when the backend knows it. Waiters never sleep
+        /// longer than this before trying again.
+        remaining: Option<Duration>,
+    },
+}
+
+/// The answer to [`LeaseBackend::renew`] and [`LeaseBackend::release`] when the backend answered.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Ownership {
+    /// The token owned the key, and the operation was applied.
+    Owned,
+    /// The token does not own the key (it is gone, expired or held by another token); nothing was
+    /// changed.
+    NotOwned,
+}
+
+/// A subscription to the release of one key, returned by [`LeaseBackend::watch_release`].
+///
+/// The backend sends `()` on the receiver when the key may have become free. Spurious wake-ups
+/// are allowed; missed ones only cost latency, because waiters also retry on a backoff. Dropping
+/// the watch drops `registration`, which is how a backend unregisters the waiter.
+pub struct ReleaseWatch {
+    receiver: Receiver<()>,
+    _registration: Box<dyn Send>,
+}
+
+impl ReleaseWatch {
+    /// A watch that delivers on `receiver` and unregisters when `registration` is dropped.
+    pub fn new(receiver: Receiver<()>, registration: impl Send + 'static) -> ReleaseWatch {
+        ReleaseWatch {
+            receiver,
+            _registration: Box::new(registration),
+        }
+    }
+
+    /// Where release notifications arrive.
+    pub fn receiver(&self) -> &Receiver<()> {
+        &self.receiver
+    }
+}
+
+impl fmt::Debug for ReleaseWatch {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ReleaseWatch")
+            .field("pending", &self.receiver.len())
+            .finish_non_exhaustive()
+    }
+}
+
+/// A store that can hold leases: the only part of the stack that differs between Redis, Redlock
+/// and the in-process memory backend.
+///
+/// Waiting, retries, jitter, renewal scheduling and loss reporting live in
+/// [`LockManager`](crate::LockManager); a backend only performs single atomic operations. The
+/// manager validates every key and TTL before calling the backend. The trait is object safe:
+/// the manager holds an `Arc<dyn LeaseBackend>`.
+///
+/// Every method takes a `timeout`: the longest the call may block (the caller's remaining wait,
+/// or the lease's remaining validity). A backend uses the smaller of it and its own configured
+/// timeouts, and returns a [transient](BackendError::transient) error when it runs out. It is
+/// `Duration::MAX` when the caller sets no limit.
+///
+/// # Contract
+///
+/// Numbered as the checks in [`conformance`](crate#conformance) that test each point.
+///
+/// 1. **mutual_exclusion**: `try_acquire` grants a key to one token at a time; while that
+///    token's TTL runs, every other token gets [`AcquireOutcome::Held`].
+/// 2. **only_owner_renews_or_releases**: `renew` and `release` change the key only when the
+///    token owns it; otherwise they return [`Ownership::NotOwned`] and change nothing.
+/// 3. **fences_strictly_increase**: each grant carries a fence strictly greater than every fence
+///    granted before for that key, across releases and expiries (and, for stores that can restart,
+///    across restarts).
+/// 4. **unrenewed_lease_expires_after_ttl**: a granted key stays held for its TTL, then frees
+///    itself without any call.
+/// 5. **renewal_extends_lease**: `renew` replaces the remaining TTL with the request's TTL.
+/// 6. **loss_is_reported_once**: when the key is deleted, expires or is taken over, `renew`
+///    says [`Ownership::NotOwned`] (the manager turns that into one loss report).
+/// 7. **release_after_loss_is_safe**: `release` with a stale token never deletes another
+///    token's key.
+/// 8. **no_renewal_after_release**: `renew` never recreates a key that is gone: it only extends a
+///    key that holds the token.
+///
+/// All operations are atomic per key. Errors must be classified: [transient](BackendError::transient)
+/// when retrying may help, [permanent](BackendError::permanent) when it cannot.
+pub trait LeaseBackend: Send + Sync + 'static {
+    /// Takes `request.key` for `request.token` if it is free.
+    ///
+    /// Called once per attempt by `try_acquire`, and again after each backoff by `acquire`; one
+    /// round trip.
+    fn try_acquire(
+        &self,
+        request: &LeaseRequest<'_>,
+        timeout: Duration,
+    ) -> Result<AcquireOutcome, BackendError>;
+
+    /// Sets the key's TTL to `request.ttl` if `request.token` owns it.
+    ///
+    /// Called by the renewer thread, at a fraction of the TTL; one round trip.
+    fn renew(&self, request: &LeaseRequest<'_>, timeout: Duration)
+        -> Result<Ownership, BackendError>;
+
+    /// Renews several leases at once, returning one result per request, in order.
+    ///
+    /// The renewer calls this with every lease that is due; a backend that can pipeline should
+    /// override it to use one round trip. The default calls [`renew`](LeaseBackend::renew) for
+    /// each request, sharing `timeout` among them.
+    fn renew_batch(
+        &self,
+        requests: &[LeaseRequest<'_>],
+        timeout: Duration,
+    ) -> Vec<Result<Ownership, BackendError>> {
+        let started = std::time::Instant::now();
+        requests
+            .iter()
+            .map(|request| {
+                let left = timeout.saturating_sub(started.elapsed());
+                self.renew(request, left)
+            })
+            .collect()
+    }
+
+    /// Deletes the key if `token` owns it, and wakes the key's waiters.
+    ///
+    /// Called when a lease is released or dropped, after the renewer has stopped renewing it.
+    fn release(&self, key: &str, token: &str, timeout: Duration)
+        -> Result<Ownership, BackendError>;
+
+    /// Subscribes to the release of `key`, if the backend can tell waiters about releases.
+    ///
+    /// The manager calls it *before* each attempt to acquire, so that a release between a failed
+    /// attempt and the wait still wakes the waiter. Must be cheap and must not block on the
+    /// network. The default returns `None`: waiters then rely on backoff alone.
+    fn watch_release(&self, key: &str) -> Option<ReleaseWatch> {
+        let _ = key;
+        None
+    }
+}
+
+impl<B: LeaseBackend + ?Sized> LeaseBackend for std::sync::Arc<B> {
+    fn try_acquire(
+        &self,
+        request: &LeaseRequest<'_>,
+        timeout: Duration,
+    ) -> Result<AcquireOutcome, BackendError> {
+        (**self).try_acquire(request, timeout)
+    }
+
+    fn renew(
+        &self,
+        request: &LeaseRequest<'_>,
+        timeout: Duration,
+    ) -> Result<Ownership, BackendError> {
+        (**self).renew(request, timeout)
+    }
+
+    fn renew_batch(
+        &self,
+        requests: &[LeaseRequest<'_>],
+        timeout: Duration,
+    ) -> Vec<Result<Ownership, BackendError>> {
+        (**self).renew_batch(requests, timeout)
+    }
+
+    fn release(
+        &self,
+        key: &str,
+        token: &str,
+        timeout: Duration,
+    ) -> Result<Ownership, BackendError> {
+        (**self).release(key, token, timeout)
+    }
+
+    fn watch_release(&self, key: &str) -> Option<ReleaseWatch> {
+        (**self).watch_release(key)
+    }
+}
