@@ -1,9 +1,91 @@
-//! placeholder while the crate is written
+//! Synchronous distributed leases: locks with a TTL that renew themselves, tell their holder
+//! the moment they are lost, and carry a fencing token.
+//!
+//! No async runtime: a [`LockManager`] runs one background OS thread (the renewer), and every
+//! call blocks the caller for a bounded time.
+//!
+//! # Concepts
+//!
+//! - A [`LeaseBackend`] stores leases: `lock-redis` (one Redis, or Redlock over several) and
+//!   `lock-memory` (in-process, with a manual clock for tests).
+//! - A [`LockManager`] acquires leases on a backend: [`try_acquire`](LockManager::try_acquire)
+//!   (one attempt), [`acquire`](LockManager::acquire) and
+//!   [`acquire_timeout`](LockManager::acquire_timeout) (wait with backoff), and
+//!   [`with_lease`](LockManager::with_lease) (run a closure under a lease).
+//! - A [`Lease`] is a guard: renewed in the background at about a third of its TTL, released on
+//!   [`release`](Lease::release) or drop.
+//! - Loss: when renewals fail until the lease's validity ends, or the backend says the key is no
+//!   longer ours, the lease is **lost**, exactly once: [`Lease::is_held`] turns false,
+//!   [`Lease::lost`] receives a [`LostReason`], and the [`EventHook`] hears of it.
+//! - Fencing: every lease has a [`fence`](Lease::fence), strictly increasing per key. A
+//!   resource that refuses writes with a lower fence than it has seen is safe even from a holder
+//!   that lost its lease without knowing it.
+//!
+//! ```
+//! use std::time::Duration;
+//! use lock_core::LockManager;
+//! use lock_memory::MemoryBackend;
+//!
+//! let manager = LockManager::new(MemoryBackend::new());
+//! let lease = manager.acquire("reports:daily", Duration::from_secs(30))?;
+//! // ... long work, renewed in the background ...
+//! lease.ensure_held()?; // before a side effect: fails once the lease is lost
+//! let fence = lease.fence(); // send along with writes to the protected resource
+//! # let _ = fence;
+//! lease.release()?;
+//! # Ok::<(), lock_core::Error>(())
+//! ```
+//!
+//! # Guarantees, and what is not promised
+//!
+//! - **Validity** is local and monotonic: `valid_until = instant_before_sending + ttl - drift`,
+//!   with `drift = ttl / 100 + 2 ms`. Mutual exclusion holds while the backend's clock does not
+//!   run faster than ours by more than the drift, and while the holder's process is not paused
+//!   past `valid_until` between its check and its side effect. No lock can promise more: a GC
+//!   pause or a SIGSTOP right after [`Lease::ensure_held`] returns is invisible to the holder.
+//!   **Fencing** closes that gap, if the resource checks the fence.
+//! - **Loss is reported on time**: [`Lease::is_held`] reads the clock, so it is right even while
+//!   the renewer is blocked; backend calls are bounded by the remaining validity, so the
+//!   renewer reports a loss no later than `valid_until` plus scheduling slack.
+//! - **Renewals never revive a key**: a renewal only extends a key that still holds our token,
+//!   and a lease is untracked before it is deleted.
+//!
+//! # Conformance
+//!
+//! With the `conformance` feature, [`conformance`](crate::conformance) holds one check per
+//! point of the [`LeaseBackend`] contract, and [`conformance_tests!`] stamps them as tests.
+//!
+//! # Threads
+//!
+//! Each manager has one thread named [`RENEWER_THREAD_NAME`]. It holds no handle that keeps
+//! the manager alive: when the last [`LockManager`] clone and the last [`Lease`] are dropped,
+//! the thread is told to stop and joined.
+
 mod backend;
 mod clock;
 mod error;
+mod event;
+mod lease;
+mod manager;
+mod renewer;
+mod retry;
+mod schedule;
+
+#[cfg(feature = "conformance")]
+pub mod conformance;
+
 pub use backend::{AcquireOutcome, LeaseBackend, LeaseRequest, Ownership, ReleaseWatch};
 pub use clock::{Clock, ManualClock};
 pub use error::{BackendError, BackendErrorKind, Error, LostReason};
-/// The longest TTL a lease may have: 365 days (Redis keeps TTLs in milliseconds).
+pub use event::{EventHook, LeaseEvent, NoopHook, TracingHook};
+pub use lease::{Lease, LeaseStatus};
+pub use manager::{LockManager, LockManagerBuilder, RENEWER_THREAD_NAME};
+pub use retry::RetryPolicy;
+
+/// The longest TTL a lease may have: 365 days. Redis counts TTLs in milliseconds; a year keeps
+/// every deadline far from overflow on any backend.
 pub const MAX_TTL: std::time::Duration = std::time::Duration::from_secs(365 * 24 * 3600);
+
+/// The shortest TTL a lease may have: 3 ms, the least that leaves any validity after the clock
+/// drift allowance (1% + 2 ms). Real leases want seconds.
+pub const MIN_TTL: std::time::Duration = std::time::Duration::from_millis(3);

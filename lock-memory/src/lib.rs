@@ -1,1 +1,370 @@
-//! placeholder
+//! An in-process [`LeaseBackend`] for unit tests of code that takes leases.
+//!
+//! [`MemoryBackend`] keeps leases in a map behind a mutex. It honours the whole
+//! [`LeaseBackend`] contract (the conformance suite runs on it), so code tested against it
+//! behaves the same on Redis. With a [`ManualClock`](lock_core::ManualClock) shared with the
+//! manager, expiry, renewal and loss run in **virtual time**: a test advances the clock instead
+//! of sleeping.
+//!
+//! ```
+//! use std::time::Duration;
+//! use lock_core::{LockManager, LostReason, ManualClock};
+//! use lock_memory::MemoryBackend;
+//!
+//! let clock = ManualClock::new();
+//! let backend = MemoryBackend::with_clock(clock.clone());
+//! let manager = LockManager::builder(backend.clone()).clock(clock.clone()).build()?;
+//!
+//! let lease = manager.acquire("payroll", Duration::from_secs(30))?;
+//! // Jump ten TTLs at once: no renewal could run in between, so the lease expired.
+//! clock.advance(Duration::from_secs(300));
+//! manager.settle();
+//! assert!(!lease.is_held());
+//! assert!(matches!(lease.lost().try_recv(), Ok(LostReason::Expired)));
+//!
+//! // Step a third of the TTL at a time, and the renewer keeps the lease alive.
+//! let lease = manager.acquire("payroll", Duration::from_secs(30))?;
+//! for _ in 0..30 {
+//!     clock.advance(Duration::from_secs(10));
+//!     manager.settle();
+//! }
+//! assert!(lease.is_held());
+//! # Ok::<(), lock_core::Error>(())
+//! ```
+//!
+//! It also lets tests break things on purpose: [`MemoryBackend::revoke`] deletes a key behind
+//! its holder's back, and [`MemoryBackend::set_unreachable`] makes every call fail as a network
+//! outage would.
+//!
+//! Limits: leases live in this process only, so it coordinates threads, not processes. The
+//! fence counter of every key ever locked is kept for the life of the backend (a few dozen
+//! bytes per distinct key).
+
+use std::collections::HashMap;
+use std::fmt;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Weak};
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::Sender;
+use lock_core::{
+    AcquireOutcome, BackendError, Clock, LeaseBackend, LeaseRequest, Ownership, ReleaseWatch,
+};
+use parking_lot::Mutex;
+
+/// An in-process lease store. Clones share one store.
+///
+/// Waiters registered through [`LeaseBackend::watch_release`] are woken the moment a key is
+/// released, so hand-offs between threads take microseconds, not a backoff period.
+#[derive(Clone, Default)]
+pub struct MemoryBackend {
+    store: Arc<Store>,
+}
+
+#[derive(Default)]
+struct Store {
+    clock: Clock,
+    keys: Mutex<HashMap<Box<str>, KeyState>>,
+    unreachable: AtomicBool,
+    next_waiter: AtomicU64,
+}
+
+#[derive(Default)]
+struct KeyState {
+    /// The last fence issued for this key; kept after release so fences keep growing.
+    last_fence: u64,
+    /// The holder's token; meaningful while `expires_at` is set and in the future.
+    token: String,
+    expires_at: Option<Instant>,
+    waiters: Vec<(u64, Sender<()>)>,
+}
+
+impl KeyState {
+    fn holder(&self, now: Instant) -> Option<(&str, Instant)> {
+        self.expires_at
+            .filter(|expires_at| now < *expires_at)
+            .map(|expires_at| (self.token.as_str(), expires_at))
+    }
+
+    fn owned_by(&self, token: &str, now: Instant) -> bool {
+        self.holder(now).is_some_and(|(holder, _)| holder == token)
+    }
+
+    fn clear(&mut self) {
+        self.expires_at = None;
+        for (_, waiter) in self.waiters.drain(..) {
+            let _ = waiter.try_send(());
+        }
+    }
+}
+
+impl fmt::Debug for MemoryBackend {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("MemoryBackend")
+            .field("clock", &self.store.clock)
+            .field("keys", &self.store.keys.lock().len())
+            .field("unreachable", &self.store.unreachable.load(Ordering::Relaxed))
+            .finish()
+    }
+}
+
+impl MemoryBackend {
+    /// A store on the system clock.
+    pub fn new() -> MemoryBackend {
+        MemoryBackend::default()
+    }
+
+    /// A store on `clock`: give the same clock to
+    /// [`LockManagerBuilder::clock`](lock_core::LockManagerBuilder::clock) to run in virtual time.
+    pub fn with_clock(clock: impl Into<Clock>) -> MemoryBackend {
+        MemoryBackend {
+            store: Arc::new(Store {
+                clock: clock.into(),
+                ..Store::default()
+            }),
+        }
+    }
+
+    /// The clock this store expires leases by.
+    pub fn clock(&self) -> &Clock {
+        &self.store.clock
+    }
+
+    /// Deletes `key` whoever holds it, as an operator or a failover would: the holder finds out
+    /// at its next renewal. Returns whether the key was held.
+    ///
+    /// ```
+    /// use lock_memory::MemoryBackend;
+    ///
+    /// let backend = MemoryBackend::new();
+    /// assert!(!backend.revoke("nothing-here"));
+    /// ```
+    pub fn revoke(&self, key: &str) -> bool {
+        let now = self.store.clock.now();
+        let mut keys = self.store.keys.lock();
+        match keys.get_mut(key) {
+            Some(state) if state.holder(now).is_some() => {
+                state.clear();
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// While `true`, every call fails with a transient error, as if the store were unreachable;
+    /// the leases it holds keep expiring by the clock.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use lock_core::LockManager;
+    /// use lock_memory::MemoryBackend;
+    ///
+    /// let backend = MemoryBackend::new();
+    /// let manager = LockManager::new(backend.clone());
+    /// backend.set_unreachable(true);
+    /// let error = manager.try_acquire("k", Duration::from_secs(1)).unwrap_err();
+    /// assert!(error.is_transient());
+    /// ```
+    pub fn set_unreachable(&self, unreachable: bool) {
+        self.store.unreachable.store(unreachable, Ordering::SeqCst);
+    }
+
+    /// Whether `key` is held by anyone now.
+    pub fn is_locked(&self, key: &str) -> bool {
+        let now = self.store.clock.now();
+        self.store
+            .keys
+            .lock()
+            .get(key)
+            .is_some_and(|state| state.holder(now).is_some())
+    }
+
+    fn check_reachable(&self) -> Result<(), BackendError> {
+        if self.store.unreachable.load(Ordering::SeqCst) {
+            Err(BackendError::transient(Unreachable))
+        } else {
+            Ok(())
+        }
+    }
+
+    fn expiry(&self, now: Instant, ttl: Duration) -> Instant {
+        now.checked_add(ttl).unwrap_or(now)
+    }
+}
+
+/// The error of a [`MemoryBackend`] made unreachable with
+/// [`set_unreachable`](MemoryBackend::set_unreachable).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Unreachable;
+
+impl fmt::Display for Unreachable {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("the memory backend was set unreachable")
+    }
+}
+
+impl std::error::Error for Unreachable {}
+
+impl LeaseBackend for MemoryBackend {
+    fn try_acquire(
+        &self,
+        request: &LeaseRequest<'_>,
+        _timeout: Duration,
+    ) -> Result<AcquireOutcome, BackendError> {
+        self.check_reachable()?;
+        let now = self.store.clock.now();
+        let mut keys = self.store.keys.lock();
+        let state = match keys.get_mut(request.key) {
+            Some(state) => state,
+            None => keys.entry(request.key.into()).or_default(),
+        };
+        if let Some((_, expires_at)) = state.holder(now) {
+            return Ok(AcquireOutcome::Held {
+                remaining: Some(expires_at - now),
+            });
+        }
+        state.last_fence += 1;
+        state.token.clear();
+        state.token.push_str(request.token);
+        state.expires_at = Some(self.expiry(now, request.ttl));
+        Ok(AcquireOutcome::Acquired {
+            fence: state.last_fence,
+        })
+    }
+
+    fn renew(
+        &self,
+        request: &LeaseRequest<'_>,
+        _timeout: Duration,
+    ) -> Result<Ownership, BackendError> {
+        self.check_reachable()?;
+        let now = self.store.clock.now();
+        let mut keys = self.store.keys.lock();
+        match keys.get_mut(request.key) {
+            Some(state) if state.owned_by(request.token, now) => {
+                state.expires_at = Some(self.expiry(now, request.ttl));
+                Ok(Ownership::Owned)
+            }
+            _ => Ok(Ownership::NotOwned),
+        }
+    }
+
+    fn release(
+        &self,
+        key: &str,
+        token: &str,
+        _timeout: Duration,
+    ) -> Result<Ownership, BackendError> {
+        self.check_reachable()?;
+        let now = self.store.clock.now();
+        let mut keys = self.store.keys.lock();
+        match keys.get_mut(key) {
+            Some(state) if state.owned_by(token, now) => {
+                state.clear();
+                Ok(Ownership::Owned)
+            }
+            _ => Ok(Ownership::NotOwned),
+        }
+    }
+
+    fn watch_release(&self, key: &str) -> Option<ReleaseWatch> {
+        let id = self.store.next_waiter.fetch_add(1, Ordering::Relaxed);
+        let (sender, receiver) = crossbeam_channel::bounded(1);
+        {
+            let mut keys = self.store.keys.lock();
+            let state = match keys.get_mut(key) {
+                Some(state) => state,
+                None => keys.entry(key.into()).or_default(),
+            };
+            state.waiters.push((id, sender));
+        }
+        let registration = Registration {
+            store: Arc::downgrade(&self.store),
+            key: key.into(),
+            id,
+        };
+        Some(ReleaseWatch::new(receiver, registration))
+    }
+}
+
+/// Removes a waiter from its key when its [`ReleaseWatch`] is dropped.
+struct Registration {
+    store: Weak<Store>,
+    key: Box<str>,
+    id: u64,
+}
+
+impl Drop for Registration {
+    fn drop(&mut self) {
+        if let Some(store) = self.store.upgrade() {
+            if let Some(state) = store.keys.lock().get_mut(&self.key) {
+                state.waiters.retain(|(id, _)| *id != self.id);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const TTL: Duration = Duration::from_secs(10);
+
+    fn request<'a>(key: &'a str, token: &'a str) -> LeaseRequest<'a> {
+        LeaseRequest {
+            key,
+            token,
+            ttl: TTL,
+        }
+    }
+
+    #[test]
+    fn held_reports_the_remaining_ttl() {
+        let clock = lock_core::ManualClock::new();
+        let backend = MemoryBackend::with_clock(clock.clone());
+        backend.try_acquire(&request("k", "a"), TTL).unwrap();
+        clock.advance(Duration::from_secs(4));
+        assert_eq!(
+            backend.try_acquire(&request("k", "b"), TTL).unwrap(),
+            AcquireOutcome::Held {
+                remaining: Some(Duration::from_secs(6))
+            }
+        );
+    }
+
+    #[test]
+    fn release_wakes_watchers_and_dropped_watches_unregister() {
+        let backend = MemoryBackend::new();
+        backend.try_acquire(&request("k", "a"), TTL).unwrap();
+        let watch = backend.watch_release("k").unwrap();
+        let dropped = backend.watch_release("k").unwrap();
+        drop(dropped);
+        assert_eq!(backend.store.keys.lock()["k"].waiters.len(), 1);
+        backend.release("k", "a", TTL).unwrap();
+        assert!(watch.receiver().try_recv().is_ok(), "the waiter was not woken");
+        assert!(backend.store.keys.lock()["k"].waiters.is_empty());
+    }
+
+    #[test]
+    fn revoke_frees_the_key_and_wakes_waiters() {
+        let backend = MemoryBackend::new();
+        backend.try_acquire(&request("k", "a"), TTL).unwrap();
+        let watch = backend.watch_release("k").unwrap();
+        assert!(backend.revoke("k"));
+        assert!(!backend.is_locked("k"));
+        assert!(watch.receiver().try_recv().is_ok());
+        assert_eq!(backend.renew(&request("k", "a"), TTL).unwrap(), Ownership::NotOwned);
+    }
+
+    #[test]
+    fn unreachable_fails_every_call_transiently() {
+        let backend = MemoryBackend::new();
+        backend.set_unreachable(true);
+        let error = backend.try_acquire(&request("k", "a"), TTL).unwrap_err();
+        assert!(error.is_transient());
+        assert!(backend.renew(&request("k", "a"), TTL).is_err());
+        assert!(backend.release("k", "a", TTL).is_err());
+        backend.set_unreachable(false);
+        assert!(backend.try_acquire(&request("k", "a"), TTL).is_ok());
+    }
+}

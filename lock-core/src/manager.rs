@@ -1,0 +1,453 @@
+//! [`LockManager`]: acquires leases, waits for busy keys, and owns the renewer thread.
+
+use std::fmt;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use crossbeam_channel::Sender;
+use parking_lot::Mutex;
+
+use crate::clock::saturating_add;
+use crate::event::{EventHook, LeaseEvent, NoopHook};
+use crate::lease::{LeaseShared, Token};
+use crate::renewer::{Command, Renewer};
+use crate::retry::RetryPolicy;
+use crate::schedule::{validity, Schedule};
+use crate::{
+    AcquireOutcome, BackendError, Clock, Error, Lease, LeaseBackend, LeaseRequest, MAX_TTL,
+};
+
+/// The name of every manager's renewer thread.
+pub const RENEWER_THREAD_NAME: &str = "lease-renewer";
+
+/// Hands out [`Lease`]s on a [`LeaseBackend`] and keeps them renewed.
+///
+/// A cheap [`Clone`] handle: clones share one backend and one renewer thread. Building a manager
+/// spawns that thread; dropping the last handle (and the last [`Lease`], which holds one) stops
+/// it and joins it.
+///
+/// ```
+/// use std::time::Duration;
+/// use lock_core::LockManager;
+/// use lock_memory::MemoryBackend;
+///
+/// let manager = LockManager::new(MemoryBackend::new());
+///
+/// // One attempt: `None` when another holder has the key.
+/// let lease = manager.try_acquire("orders", Duration::from_secs(10))?.expect("free");
+/// assert!(manager.try_acquire("orders", Duration::from_secs(10))?.is_none());
+/// drop(lease);
+///
+/// // Wait up to one second for the key, run a closure under the lease, release it.
+/// let total = manager.with_lease("orders", Duration::from_secs(10), Duration::from_secs(1), |lease| {
+///     assert!(lease.is_held());
+///     40 + 2
+/// })?;
+/// assert_eq!(total, 42);
+/// # Ok::<(), lock_core::Error>(())
+/// ```
+#[derive(Clone)]
+pub struct LockManager {
+    shared: Arc<ManagerShared>,
+}
+
+/// What a manager's handles and leases share.
+pub(crate) struct ManagerShared {
+    pub(crate) backend: Arc<dyn LeaseBackend>,
+    pub(crate) clock: Clock,
+    pub(crate) hook: Arc<dyn EventHook>,
+    config: Config,
+    next_id: AtomicU64,
+    commands: Sender<Command>,
+    renewer: Mutex<Option<JoinHandle<()>>>,
+}
+
+#[derive(Debug, Clone)]
+struct Config {
+    default_wait: Duration,
+    renew_fraction: f64,
+    retry: RetryPolicy,
+    batch_size: usize,
+}
+
+impl Default for Config {
+    fn default() -> Config {
+        Config {
+            default_wait: Duration::from_secs(10),
+            renew_fraction: 1.0 / 3.0,
+            retry: RetryPolicy::default(),
+            batch_size: 512,
+        }
+    }
+}
+
+/// Configures and builds a [`LockManager`]; made by [`LockManager::builder`].
+///
+/// ```
+/// use std::time::Duration;
+/// use lock_core::{LockManager, RetryPolicy, TracingHook};
+/// use lock_memory::MemoryBackend;
+///
+/// let manager = LockManager::builder(MemoryBackend::new())
+///     .default_wait(Duration::from_secs(2))
+///     .renew_fraction(0.25)
+///     .retry(RetryPolicy::new(Duration::from_millis(1), Duration::from_millis(50)))
+///     .event_hook(TracingHook)
+///     .build()?;
+/// # drop(manager);
+/// # Ok::<(), lock_core::Error>(())
+/// ```
+#[must_use = "a builder does nothing until `build` is called"]
+pub struct LockManagerBuilder {
+    backend: Arc<dyn LeaseBackend>,
+    clock: Clock,
+    hook: Arc<dyn EventHook>,
+    config: Config,
+}
+
+impl fmt::Debug for LockManagerBuilder {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("LockManagerBuilder")
+            .field("clock", &self.clock)
+            .field("config", &self.config)
+            .finish_non_exhaustive()
+    }
+}
+
+impl LockManagerBuilder {
+    /// How long [`LockManager::acquire`] waits for a busy key. Default: 10 seconds.
+    /// `Duration::MAX` waits without a deadline.
+    pub fn default_wait(mut self, wait: Duration) -> Self {
+        self.config.default_wait = wait;
+        self
+    }
+
+    /// When to renew, as a fraction of the lease's validity: strictly between 0 and 1. Default:
+    /// one third (a lease is renewed about every TTL/3, so two renewals can fail before it is
+    /// lost).
+    pub fn renew_fraction(mut self, fraction: f64) -> Self {
+        self.config.renew_fraction = fraction;
+        self
+    }
+
+    /// The backoff between attempts of a waiting acquire. Default: [`RetryPolicy::default`].
+    pub fn retry(mut self, policy: RetryPolicy) -> Self {
+        self.config.retry = policy;
+        self
+    }
+
+    /// The clock leases are timed with. Default: [`Clock::System`]. Give a
+    /// [`ManualClock`](crate::ManualClock) (and the same one to the memory backend) to run in
+    /// virtual time.
+    pub fn clock(mut self, clock: impl Into<Clock>) -> Self {
+        self.clock = clock.into();
+        self
+    }
+
+    /// Where lease events go. Default: [`NoopHook`]; [`TracingHook`](crate::TracingHook) logs
+    /// them.
+    pub fn event_hook(mut self, hook: impl EventHook) -> Self {
+        self.hook = Arc::new(hook);
+        self
+    }
+
+    /// The most leases the renewer sends to the backend in one call. Default: 512.
+    pub fn batch_size(mut self, size: usize) -> Self {
+        self.config.batch_size = size;
+        self
+    }
+
+    /// Checks the settings and starts the manager's renewer thread.
+    pub fn build(self) -> Result<LockManager, Error> {
+        let config = self.config;
+        let invalid = |reason: String| Err(Error::InvalidConfig { reason });
+        if !(config.renew_fraction > 0.0 && config.renew_fraction < 1.0) {
+            return invalid(format!(
+                "renew_fraction must be strictly between 0 and 1, not {}",
+                config.renew_fraction
+            ));
+        }
+        if config.batch_size == 0 {
+            return invalid("batch_size must be at least 1".into());
+        }
+        if let Err(reason) = config.retry.validate() {
+            return invalid(reason);
+        }
+        let (commands, receiver) = crossbeam_channel::unbounded();
+        let renewer = Renewer {
+            backend: self.backend.clone(),
+            clock: self.clock.clone(),
+            hook: self.hook.clone(),
+            schedule: Schedule::new(config.renew_fraction),
+            batch_size: config.batch_size,
+        };
+        let thread = std::thread::Builder::new()
+            .name(RENEWER_THREAD_NAME.into())
+            .spawn(move || renewer.run(receiver))
+            .map_err(|error| Error::InvalidConfig {
+                reason: format!("cannot start the renewer thread: {error}"),
+            })?;
+        Ok(LockManager {
+            shared: Arc::new(ManagerShared {
+                backend: self.backend,
+                clock: self.clock,
+                hook: self.hook,
+                config,
+                next_id: AtomicU64::new(1),
+                commands,
+                renewer: Mutex::new(Some(thread)),
+            }),
+        })
+    }
+}
+
+/// The outcome of one attempt.
+enum Attempt {
+    Acquired(Lease),
+    Held { remaining: Option<Duration> },
+}
+
+impl LockManager {
+    /// A manager with the default settings.
+    ///
+    /// # Panics
+    ///
+    /// If the operating system refuses to start the renewer thread. Use
+    /// [`builder`](LockManager::builder) and [`build`](LockManagerBuilder::build) to get that as
+    /// an error instead.
+    #[allow(clippy::expect_used)]
+    pub fn new(backend: impl LeaseBackend) -> LockManager {
+        LockManager::builder(backend)
+            .build()
+            .expect("the default configuration is valid; only spawning the renewer thread can fail")
+    }
+
+    /// A builder, to change the defaults.
+    pub fn builder(backend: impl LeaseBackend) -> LockManagerBuilder {
+        LockManagerBuilder {
+            backend: Arc::new(backend),
+            clock: Clock::default(),
+            hook: Arc::new(NoopHook),
+            config: Config::default(),
+        }
+    }
+
+    /// One attempt to acquire `key` for `ttl`: `Ok(None)` when another holder has it.
+    ///
+    /// Backend errors, transient or not, are returned as they are: nothing is retried.
+    pub fn try_acquire(&self, key: &str, ttl: Duration) -> Result<Option<Lease>, Error> {
+        validate(key, ttl)?;
+        match self.attempt(key, ttl, Duration::MAX)? {
+            Attempt::Acquired(lease) => Ok(Some(lease)),
+            Attempt::Held { .. } => Ok(None),
+        }
+    }
+
+    /// Acquires `key` for `ttl`, waiting up to the builder's
+    /// [`default_wait`](LockManagerBuilder::default_wait).
+    pub fn acquire(&self, key: &str, ttl: Duration) -> Result<Lease, Error> {
+        self.acquire_timeout(key, ttl, self.shared.config.default_wait)
+    }
+
+    /// Acquires `key` for `ttl`, waiting up to `wait` while another holder has it or the backend
+    /// fails transiently; then fails with an error whose [`is_timeout`](Error::is_timeout) is
+    /// true. `Duration::MAX` waits without a deadline.
+    ///
+    /// Between attempts it sleeps with capped exponential backoff and full jitter, never past the
+    /// holder's remaining TTL or the deadline, and wakes early when the backend announces the
+    /// key's release.
+    pub fn acquire_timeout(&self, key: &str, ttl: Duration, wait: Duration) -> Result<Lease, Error> {
+        validate(key, ttl)?;
+        let clock = &self.shared.clock;
+        let started = clock.now();
+        let deadline = started.checked_add(wait);
+        let mut backoff = self.shared.config.retry.backoff();
+        loop {
+            // Subscribe before trying, so a release right after a failed attempt still wakes us.
+            let watch = self.shared.backend.watch_release(key);
+            let budget = deadline.map_or(Duration::MAX, |d| d.saturating_duration_since(clock.now()));
+            let (remaining, last_error) = match self.attempt(key, ttl, budget) {
+                Ok(Attempt::Acquired(lease)) => return Ok(lease),
+                Ok(Attempt::Held { remaining }) => (remaining, None),
+                Err(Error::Backend(error)) if error.is_transient() => (None, Some(error)),
+                Err(error) => return Err(error),
+            };
+            let now = clock.now();
+            if deadline.is_some_and(|deadline| now >= deadline) {
+                return Err(Error::Timeout {
+                    key: key.to_owned(),
+                    waited: now.saturating_duration_since(started),
+                    last_error,
+                });
+            }
+            let delay = backoff.next_delay(fastrand::f64(), remaining);
+            let wake = saturating_add(now, delay);
+            let wake = deadline.map_or(wake, |deadline| wake.min(deadline));
+            match &watch {
+                Some(watch) => {
+                    let _ = clock.recv_until(watch.receiver(), Some(wake));
+                }
+                None => clock.sleep_until(wake),
+            }
+        }
+    }
+
+    /// Runs `f` under a lease on `key` (waiting up to `wait` for it), then releases the lease.
+    ///
+    /// Returns `f`'s value, or [`Error::Lost`] if the lease was lost before `f` returned: the
+    /// caller must then treat `f`'s effects as unprotected (this is where fencing matters). If
+    /// `f` panics, the lease is released and the panic continues in the caller.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use lock_core::LockManager;
+    /// use lock_memory::MemoryBackend;
+    ///
+    /// let manager = LockManager::new(MemoryBackend::new());
+    /// let fence = manager.with_lease("nightly", Duration::from_secs(30), Duration::ZERO, |lease| {
+    ///     lease.fence()
+    /// })?;
+    /// assert!(fence > 0);
+    /// # Ok::<(), lock_core::Error>(())
+    /// ```
+    pub fn with_lease<T>(
+        &self,
+        key: &str,
+        ttl: Duration,
+        wait: Duration,
+        f: impl FnOnce(&Lease) -> T,
+    ) -> Result<T, Error> {
+        let lease = self.acquire_timeout(key, ttl, wait)?;
+        let value = f(&lease);
+        let held = lease.ensure_held();
+        let released = lease.release();
+        held?;
+        released?;
+        Ok(value)
+    }
+
+    /// Waits until the renewer thread has applied every lease acquired or released before this
+    /// call, and has handled every renewal due at the clock's current time.
+    ///
+    /// Meant for tests in virtual time: advance a [`ManualClock`](crate::ManualClock), then
+    /// `settle()` before looking at the leases. Returns at once if the renewer is gone.
+    pub fn settle(&self) {
+        let (reply, done) = crossbeam_channel::bounded(1);
+        if self.shared.commands.send(Command::Settle(reply)).is_ok() {
+            let _ = done.recv();
+        }
+    }
+
+    /// The clock this manager times leases with.
+    pub fn clock(&self) -> &Clock {
+        &self.shared.clock
+    }
+
+    fn attempt(&self, key: &str, ttl: Duration, timeout: Duration) -> Result<Attempt, Error> {
+        let shared = &self.shared;
+        let token = Token::random();
+        let request = LeaseRequest {
+            key,
+            token: token.as_str(),
+            ttl,
+        };
+        let sent_at = shared.clock.now();
+        let fence = match shared.backend.try_acquire(&request, timeout)? {
+            AcquireOutcome::Acquired { fence } => fence,
+            AcquireOutcome::Held { remaining } => return Ok(Attempt::Held { remaining }),
+        };
+        // `validate` guarantees some validity is left after drift.
+        let valid_until = saturating_add(sent_at, validity(ttl).unwrap_or(Duration::ZERO));
+        if shared.clock.now() >= valid_until {
+            // The answer came too late to leave any validity: give the key back.
+            let _ = shared.backend.release(key, token.as_str(), timeout);
+            return Err(Error::Backend(BackendError::transient(
+                "the backend answered after the whole validity of the lease had passed",
+            )));
+        }
+        let id = shared.next_id.fetch_add(1, Ordering::Relaxed);
+        let lease = Arc::new(LeaseShared::new(id, key, token, fence, ttl, valid_until));
+        let _ = shared.commands.send(Command::Track {
+            lease: lease.clone(),
+            sent_at,
+        });
+        shared.hook.on_event(&LeaseEvent::Acquired {
+            key,
+            fence,
+            valid_until,
+        });
+        Ok(Attempt::Acquired(Lease::new(lease, shared.clone())))
+    }
+}
+
+impl ManagerShared {
+    pub(crate) fn untrack(&self, id: u64) {
+        let _ = self.commands.send(Command::Untrack(id));
+    }
+}
+
+impl Drop for ManagerShared {
+    fn drop(&mut self) {
+        let _ = self.commands.send(Command::Shutdown);
+        if let Some(thread) = self.renewer.get_mut().take() {
+            if thread.thread().id() != std::thread::current().id() {
+                let _ = thread.join();
+            }
+        }
+    }
+}
+
+impl fmt::Debug for LockManager {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("LockManager")
+            .field("clock", &self.shared.clock)
+            .field("config", &self.shared.config)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Checks a key and a TTL before any backend sees them.
+fn validate(key: &str, ttl: Duration) -> Result<(), Error> {
+    if key.is_empty() {
+        return Err(Error::InvalidKey {
+            reason: "the key is empty",
+        });
+    }
+    if ttl.is_zero() {
+        return Err(Error::InvalidTtl {
+            ttl,
+            reason: "a lease needs a positive TTL",
+        });
+    }
+    if ttl > MAX_TTL {
+        return Err(Error::InvalidTtl {
+            ttl,
+            reason: "longer than MAX_TTL (365 days)",
+        });
+    }
+    if validity(ttl).is_none() {
+        return Err(Error::InvalidTtl {
+            ttl,
+            reason: "too short to leave any validity after the clock drift allowance (1% + 2 ms)",
+        });
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn validation_names_the_problem() {
+        let ms = Duration::from_millis(1);
+        assert!(matches!(validate("", ms * 100), Err(Error::InvalidKey { .. })));
+        assert!(matches!(validate("k", Duration::ZERO), Err(Error::InvalidTtl { .. })));
+        assert!(matches!(validate("k", ms * 2), Err(Error::InvalidTtl { .. })));
+        assert!(matches!(validate("k", Duration::MAX), Err(Error::InvalidTtl { .. })));
+        assert!(validate("k", ms * 3).is_ok());
+        assert!(validate("k", MAX_TTL).is_ok());
+    }
+}
