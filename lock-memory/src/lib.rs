@@ -103,7 +103,10 @@ impl fmt::Debug for MemoryBackend {
         f.debug_struct("MemoryBackend")
             .field("clock", &self.store.clock)
             .field("keys", &self.store.keys.lock().len())
-            .field("unreachable", &self.store.unreachable.load(Ordering::Relaxed))
+            .field(
+                "unreachable",
+                &self.store.unreachable.load(Ordering::Relaxed),
+            )
             .finish()
     }
 }
@@ -177,6 +180,22 @@ impl MemoryBackend {
             .lock()
             .get(key)
             .is_some_and(|state| state.holder(now).is_some())
+    }
+
+    /// How many threads are waiting for `key` to be released (registered through
+    /// [`LeaseBackend::watch_release`]). Lets a test wait until a worker is blocked on a lock.
+    ///
+    /// ```
+    /// use lock_memory::MemoryBackend;
+    ///
+    /// assert_eq!(MemoryBackend::new().waiting("k"), 0);
+    /// ```
+    pub fn waiting(&self, key: &str) -> usize {
+        self.store
+            .keys
+            .lock()
+            .get(key)
+            .map_or(0, |state| state.waiters.len())
     }
 
     fn check_reachable(&self) -> Result<(), BackendError> {
@@ -341,7 +360,10 @@ mod tests {
         drop(dropped);
         assert_eq!(backend.store.keys.lock()["k"].waiters.len(), 1);
         backend.release("k", "a", TTL).unwrap();
-        assert!(watch.receiver().try_recv().is_ok(), "the waiter was not woken");
+        assert!(
+            watch.receiver().try_recv().is_ok(),
+            "the waiter was not woken"
+        );
         assert!(backend.store.keys.lock()["k"].waiters.is_empty());
     }
 
@@ -353,7 +375,10 @@ mod tests {
         assert!(backend.revoke("k"));
         assert!(!backend.is_locked("k"));
         assert!(watch.receiver().try_recv().is_ok());
-        assert_eq!(backend.renew(&request("k", "a"), TTL).unwrap(), Ownership::NotOwned);
+        assert_eq!(
+            backend.renew(&request("k", "a"), TTL).unwrap(),
+            Ownership::NotOwned
+        );
     }
 
     #[test]

@@ -1,4 +1,5 @@
 //! The lock-core conformance suite on the memory backend, in virtual time.
+#![allow(clippy::unwrap_used)] // test helpers: a failed setup is a failed test
 
 use std::sync::Arc;
 use std::time::Duration;

@@ -1,1 +1,58 @@
-//! placeholder
+//! Test harness for the lease workspace: real `redis-server` processes and fault injection.
+//!
+//! Integration tests in this crate (and the cross-backend scenarios) use three tools:
+//!
+//! - [`RedisServer`] starts a private `redis-server` on a free port of `127.0.0.1`, with its own
+//!   temporary directory, waits until it answers, and can pause (`SIGSTOP`), resume (`SIGCONT`),
+//!   kill (`SIGKILL`) and restart it on the same port. Dropping it kills the process and removes
+//!   its directory.
+//! - [`TcpProxy`] sits between a client and a server and can pass, delay, blackhole or reset the
+//!   traffic ([`ProxyMode`]), for existing and new connections alike.
+//! - [`wait_until`] polls a condition with a deadline, so tests never rely on fixed sleeps.
+//!
+//! A missing `redis-server` binary is a test failure with the command that installs it, never a
+//! silent skip.
+//!
+//! ```no_run
+//! use lock_tests::{ProxyMode, RedisServer, TcpProxy};
+//!
+//! let server = RedisServer::start();
+//! let proxy = TcpProxy::start(server.addr());
+//! let client = redis::Client::open(proxy.url()).expect("valid proxy URL");
+//! proxy.set_mode(ProxyMode::Blackhole); // the server now looks silent to `client`
+//! ```
+
+// Test infrastructure: a failed setup step is a failed test, so panicking with a clear message is
+// the intended way to report it.
+#![allow(clippy::expect_used, clippy::unwrap_used, clippy::panic)]
+
+pub mod proxy;
+pub mod server;
+
+pub use proxy::{ProxyMode, TcpProxy};
+pub use server::{RedisServer, ServerOptions};
+
+use std::time::{Duration, Instant};
+
+/// Polls `condition` every millisecond until it returns `true`.
+///
+/// `what` describes the awaited state for the failure message, e.g. `"the proxy has 2
+/// connections"`.
+///
+/// # Panics
+///
+/// Panics with `timed out after {timeout:?} waiting until {what}` if `condition` is still `false`
+/// once `timeout` has elapsed. The condition is always checked at least once, and once more after
+/// the deadline before giving up.
+pub fn wait_until(what: &str, timeout: Duration, mut condition: impl FnMut() -> bool) {
+    let start = Instant::now();
+    loop {
+        if condition() {
+            return;
+        }
+        if start.elapsed() >= timeout {
+            panic!("timed out after {timeout:?} waiting until {what}");
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    }
+}

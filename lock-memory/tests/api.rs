@@ -1,0 +1,368 @@
+//! The manager's public API on the memory backend: bad input, waiting, release paths, loss,
+//! panics, and the renewer thread's life.
+#![allow(clippy::unwrap_used)] // test helpers: a failed setup is a failed test
+
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Barrier};
+use std::time::{Duration, Instant};
+
+use lock_core::{
+    LeaseEvent, LeaseStatus, LockManager, LostReason, ManualClock, RetryPolicy, MAX_TTL, MIN_TTL,
+};
+use lock_memory::MemoryBackend;
+
+const TTL: Duration = Duration::from_secs(30);
+
+fn virtual_manager() -> (LockManager, MemoryBackend, ManualClock) {
+    let clock = ManualClock::new();
+    let backend = MemoryBackend::with_clock(clock.clone());
+    let manager = LockManager::builder(backend.clone())
+        .clock(clock.clone())
+        .build()
+        .unwrap();
+    (manager, backend, clock)
+}
+
+#[derive(Default)]
+struct Counts {
+    acquired: AtomicUsize,
+    released: AtomicUsize,
+    suspect: AtomicUsize,
+    lost: AtomicUsize,
+}
+
+fn counting_manager(backend: &MemoryBackend, clock: &ManualClock) -> (LockManager, Arc<Counts>) {
+    let counts = Arc::new(Counts::default());
+    let seen = counts.clone();
+    let manager = LockManager::builder(backend.clone())
+        .clock(clock.clone())
+        .event_hook(move |event: &LeaseEvent<'_>| {
+            let counter = match event {
+                LeaseEvent::Acquired { .. } => &seen.acquired,
+                LeaseEvent::Released { .. } => &seen.released,
+                LeaseEvent::Suspect { .. } => &seen.suspect,
+                LeaseEvent::Lost { .. } => &seen.lost,
+                _ => return,
+            };
+            counter.fetch_add(1, Ordering::SeqCst);
+        })
+        .build()
+        .unwrap();
+    (manager, counts)
+}
+
+#[test]
+fn bad_keys_and_ttls_are_typed_errors() {
+    let manager = LockManager::new(MemoryBackend::new());
+    let empty = manager.try_acquire("", TTL).unwrap_err();
+    assert!(
+        empty.is_invalid_input() && empty.to_string().contains("empty"),
+        "{empty}"
+    );
+    for ttl in [
+        Duration::ZERO,
+        Duration::from_millis(2),
+        MAX_TTL + Duration::from_millis(1),
+        Duration::MAX,
+    ] {
+        let error = manager.try_acquire("k", ttl).unwrap_err();
+        assert!(error.is_invalid_input(), "{ttl:?}: {error}");
+        let error = manager
+            .acquire_timeout("k", ttl, Duration::MAX)
+            .unwrap_err();
+        assert!(error.is_invalid_input(), "{ttl:?}: {error}");
+        let error = manager
+            .with_lease("k", ttl, Duration::ZERO, |_| ())
+            .unwrap_err();
+        assert!(error.is_invalid_input(), "{ttl:?}: {error}");
+    }
+    assert!(manager.try_acquire("k", MIN_TTL).unwrap().is_some());
+    assert!(manager.try_acquire("long", MAX_TTL).unwrap().is_some());
+}
+
+#[test]
+fn bad_builder_settings_are_typed_errors() {
+    for fraction in [0.0, 1.0, -1.0, f64::NAN] {
+        let error = LockManager::builder(MemoryBackend::new())
+            .renew_fraction(fraction)
+            .build()
+            .unwrap_err();
+        assert!(error.is_invalid_input(), "{fraction}: {error}");
+    }
+    let error = LockManager::builder(MemoryBackend::new())
+        .retry(RetryPolicy::new(
+            Duration::from_secs(2),
+            Duration::from_secs(1),
+        ))
+        .build()
+        .unwrap_err();
+    assert!(error.is_invalid_input(), "{error}");
+    let error = LockManager::builder(MemoryBackend::new())
+        .batch_size(0)
+        .build()
+        .unwrap_err();
+    assert!(error.is_invalid_input(), "{error}");
+}
+
+#[test]
+fn wait_of_duration_max_means_no_deadline() {
+    let backend = MemoryBackend::new();
+    let manager = LockManager::builder(backend.clone())
+        .default_wait(Duration::MAX)
+        .build()
+        .unwrap();
+    let lease = manager.acquire("k", TTL).unwrap();
+    let waiter = {
+        let manager = manager.clone();
+        std::thread::spawn(move || {
+            manager
+                .acquire_timeout("k", TTL, Duration::MAX)
+                .map(|l| l.fence())
+        })
+    };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while backend.waiting("k") == 0 {
+        assert!(Instant::now() < deadline, "the waiter never registered");
+        std::thread::yield_now();
+    }
+    let first = lease.fence();
+    lease.release().unwrap();
+    let second = waiter.join().unwrap().unwrap();
+    assert!(second > first);
+}
+
+#[test]
+fn acquire_times_out_on_a_held_key() {
+    let manager = LockManager::new(MemoryBackend::new());
+    let _held = manager.acquire("k", TTL).unwrap();
+    let started = Instant::now();
+    let error = manager
+        .acquire_timeout("k", TTL, Duration::from_millis(50))
+        .unwrap_err();
+    assert!(error.is_timeout(), "{error}");
+    assert!(started.elapsed() >= Duration::from_millis(50));
+    let error = manager
+        .acquire_timeout("k", TTL, Duration::ZERO)
+        .unwrap_err();
+    assert!(error.is_timeout(), "one attempt, then a timeout: {error}");
+}
+
+#[test]
+fn a_release_wakes_a_waiter_long_before_its_backoff() {
+    let backend = MemoryBackend::new();
+    // A backoff so long that only a wake-up can explain a quick acquire.
+    let manager = LockManager::builder(backend)
+        .retry(RetryPolicy::new(
+            Duration::from_secs(60),
+            Duration::from_secs(60),
+        ))
+        .build()
+        .unwrap();
+    let lease = manager.acquire("k", TTL).unwrap();
+    let ready = Arc::new(Barrier::new(2));
+    let waiter = {
+        let (manager, ready) = (manager.clone(), ready.clone());
+        std::thread::spawn(move || {
+            ready.wait();
+            let lease = manager
+                .acquire_timeout("k", TTL, Duration::from_secs(120))
+                .unwrap();
+            (Instant::now(), lease.fence())
+        })
+    };
+    ready.wait();
+    // Whether the waiter has tried yet or not, it cannot sleep 60 s past this release.
+    let released_at = Instant::now();
+    lease.release().unwrap();
+    let (acquired_at, _) = waiter.join().unwrap();
+    assert!(
+        acquired_at - released_at < Duration::from_secs(5),
+        "the waiter slept through the release"
+    );
+}
+
+#[test]
+fn waiting_never_sleeps_past_the_holders_ttl() {
+    use lock_core::{LeaseBackend, LeaseRequest};
+    let backend = MemoryBackend::new();
+    // A backoff whose first sleep is 60 s but for the cap by the holder's remaining TTL.
+    let manager = LockManager::builder(backend.clone())
+        .retry(RetryPolicy::new(
+            Duration::from_secs(60),
+            Duration::from_secs(60),
+        ))
+        .build()
+        .unwrap();
+    // A holder that never renews nor releases, so no wake-up comes: only the TTL frees the key.
+    let ghost = LeaseRequest {
+        key: "k",
+        token: "ghost",
+        ttl: Duration::from_millis(200),
+    };
+    backend.try_acquire(&ghost, Duration::MAX).unwrap();
+    let started = Instant::now();
+    let lease = manager
+        .acquire_timeout("k", TTL, Duration::from_secs(120))
+        .unwrap();
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "slept {:?}, past the holder's 200 ms TTL",
+        started.elapsed()
+    );
+    assert!(lease.is_held());
+}
+
+#[test]
+fn release_paths_report_exactly_once() {
+    let clock = ManualClock::new();
+    let backend = MemoryBackend::with_clock(clock.clone());
+    let (manager, counts) = counting_manager(&backend, &clock);
+    // Explicit release, then no second release from Drop.
+    let lease = manager.acquire("a", TTL).unwrap();
+    lease.release().unwrap();
+    assert_eq!(counts.released.load(Ordering::SeqCst), 1);
+    // Drop releases.
+    drop(manager.acquire("a", TTL).unwrap());
+    assert_eq!(counts.released.load(Ordering::SeqCst), 2);
+    assert!(!backend.is_locked("a"));
+    // Release after loss: a typed error, and one loss.
+    let lease = manager.acquire("a", TTL).unwrap();
+    backend.revoke("a");
+    clock.advance(TTL / 2);
+    manager.settle();
+    let error = lease.release().unwrap_err();
+    assert!(
+        matches!(error.lost_reason(), Some(LostReason::TakenOver)),
+        "{error}"
+    );
+    assert_eq!(counts.lost.load(Ordering::SeqCst), 1);
+    assert_eq!(counts.acquired.load(Ordering::SeqCst), 3);
+}
+
+#[test]
+fn expiry_noticed_by_the_holder_is_reported_once() {
+    let clock = ManualClock::new();
+    let backend = MemoryBackend::with_clock(clock.clone());
+    let (manager, counts) = counting_manager(&backend, &clock);
+    let lease = manager.acquire("a", TTL).unwrap();
+    // Jump past the validity without letting the renewer run first.
+    clock.advance(TTL);
+    assert!(!lease.is_held(), "is_held reads the clock");
+    assert!(matches!(lease.lost().try_recv(), Ok(LostReason::Expired)));
+    manager.settle();
+    assert!(!lease.is_held());
+    assert_eq!(counts.lost.load(Ordering::SeqCst), 1);
+    assert!(lease.ensure_held().unwrap_err().is_lost());
+}
+
+#[test]
+fn failing_renewals_make_a_lease_suspect_then_lost() {
+    let clock = ManualClock::new();
+    let backend = MemoryBackend::with_clock(clock.clone());
+    let (manager, counts) = counting_manager(&backend, &clock);
+    let lease = manager.acquire("a", TTL).unwrap();
+    backend.set_unreachable(true);
+    clock.advance(TTL / 3);
+    manager.settle();
+    assert!(matches!(lease.status(), LeaseStatus::Suspect));
+    assert!(lease.is_held(), "suspect is still held");
+    for _ in 0..5 {
+        clock.advance(Duration::from_secs(1));
+        manager.settle();
+    }
+    assert_eq!(
+        counts.suspect.load(Ordering::SeqCst),
+        1,
+        "one Suspect per run of failures"
+    );
+    backend.set_unreachable(false);
+    clock.advance(Duration::from_secs(1));
+    manager.settle();
+    assert!(
+        matches!(lease.status(), LeaseStatus::Held),
+        "a successful retry restores it"
+    );
+    backend.set_unreachable(true);
+    while clock.now() < lease.valid_until() {
+        clock.advance(Duration::from_millis(300));
+        manager.settle();
+    }
+    assert!(matches!(
+        lease.status(),
+        LeaseStatus::Lost(LostReason::Expired)
+    ));
+    assert_eq!(counts.suspect.load(Ordering::SeqCst), 2);
+    assert_eq!(counts.lost.load(Ordering::SeqCst), 1);
+}
+
+#[test]
+fn with_lease_reports_loss_during_the_closure() {
+    let (manager, backend, clock) = virtual_manager();
+    let result = manager.with_lease("a", TTL, Duration::ZERO, |_| {
+        backend.revoke("a");
+        clock.advance(TTL / 2);
+        manager.settle();
+        "work done"
+    });
+    assert!(result.unwrap_err().is_lost());
+    assert!(!backend.is_locked("a"));
+}
+
+#[test]
+fn a_panic_in_with_lease_releases_and_propagates() {
+    let backend = MemoryBackend::new();
+    let manager = LockManager::new(backend.clone());
+    let outcome = catch_unwind(AssertUnwindSafe(|| {
+        manager.with_lease("a", TTL, Duration::ZERO, |_| -> () { panic!("job failed") })
+    }));
+    let payload = outcome.unwrap_err();
+    assert_eq!(payload.downcast_ref::<&str>(), Some(&"job failed"));
+    assert!(
+        !backend.is_locked("a"),
+        "the lease was released while unwinding"
+    );
+    let fence = manager.with_lease("a", TTL, Duration::ZERO, |lease| lease.fence());
+    assert!(fence.is_ok(), "the manager is still usable");
+}
+
+fn renewer_threads() -> usize {
+    std::fs::read_dir("/proc/self/task")
+        .unwrap()
+        .filter_map(|task| std::fs::read_to_string(task.ok()?.path().join("comm")).ok())
+        .filter(|name| name.trim() == lock_core::RENEWER_THREAD_NAME)
+        .count()
+}
+
+#[test]
+fn the_last_handle_stops_and_joins_the_renewer() {
+    let before = renewer_threads();
+    let manager = LockManager::new(MemoryBackend::new());
+    let clone = manager.clone();
+    // The thread names itself once it runs: wait for that.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while renewer_threads() == before {
+        assert!(Instant::now() < deadline, "no renewer thread appeared");
+        std::thread::yield_now();
+    }
+    assert_eq!(
+        renewer_threads(),
+        before + 1,
+        "one renewer per manager, shared by clones"
+    );
+    let lease = manager.acquire("a", TTL).unwrap();
+    drop(manager);
+    drop(clone);
+    assert_eq!(
+        renewer_threads(),
+        before + 1,
+        "a live lease keeps its manager"
+    );
+    assert!(lease.is_held());
+    drop(lease);
+    assert_eq!(
+        renewer_threads(),
+        before,
+        "joined when the last handle went"
+    );
+}

@@ -1,0 +1,533 @@
+//! A private `redis-server` process per test: started on a free port, killed on `Drop`.
+//!
+//! Each [`RedisServer`] owns one child process and one temporary directory (its working
+//! directory, log file and, when asked for, its Unix socket and append-only file). The process is
+//! controlled with real signals: [`RedisServer::pause`] (`SIGSTOP`) makes the server silent while
+//! its sockets stay open, [`RedisServer::kill`] (`SIGKILL`) makes it vanish, and
+//! [`RedisServer::restart`] brings it back on the same port.
+
+use std::fmt;
+use std::fs::{self, File};
+use std::io::{Read, Seek, SeekFrom};
+use std::net::{Ipv4Addr, SocketAddr, TcpListener};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::{self, Signal};
+use nix::unistd::Pid;
+
+/// How long a starting server may take to answer `PING` before the start fails.
+const READY_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long [`RedisServer::restart`] keeps retrying when its old port is still taken.
+const REBIND_TIMEOUT: Duration = Duration::from_secs(5);
+/// How many fresh ports [`RedisServer::start_with`] tries when another process steals one.
+const PORT_ATTEMPTS: usize = 5;
+/// Pause between two readiness probes.
+const POLL_INTERVAL: Duration = Duration::from_millis(5);
+/// Connect and read timeout of one readiness probe.
+const PROBE_TIMEOUT: Duration = Duration::from_millis(250);
+/// Read and write timeouts of [`RedisServer::connection`].
+const CONNECTION_TIMEOUT: Duration = Duration::from_secs(5);
+/// How much of the end of the server's log goes into a panic message.
+const LOG_TAIL_BYTES: u64 = 4096;
+/// Name of the server's log file (stdout and stderr) inside its directory.
+const LOG_FILE: &str = "redis-server.log";
+/// Name of the server's Unix socket inside its directory.
+const SOCKET_FILE: &str = "redis.sock";
+
+/// Distinguishes the temporary directories of servers started by the same test process.
+static NEXT_SERVER_ID: AtomicUsize = AtomicUsize::new(0);
+
+/// How a [`RedisServer`] is configured. The default is what most tests want: no persistence, no
+/// password, clients connect over TCP.
+#[derive(Clone, Default)]
+pub struct ServerOptions {
+    /// Keep the data across [`RedisServer::kill`] and [`RedisServer::restart`]: the server writes
+    /// an append-only file, synced on every write (`--appendonly yes --appendfsync always`).
+    /// Without it (`--save "" --appendonly no`), a restarted server starts empty.
+    pub persistence: bool,
+    /// Require this password (`--requirepass`). [`RedisServer::url`] then carries it, so
+    /// [`RedisServer::client`] authenticates; a client built from [`RedisServer::addr`] alone
+    /// gets `NOAUTH` errors.
+    pub password: Option<String>,
+    /// Also listen on a Unix socket in the server's directory and make [`RedisServer::url`] a
+    /// `redis+unix://` URL. The server keeps listening on its TCP port too, so
+    /// [`RedisServer::addr`] still works (for example behind a [`TcpProxy`](crate::TcpProxy)).
+    pub unix_socket: bool,
+}
+
+impl fmt::Debug for ServerOptions {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ServerOptions")
+            .field("persistence", &self.persistence)
+            .field("password", &self.password.as_ref().map(|_| "<redacted>"))
+            .field("unix_socket", &self.unix_socket)
+            .finish()
+    }
+}
+
+/// A `redis-server` child process listening on `127.0.0.1` on a port of its own.
+///
+/// Dropping it resumes the process in case it was paused, kills it with `SIGKILL`, waits for it
+/// and removes its temporary directory, so a failing test leaves nothing behind (unless the test
+/// process itself is killed).
+pub struct RedisServer {
+    options: ServerOptions,
+    binary: PathBuf,
+    dir: PathBuf,
+    port: u16,
+    /// The running process; `None` after [`RedisServer::kill`].
+    child: Option<Child>,
+    /// Pid of the running process, or of the last one once killed.
+    pid: u32,
+}
+
+impl fmt::Debug for RedisServer {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RedisServer")
+            .field("port", &self.port)
+            .field("pid", &self.pid)
+            .field("running", &self.child.is_some())
+            .field("dir", &self.dir)
+            .field("options", &self.options)
+            .finish()
+    }
+}
+
+/// Why one attempt to launch the server failed.
+enum LaunchError {
+    /// The port was taken by another process: try again (another port, or later).
+    PortInUse,
+    /// Anything else: the test cannot go on.
+    Fatal(String),
+}
+
+impl RedisServer {
+    /// Starts a server with [`ServerOptions::default`]: a free port on `127.0.0.1`, no
+    /// persistence, no password.
+    ///
+    /// # Panics
+    ///
+    /// If `redis-server` is not on `PATH` (the message says how to install it), or if the server
+    /// does not answer `PING` within 10 seconds (the message includes the end of its log).
+    pub fn start() -> RedisServer {
+        RedisServer::start_with(ServerOptions::default())
+    }
+
+    /// Starts a server configured by `options` on a free port of `127.0.0.1` and waits until it
+    /// answers `PING`.
+    ///
+    /// The port is found by binding `127.0.0.1:0` and releasing it; if another process takes it
+    /// before the server binds it, the start is retried with a new port a few times.
+    ///
+    /// # Panics
+    ///
+    /// Same as [`RedisServer::start`].
+    pub fn start_with(options: ServerOptions) -> RedisServer {
+        let binary = find_redis_server();
+        let dir = create_server_dir();
+        let mut server = RedisServer {
+            options,
+            binary,
+            dir,
+            port: 0,
+            child: None,
+            pid: 0,
+        };
+        for _ in 0..PORT_ATTEMPTS {
+            server.port = free_port();
+            match server.launch() {
+                Ok(()) => return server,
+                Err(LaunchError::PortInUse) => continue,
+                Err(LaunchError::Fatal(message)) => panic!("{message}"),
+            }
+        }
+        panic!(
+            "redis-server could not bind a free port in {PORT_ATTEMPTS} attempts (each one was \
+             taken by another process first); last log lines:\n{}",
+            log_tail(&server.dir)
+        )
+    }
+
+    /// The TCP port the server listens on (kept across [`RedisServer::restart`]).
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// `127.0.0.1:`[`port`](RedisServer::port).
+    pub fn addr(&self) -> SocketAddr {
+        SocketAddr::from((Ipv4Addr::LOCALHOST, self.port))
+    }
+
+    /// The URL a client should use: `redis://127.0.0.1:PORT`, `redis://:PASSWORD@127.0.0.1:PORT`
+    /// with a password (percent-encoded), or `redis+unix:///DIR/redis.sock` (with `?pass=PASSWORD`
+    /// when there is one) with [`ServerOptions::unix_socket`].
+    pub fn url(&self) -> String {
+        let password = self.options.password.as_deref().map(percent_encode);
+        if self.options.unix_socket {
+            let path = self.socket_path();
+            match password {
+                Some(password) => format!("redis+unix://{}?pass={password}", path.display()),
+                None => format!("redis+unix://{}", path.display()),
+            }
+        } else {
+            match password {
+                Some(password) => format!("redis://:{password}@127.0.0.1:{}", self.port),
+                None => format!("redis://127.0.0.1:{}", self.port),
+            }
+        }
+    }
+
+    /// The process id of the server; after [`RedisServer::kill`], that of the killed process.
+    /// [`RedisServer::restart`] changes it.
+    pub fn pid(&self) -> u32 {
+        self.pid
+    }
+
+    /// Freezes the server with `SIGSTOP`: connections stay open and the kernel still accepts new
+    /// ones, but nothing is answered until [`RedisServer::resume`].
+    ///
+    /// # Panics
+    ///
+    /// If the server was killed, or the signal cannot be sent.
+    pub fn pause(&self) {
+        self.signal(Signal::SIGSTOP, "pause");
+    }
+
+    /// Wakes up a server frozen by [`RedisServer::pause`] with `SIGCONT` (harmless if it was not
+    /// paused).
+    ///
+    /// # Panics
+    ///
+    /// If the server was killed, or the signal cannot be sent.
+    pub fn resume(&self) {
+        self.signal(Signal::SIGCONT, "resume");
+    }
+
+    /// Kills the server with `SIGKILL` and waits for the process to exit. Its connections break,
+    /// new ones are refused. Does nothing if it is already killed.
+    ///
+    /// # Panics
+    ///
+    /// If waiting for the process fails.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            // The process may already have died on its own: ESRCH is fine.
+            let _ = signal::kill(pid_of(&child), Signal::SIGKILL);
+            child
+                .wait()
+                .unwrap_or_else(|e| panic!("could not wait for redis-server {}: {e}", self.pid));
+        }
+    }
+
+    /// Kills the server if it is running, starts it again on the same port with the same
+    /// options and directory, and waits until it answers `PING`.
+    ///
+    /// Without [`ServerOptions::persistence`] the restarted server is empty. If the port is still
+    /// taken, binding is retried for a few seconds.
+    ///
+    /// # Panics
+    ///
+    /// If the port stays taken for 5 seconds, or the server does not answer within 10 seconds.
+    pub fn restart(&mut self) {
+        self.kill();
+        let deadline = Instant::now() + REBIND_TIMEOUT;
+        loop {
+            match self.launch() {
+                Ok(()) => return,
+                Err(LaunchError::PortInUse) if Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(50));
+                }
+                Err(LaunchError::PortInUse) => panic!(
+                    "redis-server could not be restarted: port {} stayed in use for {:?}; last \
+                     log lines:\n{}",
+                    self.port,
+                    REBIND_TIMEOUT,
+                    log_tail(&self.dir)
+                ),
+                Err(LaunchError::Fatal(message)) => panic!("{message}"),
+            }
+        }
+    }
+
+    /// A client for [`RedisServer::url`], for assertions made behind the lock's back (`DEL` a
+    /// key, `KEYS *`, ...).
+    ///
+    /// # Panics
+    ///
+    /// If the URL is rejected by the `redis` crate (a bug in this harness).
+    pub fn client(&self) -> redis::Client {
+        redis::Client::open(self.url())
+            .unwrap_or_else(|e| panic!("invalid URL for redis-server on port {}: {e}", self.port))
+    }
+
+    /// A new connection from [`RedisServer::client`], with 5-second connect, read and write
+    /// timeouts so a test against a silent server fails instead of hanging.
+    ///
+    /// # Panics
+    ///
+    /// If the connection cannot be made (the message includes the end of the server's log).
+    pub fn connection(&self) -> redis::Connection {
+        let connection = self
+            .client()
+            .get_connection_with_timeout(CONNECTION_TIMEOUT)
+            .unwrap_or_else(|e| {
+                panic!(
+                    "cannot connect to redis-server on port {} (pid {}): {e}; last log lines:\n{}",
+                    self.port,
+                    self.pid,
+                    log_tail(&self.dir)
+                )
+            });
+        connection
+            .set_read_timeout(Some(CONNECTION_TIMEOUT))
+            .expect("setting the read timeout of a redis connection");
+        connection
+            .set_write_timeout(Some(CONNECTION_TIMEOUT))
+            .expect("setting the write timeout of a redis connection");
+        connection
+    }
+
+    fn socket_path(&self) -> PathBuf {
+        self.dir.join(SOCKET_FILE)
+    }
+
+    fn signal(&self, signal: Signal, action: &str) {
+        let child = self.child.as_ref().unwrap_or_else(|| {
+            panic!(
+                "cannot {action} redis-server on port {}: it was killed (call restart() first)",
+                self.port
+            )
+        });
+        signal::kill(pid_of(child), signal).unwrap_or_else(|e| {
+            panic!(
+                "cannot {action} redis-server {} with {signal}: {e}",
+                self.pid
+            )
+        });
+    }
+
+    /// Spawns the process on `self.port` and waits until it answers. On failure, the process is
+    /// reaped and `self.child` stays `None`.
+    fn launch(&mut self) -> Result<(), LaunchError> {
+        // Only what this launch writes to the (appended) log decides why it failed.
+        let log_start = fs::metadata(self.dir.join(LOG_FILE)).map_or(0, |m| m.len());
+        let mut child = self.spawn()?;
+        let pid = child.id();
+        match self.wait_ready(&mut child, log_start) {
+            Ok(()) => {
+                self.child = Some(child);
+                self.pid = pid;
+                Ok(())
+            }
+            Err(error) => {
+                let _ = signal::kill(pid_of(&child), Signal::SIGKILL);
+                let _ = child.wait();
+                Err(error)
+            }
+        }
+    }
+
+    fn spawn(&self) -> Result<Child, LaunchError> {
+        let log_path = self.dir.join(LOG_FILE);
+        let log = File::options()
+            .create(true)
+            .append(true)
+            .open(&log_path)
+            .map_err(|e| LaunchError::Fatal(format!("cannot open {}: {e}", log_path.display())))?;
+        let log_err = log
+            .try_clone()
+            .map_err(|e| LaunchError::Fatal(format!("cannot clone {}: {e}", log_path.display())))?;
+
+        let mut command = Command::new(&self.binary);
+        command
+            .args(["--port", &self.port.to_string()])
+            .args(["--bind", "127.0.0.1"])
+            .arg("--dir")
+            .arg(&self.dir)
+            .args(["--daemonize", "no", "--loglevel", "warning"]);
+        if self.options.persistence {
+            command.args([
+                "--save",
+                "",
+                "--appendonly",
+                "yes",
+                "--appendfsync",
+                "always",
+            ]);
+        } else {
+            command.args(["--save", "", "--appendonly", "no"]);
+        }
+        if let Some(password) = &self.options.password {
+            command.args(["--requirepass", password]);
+        }
+        if self.options.unix_socket {
+            command
+                .arg("--unixsocket")
+                .arg(self.socket_path())
+                .args(["--unixsocketperm", "700"]);
+        }
+        command
+            .current_dir(&self.dir)
+            .stdin(Stdio::null())
+            .stdout(log)
+            .stderr(log_err)
+            .spawn()
+            .map_err(|e| {
+                LaunchError::Fatal(format!(
+                    "cannot spawn {} on port {}: {e}",
+                    self.binary.display(),
+                    self.port
+                ))
+            })
+    }
+
+    /// Polls until `child` itself answers `PING`, or it exits, or [`READY_TIMEOUT`] passes.
+    ///
+    /// The answer must come from `child` (checked with `INFO server`'s `process_id`): if another
+    /// server stole the port, it answers `PING` too while `child` is exiting.
+    fn wait_ready(&self, child: &mut Child, log_start: u64) -> Result<(), LaunchError> {
+        let client = redis::Client::open(self.url()).map_err(|e| {
+            LaunchError::Fatal(format!(
+                "invalid URL for redis-server on port {}: {e}",
+                self.port
+            ))
+        })?;
+        let deadline = Instant::now() + READY_TIMEOUT;
+        loop {
+            if let Some(status) = child.try_wait().map_err(|e| {
+                LaunchError::Fatal(format!("cannot check redis-server {}: {e}", child.id()))
+            })? {
+                if read_log(&self.dir, log_start).is_ok_and(|log| log.contains("already in use")) {
+                    return Err(LaunchError::PortInUse);
+                }
+                return Err(LaunchError::Fatal(format!(
+                    "redis-server on port {} exited at startup ({status}); last log lines:\n{}",
+                    self.port,
+                    log_tail(&self.dir)
+                )));
+            }
+            let last_error = match probe(&client) {
+                Ok(pid) if pid == child.id() => return Ok(()),
+                Ok(pid) => format!("port {} is answered by pid {pid}", self.port),
+                Err(e) => e.to_string(),
+            };
+            if Instant::now() >= deadline {
+                return Err(LaunchError::Fatal(format!(
+                    "redis-server on port {} (pid {}) did not answer PING within {READY_TIMEOUT:?} \
+                     (last error: {last_error}); last log lines:\n{}",
+                    self.port,
+                    child.id(),
+                    log_tail(&self.dir)
+                )));
+            }
+            std::thread::sleep(POLL_INTERVAL);
+        }
+    }
+}
+
+impl Drop for RedisServer {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            // Errors are ignored: Drop must not panic, and the process may already be gone.
+            let pid = pid_of(&child);
+            let _ = signal::kill(pid, Signal::SIGCONT);
+            let _ = signal::kill(pid, Signal::SIGKILL);
+            let _ = child.wait();
+        }
+        let _ = fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// One readiness probe: `PING`, then the pid of the process that answered.
+fn probe(client: &redis::Client) -> redis::RedisResult<u32> {
+    let mut connection = client.get_connection_with_timeout(PROBE_TIMEOUT)?;
+    connection.set_read_timeout(Some(PROBE_TIMEOUT))?;
+    connection.set_write_timeout(Some(PROBE_TIMEOUT))?;
+    redis::cmd("PING").query::<String>(&mut connection)?;
+    let info: String = redis::cmd("INFO").arg("server").query(&mut connection)?;
+    Ok(info
+        .lines()
+        .find_map(|line| line.strip_prefix("process_id:"))
+        .and_then(|pid| pid.trim().parse().ok())
+        .unwrap_or(0))
+}
+
+fn pid_of(child: &Child) -> Pid {
+    let pid = i32::try_from(child.id()).expect("process ids fit in an i32");
+    Pid::from_raw(pid)
+}
+
+/// The `redis-server` executable found on `PATH`.
+fn find_redis_server() -> PathBuf {
+    std::env::var_os("PATH")
+        .iter()
+        .flat_map(std::env::split_paths)
+        .map(|dir| dir.join("redis-server"))
+        .find(|candidate| candidate.is_file())
+        .unwrap_or_else(|| {
+            panic!(
+                "redis-server not found on PATH: install it with `sudo apt-get install -y \
+                 redis-server` (Debian/Ubuntu)"
+            )
+        })
+}
+
+/// A fresh, empty directory under the system temp dir, unique to this process and server.
+fn create_server_dir() -> PathBuf {
+    let id = NEXT_SERVER_ID.fetch_add(1, Ordering::Relaxed);
+    let dir = std::env::temp_dir().join(format!("lock-tests-redis-{}-{id}", std::process::id()));
+    // A directory of the same name can only be left over by a dead process that had our pid.
+    let _ = fs::remove_dir_all(&dir);
+    fs::create_dir_all(&dir).unwrap_or_else(|e| {
+        panic!(
+            "cannot create redis-server directory {}: {e}",
+            dir.display()
+        )
+    });
+    dir
+}
+
+/// A port of `127.0.0.1` that was free a moment ago.
+fn free_port() -> u16 {
+    TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
+        .and_then(|listener| listener.local_addr())
+        .map(|addr| addr.port())
+        .expect("binding 127.0.0.1:0 to find a free port")
+}
+
+/// The server's log from byte `offset` to its end.
+fn read_log(dir: &Path, offset: u64) -> std::io::Result<String> {
+    let mut file = File::open(dir.join(LOG_FILE))?;
+    file.seek(SeekFrom::Start(offset))?;
+    let mut bytes = Vec::new();
+    file.read_to_end(&mut bytes)?;
+    Ok(String::from_utf8_lossy(&bytes).into_owned())
+}
+
+/// The last lines of the server's log, for panic messages.
+fn log_tail(dir: &Path) -> String {
+    let path = dir.join(LOG_FILE);
+    let tail =
+        fs::metadata(&path).and_then(|m| read_log(dir, m.len().saturating_sub(LOG_TAIL_BYTES)));
+    match tail {
+        Ok(text) if text.trim().is_empty() => format!("({} is empty)", path.display()),
+        Ok(text) => text,
+        Err(e) => format!("(cannot read {}: {e})", path.display()),
+    }
+}
+
+/// Percent-encodes everything but RFC 3986 unreserved characters, for a password in a URL.
+fn percent_encode(text: &str) -> String {
+    let mut encoded = String::with_capacity(text.len());
+    for byte in text.bytes() {
+        if byte.is_ascii_alphanumeric() || b"-._~".contains(&byte) {
+            encoded.push(char::from(byte));
+        } else {
+            encoded.push_str(&format!("%{byte:02X}"));
+        }
+    }
+    encoded
+}
