@@ -127,8 +127,11 @@ pub trait LeaseBackend: Send + Sync + 'static {
     /// Sets the key's TTL to `request.ttl` if `request.token` owns it.
     ///
     /// Called by the renewer thread, at a fraction of the TTL; one round trip.
-    fn renew(&self, request: &LeaseRequest<'_>, timeout: Duration)
-        -> Result<Ownership, BackendError>;
+    fn renew(
+        &self,
+        request: &LeaseRequest<'_>,
+        timeout: Duration,
+    ) -> Result<Ownership, BackendError>;
 
     /// Renews several leases at once, returning one result per request, in order.
     ///

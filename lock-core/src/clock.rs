@@ -179,9 +179,7 @@ impl ManualClock {
             if deadline.is_some_and(|deadline| self.now() >= deadline) {
                 return rx.try_recv().map_err(|error| match error {
                     crossbeam_channel::TryRecvError::Empty => RecvTimeoutError::Timeout,
-                    crossbeam_channel::TryRecvError::Disconnected => {
-                        RecvTimeoutError::Disconnected
-                    }
+                    crossbeam_channel::TryRecvError::Disconnected => RecvTimeoutError::Disconnected,
                 });
             }
             crossbeam_channel::select! {
@@ -219,7 +217,10 @@ mod tests {
         clock.advance(Duration::from_secs(5));
         let (result, returned_at) = waiter.join().unwrap();
         assert_eq!(result, Err(RecvTimeoutError::Timeout));
-        assert!(returned_at >= deadline, "the wait ended before the clock reached its deadline");
+        assert!(
+            returned_at >= deadline,
+            "the wait ended before the clock reached its deadline"
+        );
     }
 
     #[test]

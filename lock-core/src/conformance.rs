@@ -92,7 +92,10 @@ pub trait ConformanceTarget {
 }
 
 fn manager(target: &dyn ConformanceTarget) -> LockManager {
-    target.builder().build().expect("the target's builder must build")
+    target
+        .builder()
+        .build()
+        .expect("the target's builder must build")
 }
 
 fn step(target: &dyn ConformanceTarget, managers: &[&LockManager], by: Duration) {
@@ -113,7 +116,10 @@ pub fn mutual_exclusion(target: &dyn ConformanceTarget) {
     let key = target.key("mutual_exclusion");
     let ttl = target.ttl();
     let (first, second) = (manager(target), manager(target));
-    let lease = first.try_acquire(&key, ttl).unwrap().expect("a free key is granted");
+    let lease = first
+        .try_acquire(&key, ttl)
+        .unwrap()
+        .expect("a free key is granted");
     assert!(
         second.try_acquire(&key, ttl).unwrap().is_none(),
         "a second manager acquired a held key"
@@ -129,7 +135,10 @@ pub fn mutual_exclusion(target: &dyn ConformanceTarget) {
     match outcome {
         AcquireOutcome::Held { remaining } => {
             if let Some(remaining) = remaining {
-                assert!(remaining <= ttl, "the holder's remaining TTL exceeds its TTL");
+                assert!(
+                    remaining <= ttl,
+                    "the holder's remaining TTL exceeds its TTL"
+                );
             }
         }
         AcquireOutcome::Acquired { .. } => panic!("another token acquired a held key"),
@@ -138,7 +147,10 @@ pub fn mutual_exclusion(target: &dyn ConformanceTarget) {
     for _ in 0..6 {
         step(target, &[&first, &second], ttl / 4);
         assert!(lease.is_held(), "the renewed lease was lost");
-        assert!(second.try_acquire(&key, ttl).unwrap().is_none(), "acquired a renewed key");
+        assert!(
+            second.try_acquire(&key, ttl).unwrap().is_none(),
+            "acquired a renewed key"
+        );
     }
     lease.release().unwrap();
     let next = second.try_acquire(&key, ttl).unwrap();
@@ -157,7 +169,10 @@ pub fn only_owner_renews_or_releases(target: &dyn ConformanceTarget) {
         AcquireOutcome::Acquired { .. }
     ));
     let foreign = request(&key, "foreign-token", ttl);
-    assert_eq!(backend.renew(&foreign, NO_LIMIT).unwrap(), Ownership::NotOwned);
+    assert_eq!(
+        backend.renew(&foreign, NO_LIMIT).unwrap(),
+        Ownership::NotOwned
+    );
     assert_eq!(
         backend.release(&key, "foreign-token", NO_LIMIT).unwrap(),
         Ownership::NotOwned
@@ -174,7 +189,10 @@ pub fn only_owner_renews_or_releases(target: &dyn ConformanceTarget) {
     assert_eq!(batch[0].as_ref().unwrap(), &Ownership::NotOwned);
     assert_eq!(batch[1].as_ref().unwrap(), &Ownership::Owned);
     assert_eq!(backend.renew(&owner, NO_LIMIT).unwrap(), Ownership::Owned);
-    assert_eq!(backend.release(&key, "owner-token", NO_LIMIT).unwrap(), Ownership::Owned);
+    assert_eq!(
+        backend.release(&key, "owner-token", NO_LIMIT).unwrap(),
+        Ownership::Owned
+    );
     assert_eq!(
         backend.release(&key, "owner-token", NO_LIMIT).unwrap(),
         Ownership::NotOwned,
@@ -195,15 +213,24 @@ pub fn fences_strictly_increase(target: &dyn ConformanceTarget) {
         lease.release().unwrap();
     }
     // A lease that expires instead of being released.
-    match backend.try_acquire(&request(&key, "expiring", ttl), NO_LIMIT).unwrap() {
+    match backend
+        .try_acquire(&request(&key, "expiring", ttl), NO_LIMIT)
+        .unwrap()
+    {
         AcquireOutcome::Acquired { fence } => fences.push(fence),
         AcquireOutcome::Held { .. } => panic!("a released key was still held"),
     }
     step(target, &[&manager], ttl + ttl / 10);
-    let lease = manager.try_acquire(&key, ttl).unwrap().expect("expired key is free");
+    let lease = manager
+        .try_acquire(&key, ttl)
+        .unwrap()
+        .expect("expired key is free");
     fences.push(lease.fence());
     // Another key's fences do not disturb this one's.
-    let other = manager.try_acquire(&target.key("other"), ttl).unwrap().expect("free");
+    let other = manager
+        .try_acquire(&target.key("other"), ttl)
+        .unwrap()
+        .expect("free");
     drop(other);
     drop(lease);
     let last = manager.try_acquire(&key, ttl).unwrap().expect("free");
@@ -221,7 +248,9 @@ pub fn unrenewed_lease_expires_after_ttl(target: &dyn ConformanceTarget) {
     let backend = target.backend();
     let started = Instant::now();
     assert!(matches!(
-        backend.try_acquire(&request(&key, "silent", ttl), NO_LIMIT).unwrap(),
+        backend
+            .try_acquire(&request(&key, "silent", ttl), NO_LIMIT)
+            .unwrap(),
         AcquireOutcome::Acquired { .. }
     ));
     target.advance(ttl / 2);
@@ -258,10 +287,15 @@ pub fn renewal_extends_lease(target: &dyn ConformanceTarget) {
         lease.valid_until() > first_valid_until + 3 * ttl,
         "valid_until did not move forward with renewals"
     );
-    assert!(lease.lost().try_recv().is_err(), "a renewed lease reported a loss");
+    assert!(
+        lease.lost().try_recv().is_err(),
+        "a renewed lease reported a loss"
+    );
     let backend = target.backend();
     assert!(matches!(
-        backend.try_acquire(&request(&key, "other", ttl), NO_LIMIT).unwrap(),
+        backend
+            .try_acquire(&request(&key, "other", ttl), NO_LIMIT)
+            .unwrap(),
         AcquireOutcome::Held { .. }
     ));
 }
@@ -293,7 +327,10 @@ pub fn loss_is_reported_once(target: &dyn ConformanceTarget) {
     let lease = manager.acquire(&key, ttl).unwrap();
     target.delete_key(&key);
     step(target, &[&manager], ttl / 2);
-    let reason = lease.lost().try_recv().expect("a deleted key was not reported lost");
+    let reason = lease
+        .lost()
+        .try_recv()
+        .expect("a deleted key was not reported lost");
     assert!(matches!(reason, LostReason::TakenOver), "reason {reason:?}");
     assert!(!lease.is_held());
     assert!(lease.ensure_held().unwrap_err().is_lost());
@@ -302,7 +339,10 @@ pub fn loss_is_reported_once(target: &dyn ConformanceTarget) {
     let key = target.key("loss_taken_over");
     let taken = manager.acquire(&key, ttl).unwrap();
     target.delete_key(&key);
-    let usurper = manager.try_acquire(&key, ttl).unwrap().expect("deleted key is free");
+    let usurper = manager
+        .try_acquire(&key, ttl)
+        .unwrap()
+        .expect("deleted key is free");
     step(target, &[&manager], ttl / 2);
     assert!(matches!(taken.lost().try_recv(), Ok(LostReason::TakenOver)));
     assert!(usurper.is_held());
@@ -355,7 +395,10 @@ pub fn release_after_loss_is_safe(target: &dyn ConformanceTarget) {
     let manager = manager(target);
     let stale = manager.acquire(&key, ttl).unwrap();
     target.delete_key(&key);
-    let next = manager.try_acquire(&key, ttl).unwrap().expect("deleted key is free");
+    let next = manager
+        .try_acquire(&key, ttl)
+        .unwrap()
+        .expect("deleted key is free");
     let error = stale.release().expect_err("release of a lost lease");
     assert!(error.is_lost(), "{error}");
     assert!(next.is_held());
@@ -381,7 +424,9 @@ pub fn no_renewal_after_release(target: &dyn ConformanceTarget) {
     }
     let backend = target.backend();
     assert_eq!(
-        backend.renew(&request(&key, "stale", ttl), NO_LIMIT).unwrap(),
+        backend
+            .renew(&request(&key, "stale", ttl), NO_LIMIT)
+            .unwrap(),
         Ownership::NotOwned
     );
     let fresh = manager.try_acquire(&key, ttl).unwrap();

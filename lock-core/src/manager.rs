@@ -258,7 +258,12 @@ impl LockManager {
     /// Between attempts it sleeps with capped exponential backoff and full jitter, never past the
     /// holder's remaining TTL or the deadline, and wakes early when the backend announces the
     /// key's release.
-    pub fn acquire_timeout(&self, key: &str, ttl: Duration, wait: Duration) -> Result<Lease, Error> {
+    pub fn acquire_timeout(
+        &self,
+        key: &str,
+        ttl: Duration,
+        wait: Duration,
+    ) -> Result<Lease, Error> {
         validate(key, ttl)?;
         let clock = &self.shared.clock;
         let started = clock.now();
@@ -267,7 +272,8 @@ impl LockManager {
         loop {
             // Subscribe before trying, so a release right after a failed attempt still wakes us.
             let watch = self.shared.backend.watch_release(key);
-            let budget = deadline.map_or(Duration::MAX, |d| d.saturating_duration_since(clock.now()));
+            let budget =
+                deadline.map_or(Duration::MAX, |d| d.saturating_duration_since(clock.now()));
             let (remaining, last_error) = match self.attempt(key, ttl, budget) {
                 Ok(Attempt::Acquired(lease)) => return Ok(lease),
                 Ok(Attempt::Held { remaining }) => (remaining, None),
@@ -443,10 +449,22 @@ mod tests {
     #[test]
     fn validation_names_the_problem() {
         let ms = Duration::from_millis(1);
-        assert!(matches!(validate("", ms * 100), Err(Error::InvalidKey { .. })));
-        assert!(matches!(validate("k", Duration::ZERO), Err(Error::InvalidTtl { .. })));
-        assert!(matches!(validate("k", ms * 2), Err(Error::InvalidTtl { .. })));
-        assert!(matches!(validate("k", Duration::MAX), Err(Error::InvalidTtl { .. })));
+        assert!(matches!(
+            validate("", ms * 100),
+            Err(Error::InvalidKey { .. })
+        ));
+        assert!(matches!(
+            validate("k", Duration::ZERO),
+            Err(Error::InvalidTtl { .. })
+        ));
+        assert!(matches!(
+            validate("k", ms * 2),
+            Err(Error::InvalidTtl { .. })
+        ));
+        assert!(matches!(
+            validate("k", Duration::MAX),
+            Err(Error::InvalidTtl { .. })
+        ));
         assert!(validate("k", ms * 3).is_ok());
         assert!(validate("k", MAX_TTL).is_ok());
     }

@@ -98,7 +98,9 @@ mod tests {
     #[test]
     fn ceiling_doubles_up_to_max() {
         let mut backoff = RetryPolicy::new(10 * MS, 35 * MS).backoff();
-        let delays: Vec<_> = (0..5).map(|_| backoff.next_delay(0.999_999, None)).collect();
+        let delays: Vec<_> = (0..5)
+            .map(|_| backoff.next_delay(0.999_999, None))
+            .collect();
         let rounded: Vec<_> = delays.iter().map(|d| d.as_millis()).collect();
         assert_eq!(rounded, vec![9, 19, 34, 34, 34]);
     }

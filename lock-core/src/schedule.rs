@@ -135,9 +135,7 @@ impl<T: Clone> Schedule<T> {
     /// puts it back on the schedule.
     pub(crate) fn renewed(&mut self, id: u64, sent_at: Instant) -> Option<Instant> {
         let slot = self.slots.get_mut(&id)?;
-        slot.valid_until = slot
-            .valid_until
-            .max(saturating_add(sent_at, slot.validity));
+        slot.valid_until = slot.valid_until.max(saturating_add(sent_at, slot.validity));
         let due = Self::renewal_time_with(
             self.renew_fraction,
             sent_at,
@@ -240,7 +238,11 @@ mod tests {
         }
         let due = schedule.pop_due(t0 + SEC, 1);
         assert!(due.renew.is_empty());
-        assert_eq!(due.expired.len(), 3, "expired leases do not count against the batch");
+        assert_eq!(
+            due.expired.len(),
+            3,
+            "expired leases do not count against the batch"
+        );
         assert_eq!(schedule.len(), 0);
     }
 
@@ -283,7 +285,10 @@ mod tests {
         assert!(now >= valid_until, "lost only once the validity ended");
         assert!(attempts >= 5, "retried {attempts} times");
         assert_eq!(schedule.len(), 0);
-        assert!(schedule.pop_due(now + SEC, 10).expired.is_empty(), "lost exactly once");
+        assert!(
+            schedule.pop_due(now + SEC, 10).expired.is_empty(),
+            "lost exactly once"
+        );
         assert_eq!(schedule.failed(1, now), AfterFailure::Unknown);
     }
 
