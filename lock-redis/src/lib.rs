@@ -1,1 +1,124 @@
-//! placeholder
+//! Redis lease backend for [`lock_core`]: locks with a TTL in one Redis server, taken, renewed and
+//! released by atomic Lua scripts, over an [r2d2] pool of synchronous connections.
+//!
+//! # Getting started
+//!
+//! Make a [`RedisBackend`] and hand it to a [`LockManager`](lock_core::LockManager); the manager
+//! does the waiting, the renewing and the loss reporting:
+//!
+//! ```no_run
+//! use std::time::Duration;
+//! use lock_core::LockManager;
+//! use lock_redis::RedisBackend;
+//!
+//! let backend = RedisBackend::connect("redis://:secret@cache.internal:6379/0")?;
+//! let manager = LockManager::new(backend);
+//! let lease = manager.acquire("reports:daily", Duration::from_secs(30))?;
+//! println!("writing with fence {}", lease.fence());
+//! lease.release()?;
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! ```
+//!
+//! Building a backend checks the URL and the settings, but does not connect (connections are
+//! opened when calls need them), so it works without a server:
+//!
+//! ```
+//! use std::time::Duration;
+//! use lock_redis::{RedisBackend, RedisBackendError};
+//!
+//! let backend = RedisBackend::builder("redis://app:secret@localhost:6379/2")
+//!     .pool_size(8)
+//!     .command_timeout(Duration::from_millis(500))
+//!     .key_prefix("billing:lock:")
+//!     .build()?;
+//! // Passwords never show: not in Debug, not in errors, not in logs.
+//! assert!(!format!("{backend:?}").contains("secret"));
+//!
+//! let error = RedisBackend::connect("localhost:6379").unwrap_err();
+//! assert!(matches!(error, RedisBackendError::InvalidUrl { .. }));
+//! # Ok::<(), RedisBackendError>(())
+//! ```
+//!
+//! # What is stored
+//!
+//! With the default key prefix `lock:`, the lock `jobs:42` is the string key `lock:{jobs:42}`,
+//! holding the owner's token with a millisecond TTL (rounded up from the lease's TTL). Its fence
+//! counter is `lock:{jobs:42}:fence`, a key without TTL. Releases are published on the channel
+//! `lock:released`, with the user key as the message. The braces are a Redis Cluster hash tag,
+//! so both keys of a lock share one slot.
+//!
+//! - **acquire** sets the key if it is free and increments the fence counter in the same script.
+//!   A missing counter is first seeded with the server's `TIME` in microseconds, so fences keep
+//!   increasing across restarts of a server without persistence (as long as its clock does not
+//!   step back, and fewer than one lock per microsecond is taken on average). When another
+//!   token holds the key, the holder's remaining TTL comes back, so waiters sleep no longer
+//!   than useful.
+//! - **renew** sets the TTL only if the key holds the token; it never recreates a missing key.
+//!   The manager's renewer sends all due renewals in one pipelined round trip.
+//! - **release** deletes the key only if it holds the token, and publishes the release.
+//!
+//! Calls send `EVALSHA`, falling back to `EVAL` when the server's script cache is empty (after
+//! a restart).
+//!
+//! # Time limits
+//!
+//! Every call is bounded: it waits at most the smaller of the manager's timeout and the
+//! [checkout timeout](RedisBackendBuilder::checkout_timeout) for a connection, then at most the
+//! smaller of what is left and the [command timeout](RedisBackendBuilder::command_timeout) for
+//! its round trips; new connections must connect within the
+//! [connect timeout](RedisBackendBuilder::connect_timeout). With the defaults (2 s each) an
+//! unreachable, paused or refusing server is reported within 4 seconds. A pooled connection
+//! found closed (the server restarted) is replaced and the call retried while time is left.
+//!
+//! # Errors
+//!
+//! Construction fails with a [`RedisBackendError`]. Calls fail with a
+//! [`BackendError`](lock_core::BackendError) that is
+//! [transient](lock_core::BackendError::transient) when retrying may help (connection refused,
+//! reset or timed out, a server that is loading, busy, read-only or failing over) and
+//! [permanent](lock_core::BackendError::permanent) when it cannot (`WRONGTYPE` on a lock key,
+//! missing ACL permissions, a wrong password, a script error). Its
+//! [`cause`](lock_core::BackendError::cause) is a [`RedisBackendError`] naming the operation
+//! and the key.
+//!
+//! # Waking waiters
+//!
+//! While a caller waits for a lock, the backend's one subscriber thread listens on the release
+//! channel over a dedicated connection and wakes the waiters of a key as soon as it is
+//! released. It starts with the first wait, reconnects with backoff when its connection dies,
+//! and stops when the backend is dropped. Waiters also retry on the manager's backoff, so a
+//! missed message only costs latency.
+//!
+//! # What it does not promise
+//!
+//! - One Redis server is a single point of failure, and Redis replication is asynchronous: a
+//!   failover can lose a lock that was just acquired. Fences make that safe for resources that
+//!   check them; use Redlock over independent masters to survive a node failure.
+//! - A lease's validity is measured on the client's monotonic clock, with the drift allowance
+//!   of the manager; a server whose clock runs fast can expire keys early.
+//! - No TLS in this build: `rediss://` URLs are refused.
+//!
+//! [r2d2]: https://docs.rs/r2d2
+
+mod backend;
+mod builder;
+mod errors;
+mod keys;
+mod pool;
+mod redlock;
+mod scripts;
+mod subscriber;
+mod url;
+
+pub use backend::RedisBackend;
+pub use builder::RedisBackendBuilder;
+pub use errors::{RedisBackendError, RedisOperation};
+pub use redlock::{NoQuorum, RedlockBackend, RedlockBuilder};
+pub use url::redact_url;
+
+/// The `r2d2` crate this backend's pool comes from, for
+/// [`RedisBackend::from_pool`] without a version mismatch.
+pub use r2d2;
+/// The `redis` crate this backend speaks through, for [`RedisBackend::from_pool`] and for
+/// downcasting [`RedisBackendError::Command`]'s source.
+pub use redis;

@@ -1,0 +1,608 @@
+//! [`RedisBackend`]: leases in one Redis server, over an r2d2 pool and three Lua scripts.
+
+use std::fmt;
+use std::sync::Arc;
+use std::time::Duration;
+
+use lock_core::{
+    AcquireOutcome, BackendError, LeaseBackend, LeaseRequest, Ownership, ReleaseWatch,
+};
+use redis::{Cmd, Value};
+
+use crate::builder::Config;
+use crate::errors::{is_connection_dropped, CallFailure, RedisOperation};
+use crate::keys::{fence_key, lock_key, release_channel, ttl_millis};
+use crate::pool::{
+    pipeline_round_trip, round_trip, ConnectionPool, Deadline, PoolSettings, PooledConnection,
+};
+use crate::scripts::{is_noscript, parse_acquire, parse_ownership, LuaScript, Scripts};
+use crate::subscriber::{Subscriber, SubscriberSettings};
+use crate::{RedisBackendBuilder, RedisBackendError};
+
+/// A [`LeaseBackend`] on one Redis server (or a Redis-compatible one: Valkey, KeyDB…).
+///
+/// Each operation is one Lua script, so it is atomic on the server; see the
+/// [crate documentation](crate) for the keys it writes and what it guarantees. The backend is a
+/// cheap [`Clone`] handle: clones share one connection pool and one release subscriber.
+///
+/// Make one with [`connect`](Self::connect) (defaults), [`builder`](Self::builder) (pool size,
+/// timeouts, key prefix) or [`from_pool`](Self::from_pool) (your own r2d2 pool). None of them
+/// connects: connections are opened when calls need them.
+///
+/// `Debug` shows the URL with its password redacted:
+///
+/// ```
+/// use lock_redis::RedisBackend;
+///
+/// let backend = RedisBackend::connect("redis://app:hunter2@localhost:6379/0")?;
+/// let shown = format!("{backend:?}");
+/// assert!(shown.contains("redis://app:***@localhost:6379/0"));
+/// assert!(!shown.contains("hunter2"));
+/// # Ok::<(), lock_redis::RedisBackendError>(())
+/// ```
+#[derive(Clone)]
+pub struct RedisBackend {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    pool: ConnectionPool,
+    config: Config,
+    scripts: Scripts,
+    channel: String,
+    /// The redacted URL, for `Debug` and logs.
+    target: String,
+    /// `None` for a pool given to `from_pool`: the backend has no URL to open a dedicated
+    /// connection with.
+    subscriber: Option<Subscriber>,
+}
+
+impl fmt::Debug for RedisBackend {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let inner = &*self.inner;
+        f.debug_struct("RedisBackend")
+            .field("url", &inner.target)
+            .field("key_prefix", &inner.config.key_prefix)
+            .field("pool_size", &inner.pool.max_size())
+            .field("checkout_timeout", &inner.config.checkout_timeout)
+            .field("connect_timeout", &inner.config.connect_timeout)
+            .field("command_timeout", &inner.config.command_timeout)
+            .field("pool", &inner.pool)
+            .field("subscriber", &inner.subscriber)
+            .finish()
+    }
+}
+
+impl RedisBackend {
+    /// A backend for the server at `url`, with the default settings of
+    /// [`RedisBackendBuilder`].
+    ///
+    /// `url` is `redis://[user][:password@]host[:port][/db]` (port 6379 and database 0 by
+    /// default), or `unix:///path/to/redis.sock[?db=N&pass=P]`. `rediss://` (TLS) is refused
+    /// with [`RedisBackendError::Unsupported`]: this build has no TLS.
+    ///
+    /// Checks the URL, but does not connect: a server that is down now is no error here (the
+    /// calls report it, as transient errors the manager retries), and neither is a wrong
+    /// password (the calls report a permanent error).
+    ///
+    /// # Errors
+    ///
+    /// [`RedisBackendError::InvalidUrl`] or [`RedisBackendError::Unsupported`]. The error never
+    /// contains the password.
+    ///
+    /// ```
+    /// use lock_redis::{RedisBackend, RedisBackendError};
+    ///
+    /// // Nothing listens on port 1, and that is not an error yet.
+    /// let backend = RedisBackend::connect("redis://127.0.0.1:1/0")?;
+    ///
+    /// let error = RedisBackend::connect("rediss://:hunter2@localhost").unwrap_err();
+    /// assert!(matches!(error, RedisBackendError::Unsupported { .. }));
+    /// # Ok::<(), RedisBackendError>(())
+    /// ```
+    pub fn connect(url: &str) -> Result<RedisBackend, RedisBackendError> {
+        RedisBackend::builder(url).build()
+    }
+
+    /// A builder for a backend on the server at `url` (see [`connect`](Self::connect) for the
+    /// URL forms): pool size, timeouts, key prefix.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use lock_redis::RedisBackend;
+    ///
+    /// let backend = RedisBackend::builder("redis://localhost:6379")
+    ///     .pool_size(8)
+    ///     .command_timeout(Duration::from_millis(500))
+    ///     .build()?;
+    /// # Ok::<(), lock_redis::RedisBackendError>(())
+    /// ```
+    pub fn builder(url: &str) -> RedisBackendBuilder {
+        RedisBackendBuilder::new(url)
+    }
+
+    /// A backend over your own r2d2 pool, with the default timeouts and key prefix.
+    ///
+    /// Differences from a backend made by [`builder`](Self::builder):
+    ///
+    /// - **No release notifications**: [`watch_release`](LeaseBackend::watch_release) returns
+    ///   `None`, because an r2d2 pool does not reveal its client and the subscriber needs a
+    ///   connection of its own; waiters rely on the manager's backoff alone.
+    /// - **Connecting is as bounded as your pool makes it**: r2d2 opens connections with
+    ///   `redis::Client::get_connection`, which has no timeout, so a silent server can hold the
+    ///   pool's connecting threads. Calls stay bounded (they wait at most the checkout timeout
+    ///   for a connection), but the pool may not recover until the server answers again.
+    /// - The pool's `test_on_check_out` (on by default) pings each connection before use; the
+    ///   ping runs with the socket timeouts of that connection's last call.
+    ///
+    /// ```no_run
+    /// use lock_redis::RedisBackend;
+    ///
+    /// let client = redis::Client::open("redis://localhost:6379")?;
+    /// let pool = r2d2::Pool::builder().max_size(4).build(client)?;
+    /// let backend = RedisBackend::from_pool(pool);
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
+    pub fn from_pool(pool: r2d2::Pool<redis::Client>) -> RedisBackend {
+        let config = Config {
+            pool_size: pool.max_size(),
+            ..Config::default()
+        };
+        RedisBackend::new(
+            ConnectionPool::Given(pool),
+            "<r2d2 pool given to from_pool>".to_owned(),
+            config,
+            None,
+        )
+    }
+
+    /// The Redis key that holds the lock `key`: `<prefix>{<key>}`, a string holding the owner's
+    /// token, with a TTL. For inspecting locks from outside, in tests or operations.
+    ///
+    /// ```
+    /// use lock_redis::RedisBackend;
+    ///
+    /// let backend = RedisBackend::builder("redis://localhost").key_prefix("app:").build()?;
+    /// assert_eq!(backend.lock_key("jobs:42"), "app:{jobs:42}");
+    /// # Ok::<(), lock_redis::RedisBackendError>(())
+    /// ```
+    pub fn lock_key(&self, key: &str) -> String {
+        lock_key(&self.inner.config.key_prefix, key)
+    }
+
+    /// The Redis key of the fence counter of the lock `key`: `<prefix>{<key>}:fence`, an
+    /// integer without TTL holding the last fence issued.
+    ///
+    /// ```
+    /// use lock_redis::RedisBackend;
+    ///
+    /// let backend = RedisBackend::connect("redis://localhost")?;
+    /// assert_eq!(backend.fence_key("jobs:42"), "lock:{jobs:42}:fence");
+    /// # Ok::<(), lock_redis::RedisBackendError>(())
+    /// ```
+    pub fn fence_key(&self, key: &str) -> String {
+        fence_key(&self.inner.config.key_prefix, key)
+    }
+
+    /// Raises the fence counter of `key` to at least `fence` (Redlock's write-back).
+    pub(crate) fn raise_fence(
+        &self,
+        key: &str,
+        fence: u64,
+        timeout: Duration,
+    ) -> Result<(), BackendError> {
+        let counter = fence_key(&self.inner.config.key_prefix, key);
+        let fence = fence.to_string();
+        let script = &self.inner.scripts.raise_fence;
+        self.call(
+            RedisOperation::RaiseFence,
+            key,
+            timeout,
+            |connection, deadline| {
+                let reply = Self::eval(connection, deadline, script, &[&counter], &[&fence])?;
+                // 1: raised, 0: already at least as high; both are fine.
+                parse_ownership(reply).map(drop)
+            },
+        )
+        .map_err(|failure| failure.into_backend_error(RedisOperation::RaiseFence, key))
+    }
+
+    /// A backend with a pool of its own; `config` is valid.
+    pub(crate) fn from_parts(
+        client: redis::Client,
+        target: String,
+        config: Config,
+    ) -> RedisBackend {
+        let pool = ConnectionPool::build(PoolSettings {
+            client: client.clone(),
+            size: config.pool_size,
+            connect_timeout: config.connect_timeout,
+            target: &target,
+        });
+        let subscriber = Subscriber::new(SubscriberSettings {
+            client,
+            channel: release_channel(&config.key_prefix),
+            connect_timeout: config.connect_timeout,
+            command_timeout: config.command_timeout,
+            target: target.clone(),
+        });
+        RedisBackend::new(pool, target, config, Some(subscriber))
+    }
+
+    fn new(
+        pool: ConnectionPool,
+        target: String,
+        config: Config,
+        subscriber: Option<Subscriber>,
+    ) -> RedisBackend {
+        RedisBackend {
+            inner: Arc::new(Inner {
+                pool,
+                channel: release_channel(&config.key_prefix),
+                config,
+                scripts: Scripts::new(),
+                target,
+                subscriber,
+            }),
+        }
+    }
+
+    /// Runs `run` on a pooled connection, within `timeout` and the configured timeouts: at most
+    /// the checkout timeout for a connection, at most the command timeout for the commands, and
+    /// at most their sum in all.
+    ///
+    /// An idle pooled connection may have been closed by the server since it was opened (a
+    /// restart, a proxy, an idle timeout): when `run` finds its connection dropped, the call is
+    /// retried on another one (at most once per pooled connection, and while time is left).
+    /// The scripts are safe to run twice: a retried acquire finds its own token and returns the
+    /// fence it issued, a retried renewal renews again, and a retried release finds the key
+    /// gone and says [`Ownership::NotOwned`].
+    fn call<T>(
+        &self,
+        operation: RedisOperation,
+        key: &str,
+        timeout: Duration,
+        mut run: impl FnMut(&mut PooledConnection, &Deadline) -> Result<T, CallFailure>,
+    ) -> Result<T, CallFailure> {
+        let config = &self.inner.config;
+        // Retries on other connections share one budget: a call never outlasts one checkout
+        // and one command timeout, whatever the caller allows.
+        let own_limit = config
+            .checkout_timeout
+            .saturating_add(config.command_timeout);
+        let deadline = Deadline::after(timeout.min(own_limit));
+        let attempts = self.inner.pool.max_size().saturating_add(1);
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            if deadline.remaining().is_some_and(|left| left.is_zero()) {
+                return Err(deadline.timed_out());
+            }
+            let mut connection = self
+                .inner
+                .pool
+                .checkout(&deadline, config.checkout_timeout)?;
+            let commands = deadline.narrowed(config.command_timeout);
+            let result = connection
+                .resync_if_needed(&commands)
+                .and_then(|()| run(&mut connection, &commands));
+            let failure = match result {
+                Ok(value) => return Ok(value),
+                Err(failure) => failure,
+            };
+            let dropped = match &failure {
+                CallFailure::Timeout { .. } => {
+                    connection.mark_needs_resync();
+                    false
+                }
+                CallFailure::Redis(error) => {
+                    if error.is_io_error() {
+                        connection.mark_needs_resync();
+                    }
+                    is_connection_dropped(error)
+                }
+                _ => false,
+            };
+            let time_left = deadline.remaining().map_or(true, |left| !left.is_zero());
+            if dropped && attempt < attempts && time_left {
+                tracing::debug!(%operation, key, error = ?failure, "pooled Redis connection was closed; retrying on another");
+                continue;
+            }
+            return Err(failure);
+        }
+    }
+
+    /// Runs a script: `EVALSHA`, and `EVAL` if the server does not have it cached.
+    fn eval(
+        connection: &mut PooledConnection,
+        deadline: &Deadline,
+        script: &LuaScript,
+        keys: &[&str],
+        args: &[&str],
+    ) -> Result<Value, CallFailure> {
+        let reply = round_trip(connection, &script.evalsha(keys, args), deadline)?;
+        if is_noscript(&reply) {
+            tracing::debug!("Redis does not have the script cached (restarted?); sending it");
+            return round_trip(connection, &script.eval(keys, args), deadline);
+        }
+        Ok(reply)
+    }
+
+    /// All renewals in one pipelined round trip (two if the server lost the script).
+    fn renew_pipeline(
+        &self,
+        connection: &mut PooledConnection,
+        deadline: &Deadline,
+        requests: &[LeaseRequest<'_>],
+    ) -> Result<Vec<Result<Ownership, CallFailure>>, CallFailure> {
+        let prefix = &self.inner.config.key_prefix;
+        let script = &self.inner.scripts.renew;
+        let cmds: Vec<Cmd> = requests
+            .iter()
+            .map(|request| {
+                let key = lock_key(prefix, request.key);
+                let ttl = ttl_millis(request.ttl).to_string();
+                script.evalsha(&[&key], &[request.token, &ttl])
+            })
+            .collect();
+
+        let sent = pipeline_round_trip(connection, &cmds, deadline);
+        if sent.replies.is_empty() {
+            if let Some(failure) = sent.failure {
+                // Nothing came back: let `call` decide whether another connection may help.
+                return Err(failure);
+            }
+        }
+        let mut results = fill(sent.replies, sent.failure, cmds.len(), deadline);
+
+        let missing: Vec<usize> = results
+            .iter()
+            .enumerate()
+            .filter(|(_, result)| result.as_ref().is_ok_and(is_noscript))
+            .map(|(index, _)| index)
+            .collect();
+        if !missing.is_empty() {
+            tracing::debug!("Redis does not have the renew script cached (restarted?); loading it");
+            let mut retry = vec![script.load()];
+            retry.extend(missing.iter().map(|&index| cmds[index].clone()));
+            let resent = pipeline_round_trip(connection, &retry, deadline);
+            // The first reply is SCRIPT LOAD's: if it failed, the EVALSHAs say NOSCRIPT again.
+            let replies = fill(resent.replies, resent.failure, retry.len(), deadline);
+            for (&index, reply) in missing.iter().zip(replies.into_iter().skip(1)) {
+                results[index] = reply;
+            }
+        }
+        Ok(results
+            .into_iter()
+            .map(|reply| reply.and_then(parse_ownership))
+            .collect())
+    }
+
+    fn watch(&self, key: &str) -> Option<ReleaseWatch> {
+        self.inner.subscriber.as_ref()?.watch(key)
+    }
+}
+
+/// `replies`, then `failure` for each of the `expected` replies that did not come.
+fn fill(
+    replies: Vec<Value>,
+    failure: Option<CallFailure>,
+    expected: usize,
+    deadline: &Deadline,
+) -> Vec<Result<Value, CallFailure>> {
+    let received = replies.len();
+    let failure = failure.unwrap_or_else(|| deadline.timed_out());
+    replies
+        .into_iter()
+        .map(Ok)
+        .chain((received..expected).map(|_| Err(failure.clone())))
+        .collect()
+}
+
+impl LeaseBackend for RedisBackend {
+    fn try_acquire(
+        &self,
+        request: &LeaseRequest<'_>,
+        timeout: Duration,
+    ) -> Result<AcquireOutcome, BackendError> {
+        let prefix = &self.inner.config.key_prefix;
+        let lock = lock_key(prefix, request.key);
+        let fence = fence_key(prefix, request.key);
+        let ttl = ttl_millis(request.ttl).to_string();
+        let script = &self.inner.scripts.acquire;
+        self.call(
+            RedisOperation::Acquire,
+            request.key,
+            timeout,
+            |connection, deadline| {
+                let reply = Self::eval(
+                    connection,
+                    deadline,
+                    script,
+                    &[&lock, &fence],
+                    &[request.token, &ttl],
+                )?;
+                parse_acquire(reply)
+            },
+        )
+        .map_err(|failure| failure.into_backend_error(RedisOperation::Acquire, request.key))
+    }
+
+    fn renew(
+        &self,
+        request: &LeaseRequest<'_>,
+        timeout: Duration,
+    ) -> Result<Ownership, BackendError> {
+        let lock = lock_key(&self.inner.config.key_prefix, request.key);
+        let ttl = ttl_millis(request.ttl).to_string();
+        let script = &self.inner.scripts.renew;
+        self.call(
+            RedisOperation::Renew,
+            request.key,
+            timeout,
+            |connection, deadline| {
+                let reply = Self::eval(
+                    connection,
+                    deadline,
+                    script,
+                    &[&lock],
+                    &[request.token, &ttl],
+                )?;
+                parse_ownership(reply)
+            },
+        )
+        .map_err(|failure| failure.into_backend_error(RedisOperation::Renew, request.key))
+    }
+
+    /// Sends every renewal in one pipelined round trip.
+    fn renew_batch(
+        &self,
+        requests: &[LeaseRequest<'_>],
+        timeout: Duration,
+    ) -> Vec<Result<Ownership, BackendError>> {
+        let Some(first) = requests.first() else {
+            return Vec::new();
+        };
+        let outcome = self.call(
+            RedisOperation::Renew,
+            first.key,
+            timeout,
+            |connection, deadline| self.renew_pipeline(connection, deadline, requests),
+        );
+        match outcome {
+            Ok(results) => requests
+                .iter()
+                .zip(results)
+                .map(|(request, result)| {
+                    result.map_err(|failure| {
+                        failure.into_backend_error(RedisOperation::Renew, request.key)
+                    })
+                })
+                .collect(),
+            Err(failure) => requests
+                .iter()
+                .map(|request| {
+                    Err(failure
+                        .clone()
+                        .into_backend_error(RedisOperation::Renew, request.key))
+                })
+                .collect(),
+        }
+    }
+
+    fn release(
+        &self,
+        key: &str,
+        token: &str,
+        timeout: Duration,
+    ) -> Result<Ownership, BackendError> {
+        let lock = lock_key(&self.inner.config.key_prefix, key);
+        let channel = &self.inner.channel;
+        let script = &self.inner.scripts.release;
+        self.call(
+            RedisOperation::Release,
+            key,
+            timeout,
+            |connection, deadline| {
+                let reply = Self::eval(
+                    connection,
+                    deadline,
+                    script,
+                    &[&lock],
+                    &[token, channel, key],
+                )?;
+                parse_ownership(reply)
+            },
+        )
+        .map_err(|failure| failure.into_backend_error(RedisOperation::Release, key))
+    }
+
+    /// A watch woken when `key` is released through any backend with the same key prefix on the
+    /// same server, and also whenever the shared subscriber (re)connects (releases may have been
+    /// missed while it was disconnected). `None` for a backend made by
+    /// [`from_pool`](RedisBackend::from_pool).
+    fn watch_release(&self, key: &str) -> Option<ReleaseWatch> {
+        self.watch(key)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn assert_send_sync<T: Send + Sync + 'static>() {}
+
+    #[test]
+    fn backend_is_send_sync_and_object_safe() {
+        assert_send_sync::<RedisBackend>();
+        let backend = RedisBackend::connect("redis://127.0.0.1:1").unwrap();
+        let _shared: Arc<dyn LeaseBackend> = Arc::new(backend);
+    }
+
+    #[test]
+    fn debug_shows_settings_but_never_the_password() {
+        let backend = RedisBackend::builder("redis://user:hunter2@db.internal:6380/3")
+            .key_prefix("svc:")
+            .pool_size(3)
+            .build()
+            .unwrap();
+        let shown = format!("{backend:?}");
+        for expected in [
+            "redis://user:***@db.internal:6380/3",
+            "key_prefix: \"svc:\"",
+            "pool_size: 3",
+        ] {
+            assert!(shown.contains(expected), "{expected} not in {shown}");
+        }
+        assert!(!shown.contains("hunter2"), "{shown}");
+    }
+
+    #[test]
+    fn a_zero_timeout_fails_at_once_without_touching_the_network() {
+        // Port 1 is closed, but the call must not even try.
+        let backend = RedisBackend::connect("redis://127.0.0.1:1").unwrap();
+        let request = LeaseRequest {
+            key: "k",
+            token: "t",
+            ttl: Duration::from_secs(1),
+        };
+        let error = backend.try_acquire(&request, Duration::ZERO).unwrap_err();
+        assert!(error.is_transient());
+        let cause = error.cause().downcast_ref::<RedisBackendError>().unwrap();
+        assert!(
+            matches!(cause, RedisBackendError::Timeout { .. }),
+            "{cause:?}"
+        );
+        assert!(backend.renew_batch(&[], Duration::ZERO).is_empty());
+    }
+
+    #[test]
+    fn a_closed_port_is_a_transient_error_within_the_checkout_timeout() {
+        let backend = RedisBackend::builder("redis://127.0.0.1:1")
+            .checkout_timeout(Duration::from_millis(300))
+            .build()
+            .unwrap();
+        let started = std::time::Instant::now();
+        let error = backend.release("k", "t", Duration::MAX).unwrap_err();
+        assert!(
+            started.elapsed() < Duration::from_secs(2),
+            "{:?}",
+            started.elapsed()
+        );
+        assert!(error.is_transient(), "{error}");
+        let message = error.to_string();
+        assert!(message.contains("release of lock \"k\""), "{message}");
+    }
+
+    #[test]
+    fn from_pool_backends_have_no_release_watch() {
+        let client = redis::Client::open("redis://127.0.0.1:1").unwrap();
+        let pool = r2d2::Pool::builder()
+            .max_size(2)
+            .min_idle(Some(0))
+            .build_unchecked(client);
+        let backend = RedisBackend::from_pool(pool);
+        assert!(backend.watch_release("k").is_none());
+        assert!(format!("{backend:?}").contains("pool_size: 2"));
+    }
+}

@@ -1,0 +1,407 @@
+//! [`RedisBackendError`], and the classification of Redis failures into transient and permanent
+//! [`BackendError`]s.
+
+use std::fmt;
+use std::time::Duration;
+
+use lock_core::{BackendError, BackendErrorKind};
+use redis::{ErrorKind, RedisError, ServerErrorKind};
+
+/// Which backend call failed, named in every [`RedisBackendError`] about a call.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum RedisOperation {
+    /// [`LeaseBackend::try_acquire`](lock_core::LeaseBackend::try_acquire).
+    Acquire,
+    /// [`LeaseBackend::renew`](lock_core::LeaseBackend::renew), alone or in a batch.
+    Renew,
+    /// [`LeaseBackend::release`](lock_core::LeaseBackend::release).
+    Release,
+    /// The write-back of a Redlock fence to one node.
+    RaiseFence,
+}
+
+impl fmt::Display for RedisOperation {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            RedisOperation::Acquire => "acquire",
+            RedisOperation::Renew => "renew",
+            RedisOperation::Release => "release",
+            RedisOperation::RaiseFence => "raise fence",
+        })
+    }
+}
+
+/// Everything that can go wrong in `lock-redis`: building a backend, and each call to Redis.
+///
+/// Construction ([`RedisBackend::connect`](crate::RedisBackend::connect),
+/// [`RedisBackendBuilder::build`](crate::RedisBackendBuilder::build)) returns it directly. Calls
+/// through [`LeaseBackend`](lock_core::LeaseBackend) return a [`BackendError`] whose
+/// [`cause`](BackendError::cause) is a `RedisBackendError`, so it can be downcast. Messages name
+/// the operation and the lock key, and never contain a password.
+///
+/// ```
+/// use lock_redis::{RedisBackend, RedisBackendError};
+///
+/// let error = RedisBackend::connect("http://user:hunter2@localhost").unwrap_err();
+/// assert!(matches!(error, RedisBackendError::InvalidUrl { .. }));
+/// assert!(!error.to_string().contains("hunter2"));
+/// ```
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum RedisBackendError {
+    /// The URL does not parse as a Redis URL.
+    #[error("invalid Redis URL {url:?}: {reason}")]
+    InvalidUrl {
+        /// The URL, with its password redacted.
+        url: String,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// The URL asks for something this build cannot do (TLS, for example).
+    #[error("unsupported: {what}")]
+    Unsupported {
+        /// What is unsupported, and why.
+        what: &'static str,
+    },
+    /// A builder setting is out of range.
+    #[error("invalid Redis backend configuration: {reason}")]
+    InvalidConfig {
+        /// Which setting, and why.
+        reason: String,
+    },
+    /// The call ran out of time: the caller's timeout or the configured command timeout.
+    #[error("redis {operation} of lock {key:?} timed out after {waited:?}")]
+    Timeout {
+        /// The call.
+        operation: RedisOperation,
+        /// The user's lock key.
+        key: String,
+        /// How long the call ran.
+        waited: Duration,
+    },
+    /// No pooled connection could be had in time: the server is unreachable, refuses or
+    /// rejects connections, or every connection is busy.
+    #[error("redis {operation} of lock {key:?}: no connection within {waited:?}: {reason}")]
+    NoConnection {
+        /// The call.
+        operation: RedisOperation,
+        /// The user's lock key.
+        key: String,
+        /// How long the call waited for a connection.
+        waited: Duration,
+        /// Why, as far as the pool knows (the last failed connection attempt).
+        reason: String,
+    },
+    /// Redis, or the connection to it, failed the command.
+    #[error("redis {operation} of lock {key:?} failed: {source}")]
+    Command {
+        /// The call.
+        operation: RedisOperation,
+        /// The user's lock key.
+        key: String,
+        /// The error from the `redis` crate.
+        #[source]
+        source: RedisError,
+    },
+    /// Redis answered something the lease scripts never return.
+    #[error("redis {operation} of lock {key:?}: unexpected reply {reply}")]
+    UnexpectedReply {
+        /// The call.
+        operation: RedisOperation,
+        /// The user's lock key.
+        key: String,
+        /// The reply, abbreviated.
+        reply: String,
+    },
+}
+
+impl RedisBackendError {
+    /// The call this error is about, if it is about a call (not about construction).
+    pub fn operation(&self) -> Option<RedisOperation> {
+        match self {
+            RedisBackendError::Timeout { operation, .. }
+            | RedisBackendError::NoConnection { operation, .. }
+            | RedisBackendError::Command { operation, .. }
+            | RedisBackendError::UnexpectedReply { operation, .. } => Some(*operation),
+            _ => None,
+        }
+    }
+
+    /// The user's lock key this error is about, if it is about a call.
+    pub fn key(&self) -> Option<&str> {
+        match self {
+            RedisBackendError::Timeout { key, .. }
+            | RedisBackendError::NoConnection { key, .. }
+            | RedisBackendError::Command { key, .. }
+            | RedisBackendError::UnexpectedReply { key, .. } => Some(key),
+            _ => None,
+        }
+    }
+
+    /// True when the call ran out of time (including a socket read or write timeout).
+    pub fn is_timeout(&self) -> bool {
+        match self {
+            RedisBackendError::Timeout { .. } => true,
+            RedisBackendError::Command { source, .. } => source.is_timeout(),
+            _ => false,
+        }
+    }
+}
+
+/// A failed call before it is given its operation and key.
+#[derive(Debug, Clone)]
+pub(crate) enum CallFailure {
+    /// The deadline passed.
+    Timeout { waited: Duration },
+    /// The pool had no connection for us.
+    NoConnection {
+        waited: Duration,
+        reason: String,
+        kind: BackendErrorKind,
+    },
+    /// A command failed.
+    Redis(RedisError),
+    /// A reply of the wrong shape.
+    UnexpectedReply(String),
+}
+
+impl CallFailure {
+    /// Whether retrying may help.
+    pub(crate) fn kind(&self) -> BackendErrorKind {
+        match self {
+            CallFailure::Timeout { .. } => BackendErrorKind::Transient,
+            CallFailure::NoConnection { kind, .. } => *kind,
+            CallFailure::Redis(error) => classify(error),
+            CallFailure::UnexpectedReply(_) => BackendErrorKind::Permanent,
+        }
+    }
+
+    /// The public error, naming the call.
+    pub(crate) fn into_error(self, operation: RedisOperation, key: &str) -> RedisBackendError {
+        let key = key.to_owned();
+        match self {
+            CallFailure::Timeout { waited } => RedisBackendError::Timeout {
+                operation,
+                key,
+                waited,
+            },
+            CallFailure::NoConnection { waited, reason, .. } => RedisBackendError::NoConnection {
+                operation,
+                key,
+                waited,
+                reason,
+            },
+            CallFailure::Redis(source) => RedisBackendError::Command {
+                operation,
+                key,
+                source,
+            },
+            CallFailure::UnexpectedReply(reply) => RedisBackendError::UnexpectedReply {
+                operation,
+                key,
+                reply,
+            },
+        }
+    }
+
+    /// The classified [`BackendError`] for the call.
+    pub(crate) fn into_backend_error(self, operation: RedisOperation, key: &str) -> BackendError {
+        let kind = self.kind();
+        BackendError::new(kind, self.into_error(operation, key))
+    }
+}
+
+impl From<RedisError> for CallFailure {
+    fn from(error: RedisError) -> Self {
+        CallFailure::Redis(error)
+    }
+}
+
+/// Server error codes outside [`ServerErrorKind`] after which a retry may succeed.
+const TRANSIENT_CODES: &[&str] = &["BUSY", "OOM", "MISCONF", "NOREPLICAS", "UNBLOCKED"];
+
+/// Whether retrying a call that failed with `error` may help.
+///
+/// Transient: the connection (refused, reset, closed, I/O error, timeout) and servers that are
+/// busy, loading, failing over, read-only or out of memory, and a script cache emptied by a
+/// restart. Permanent: wrong key types, missing permissions, failed authentication, bad
+/// configuration, script errors, replies that are not Redis at all, and anything unknown.
+pub(crate) fn classify(error: &RedisError) -> BackendErrorKind {
+    use BackendErrorKind::{Permanent, Transient};
+    match error.kind() {
+        ErrorKind::Io | ErrorKind::ClusterConnectionNotFound => Transient,
+        ErrorKind::MasterNameNotFoundBySentinel | ErrorKind::NoValidReplicasFoundBySentinel => {
+            Transient
+        }
+        ErrorKind::Server(kind) => match kind {
+            ServerErrorKind::BusyLoading
+            | ServerErrorKind::TryAgain
+            | ServerErrorKind::ClusterDown
+            | ServerErrorKind::MasterDown
+            | ServerErrorKind::ReadOnly
+            | ServerErrorKind::NoScript => Transient,
+            ServerErrorKind::ResponseError if is_too_many_clients(error) => Transient,
+            _ => Permanent,
+        },
+        ErrorKind::Extension => match error.code() {
+            Some(code) if TRANSIENT_CODES.contains(&code) => Transient,
+            _ => Permanent,
+        },
+        _ => Permanent,
+    }
+}
+
+/// `ERR max number of clients reached`: the server is full now, not misconfigured for us.
+fn is_too_many_clients(error: &RedisError) -> bool {
+    error
+        .detail()
+        .is_some_and(|detail| detail.contains("max number of clients"))
+}
+
+/// Whether `error` says the connection is gone (closed, reset), as opposed to slow or refusing.
+pub(crate) fn is_connection_dropped(error: &RedisError) -> bool {
+    error.is_connection_dropped() || error.is_connection_refusal()
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io;
+
+    use super::*;
+
+    /// A server error reply, as the connection would parse it.
+    fn server_error(reply: &str) -> RedisError {
+        let value = redis::parse_redis_value(format!("-{reply}\r\n").as_bytes()).unwrap();
+        value.extract_error().unwrap_err()
+    }
+
+    fn io_error(kind: io::ErrorKind) -> RedisError {
+        RedisError::from(io::Error::new(kind, "test"))
+    }
+
+    #[test]
+    fn connection_failures_are_transient() {
+        for kind in [
+            io::ErrorKind::ConnectionRefused,
+            io::ErrorKind::ConnectionReset,
+            io::ErrorKind::ConnectionAborted,
+            io::ErrorKind::BrokenPipe,
+            io::ErrorKind::UnexpectedEof,
+            io::ErrorKind::TimedOut,
+            io::ErrorKind::WouldBlock,
+            io::ErrorKind::NotConnected,
+            io::ErrorKind::Other,
+        ] {
+            assert_eq!(
+                classify(&io_error(kind)),
+                BackendErrorKind::Transient,
+                "{kind:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn busy_and_failing_over_servers_are_transient() {
+        for reply in [
+            "LOADING Redis is loading the dataset in memory",
+            "BUSY Redis is busy running a script",
+            "TRYAGAIN Multiple keys request during rehashing of slot",
+            "CLUSTERDOWN The cluster is down",
+            "MASTERDOWN Link with MASTER is down",
+            "READONLY You can't write against a read only replica.",
+            "NOSCRIPT No matching script. Please use EVAL.",
+            "OOM command not allowed when used memory > 'maxmemory'.",
+            "MISCONF Redis is configured to save RDB snapshots, but it's currently unable to persist to disk.",
+            "NOREPLICAS Not enough good replicas to write.",
+            "ERR max number of clients reached",
+        ] {
+            assert_eq!(
+                classify(&server_error(reply)),
+                BackendErrorKind::Transient,
+                "{reply}"
+            );
+        }
+    }
+
+    #[test]
+    fn refusals_that_a_retry_cannot_change_are_permanent() {
+        for reply in [
+            "WRONGTYPE Operation against a key holding the wrong kind of value",
+            "NOPERM this user has no permissions to run the 'evalsha' command",
+            "WRONGPASS invalid username-password pair or user is disabled.",
+            "NOAUTH Authentication required.",
+            "ERR user_script:1: Script attempted to access nonexistent global variable 'x'",
+            "ERR unknown command 'EVALSHA'",
+            "MOVED 3999 127.0.0.1:6381",
+            "CROSSSLOT Keys in request don't hash to the same slot",
+            "SOMETHINGNEW nobody knows",
+        ] {
+            assert_eq!(
+                classify(&server_error(reply)),
+                BackendErrorKind::Permanent,
+                "{reply}"
+            );
+        }
+    }
+
+    #[test]
+    fn client_side_failures_are_permanent() {
+        for error in [
+            RedisError::from((
+                ErrorKind::AuthenticationFailed,
+                "Password authentication failed",
+            )),
+            RedisError::from((ErrorKind::InvalidClientConfig, "Redis URL did not parse")),
+            RedisError::from((ErrorKind::UnexpectedReturnType, "bad type")),
+            RedisError::from((ErrorKind::Parse, "not RESP")),
+        ] {
+            assert_eq!(classify(&error), BackendErrorKind::Permanent, "{error}");
+        }
+    }
+
+    #[test]
+    fn failures_name_the_operation_and_key() {
+        let failure = CallFailure::Redis(server_error(
+            "WRONGTYPE Operation against a key holding the wrong kind of value",
+        ));
+        let error = failure.into_backend_error(RedisOperation::Renew, "jobs:42");
+        assert!(!error.is_transient());
+        let message = error.to_string();
+        assert!(
+            message
+                .starts_with("permanent backend error: redis renew of lock \"jobs:42\" failed: "),
+            "{message}"
+        );
+        assert!(message.contains("WRONGTYPE"), "{message}");
+        let cause = error
+            .cause()
+            .downcast_ref::<RedisBackendError>()
+            .expect("the cause is a RedisBackendError");
+        assert_eq!(cause.operation(), Some(RedisOperation::Renew));
+        assert_eq!(cause.key(), Some("jobs:42"));
+
+        let timeout = CallFailure::Timeout {
+            waited: Duration::from_millis(1500),
+        }
+        .into_backend_error(RedisOperation::Acquire, "a");
+        assert!(timeout.is_transient());
+        assert_eq!(
+            timeout.to_string(),
+            "transient backend error: redis acquire of lock \"a\" timed out after 1.5s"
+        );
+    }
+
+    #[test]
+    fn connection_drops_are_recognised() {
+        assert!(is_connection_dropped(&io_error(
+            io::ErrorKind::UnexpectedEof
+        )));
+        assert!(is_connection_dropped(&io_error(
+            io::ErrorKind::ConnectionReset
+        )));
+        assert!(is_connection_dropped(&io_error(io::ErrorKind::BrokenPipe)));
+        assert!(!is_connection_dropped(&io_error(io::ErrorKind::TimedOut)));
+        assert!(!is_connection_dropped(&server_error("LOADING x")));
+    }
+}

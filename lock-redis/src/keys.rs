@@ -1,0 +1,80 @@
+//! How user keys become Redis keys, and TTLs become milliseconds.
+
+use std::time::Duration;
+
+/// The Redis key that holds the lock `key`: `<prefix>{<key>}`.
+///
+/// The `{…}` hash tag puts the lock key and its fence counter in one Redis Cluster slot, so a
+/// script may touch both.
+pub(crate) fn lock_key(prefix: &str, key: &str) -> String {
+    format!("{prefix}{{{key}}}")
+}
+
+/// The Redis key that counts the fences of the lock `key`: `<prefix>{<key>}:fence`.
+pub(crate) fn fence_key(prefix: &str, key: &str) -> String {
+    format!("{prefix}{{{key}}}:fence")
+}
+
+/// The pub/sub channel on which releases are announced: `<prefix>released`.
+pub(crate) fn release_channel(prefix: &str) -> String {
+    format!("{prefix}released")
+}
+
+/// `ttl` in whole milliseconds, rounded up so that Redis never keeps a key for less time than
+/// asked, and at least 1 (`PX 0` is an error).
+pub(crate) fn ttl_millis(ttl: Duration) -> u64 {
+    let millis = ttl.as_nanos().div_ceil(1_000_000).max(1);
+    u64::try_from(millis).unwrap_or(u64::MAX)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys_share_one_hash_tag() {
+        assert_eq!(lock_key("lock:", "jobs:42"), "lock:{jobs:42}");
+        assert_eq!(fence_key("lock:", "jobs:42"), "lock:{jobs:42}:fence");
+        assert_eq!(lock_key("", "k"), "{k}");
+        assert_eq!(release_channel("lock:"), "lock:released");
+    }
+
+    /// The slot of a key is decided by the text between its first `{` and the first `}` after
+    /// it; both keys of a lock must have the same one, whatever the user key contains.
+    #[test]
+    fn keys_hash_to_the_same_slot_even_with_braces_in_the_user_key() {
+        fn hash_tag(key: &str) -> &str {
+            match key.find('{') {
+                Some(open) => match key[open + 1..].find('}') {
+                    Some(len) if len > 0 => &key[open + 1..open + 1 + len],
+                    _ => key,
+                },
+                None => key,
+            }
+        }
+        for user_key in ["a", "a}b", "{a}", "}", "{", "a{b}c", "{}"] {
+            let lock = lock_key("p:", user_key);
+            let fence = fence_key("p:", user_key);
+            if hash_tag(&lock) == lock.as_str() {
+                // No tag: the whole key is hashed, so the two differ. That only happens for an
+                // empty tag `{}`, i.e. a user key starting with `}`.
+                assert!(user_key.starts_with('}'), "{user_key}");
+            } else {
+                assert_eq!(hash_tag(&lock), hash_tag(&fence), "{user_key}");
+            }
+        }
+    }
+
+    #[test]
+    fn ttl_rounds_up_to_whole_milliseconds() {
+        assert_eq!(ttl_millis(Duration::from_millis(3)), 3);
+        assert_eq!(ttl_millis(Duration::from_micros(3001)), 4);
+        assert_eq!(ttl_millis(Duration::from_nanos(1)), 1);
+        assert_eq!(ttl_millis(Duration::ZERO), 1);
+        assert_eq!(
+            ttl_millis(Duration::from_secs(365 * 24 * 3600)),
+            31_536_000_000
+        );
+        assert_eq!(ttl_millis(Duration::MAX), u64::MAX);
+    }
+}

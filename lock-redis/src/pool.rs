@@ -1,0 +1,518 @@
+//! The connection pool and the bounded round trips every call is made of.
+//!
+//! Pools built by [`RedisBackendBuilder`](crate::RedisBackendBuilder) use [`BoundedClient`], a
+//! connection manager that connects with a timeout (the `redis::Client` manager of r2d2 has
+//! none, so a silent server would hold r2d2's connecting threads forever). Pools given to
+//! [`RedisBackend::from_pool`](crate::RedisBackend::from_pool) are used as they are.
+//!
+//! Every round trip sets the socket's read and write timeouts to what is left of the call's
+//! [`Deadline`], so no call outlives its budget. A connection whose round trip failed half-way
+//! (a timeout, with replies still due) is marked [`NeedsResync`] and, before its next use,
+//! drained up to a `PING` with a unique payload, so a late reply is never taken for the answer
+//! to another command.
+
+use std::fmt;
+use std::ops::{Deref, DerefMut};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use lock_core::BackendErrorKind;
+use parking_lot::Mutex;
+use redis::{Cmd, Connection, ConnectionLike, RedisError, Value};
+
+use crate::errors::{classify, CallFailure};
+
+/// How long one slice of a pool checkout waits before the backend looks at the last connection
+/// error again (to fail fast on a wrong password instead of waiting out the whole timeout).
+const CHECKOUT_SLICE: Duration = Duration::from_millis(100);
+
+/// What r2d2 says when a checkout times out and no connection attempt failed meanwhile.
+const NO_CONNECTION_YET: &str = "timed out waiting for connection";
+
+/// r2d2's own connection timeout. The backend always passes its own timeouts to
+/// `get_timeout`, so r2d2 only uses this to cap the pause between its background attempts to
+/// open a connection (at half of it): long enough not to hammer a server that is down, short
+/// enough to notice soon that it is back.
+const R2D2_CONNECTION_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// When a call must be done by: the caller's timeout, narrowed per phase by the configured
+/// checkout and command timeouts.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Deadline {
+    started: Instant,
+    /// `None`: the caller set no limit (`Duration::MAX`).
+    at: Option<Instant>,
+}
+
+impl Deadline {
+    /// A deadline `timeout` from now (none if that is beyond what `Instant` can hold).
+    pub(crate) fn after(timeout: Duration) -> Deadline {
+        let started = Instant::now();
+        Deadline {
+            started,
+            at: started.checked_add(timeout),
+        }
+    }
+
+    /// This deadline, or `limit` from now if that comes first.
+    pub(crate) fn narrowed(&self, limit: Duration) -> Deadline {
+        let limit_at = Instant::now().checked_add(limit);
+        let at = match (self.at, limit_at) {
+            (Some(at), Some(limit_at)) => Some(at.min(limit_at)),
+            (at, None) => at,
+            (None, limit_at) => limit_at,
+        };
+        Deadline {
+            started: self.started,
+            at,
+        }
+    }
+
+    /// Time left, or `None` for no limit.
+    pub(crate) fn remaining(&self) -> Option<Duration> {
+        self.at
+            .map(|at| at.saturating_duration_since(Instant::now()))
+    }
+
+    /// How long the call has run.
+    pub(crate) fn elapsed(&self) -> Duration {
+        self.started.elapsed()
+    }
+
+    /// The timeout failure for this call.
+    pub(crate) fn timed_out(&self) -> CallFailure {
+        CallFailure::Timeout {
+            waited: self.elapsed(),
+        }
+    }
+
+    /// Turns a `redis` error into a call failure, naming socket timeouts as such.
+    pub(crate) fn failure(&self, error: RedisError) -> CallFailure {
+        if error.is_timeout() {
+            self.timed_out()
+        } else {
+            CallFailure::Redis(error)
+        }
+    }
+}
+
+/// The r2d2 connection manager of pools this crate builds: a [`redis::Client`] that connects
+/// (TCP connect and handshake) within `connect_timeout`, and remembers its last failure so a
+/// checkout timeout can say why.
+pub(crate) struct BoundedClient {
+    client: redis::Client,
+    connect_timeout: Duration,
+    last_error: Arc<Mutex<Option<(Instant, RedisError)>>>,
+}
+
+impl fmt::Debug for BoundedClient {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("BoundedClient")
+            .field("connect_timeout", &self.connect_timeout)
+            .finish_non_exhaustive()
+    }
+}
+
+impl r2d2::ManageConnection for BoundedClient {
+    type Connection = Connection;
+    type Error = RedisError;
+
+    fn connect(&self) -> Result<Connection, RedisError> {
+        match self
+            .client
+            .get_connection_with_timeout(self.connect_timeout)
+        {
+            Ok(connection) => {
+                *self.last_error.lock() = None;
+                Ok(connection)
+            }
+            Err(error) => {
+                *self.last_error.lock() = Some((Instant::now(), error.clone()));
+                Err(error)
+            }
+        }
+    }
+
+    fn is_valid(&self, connection: &mut Connection) -> Result<(), RedisError> {
+        redis::cmd("PING").query::<()>(connection)
+    }
+
+    fn has_broken(&self, connection: &mut Connection) -> bool {
+        !connection.is_open()
+    }
+}
+
+/// Logs failed connection attempts of a built pool through `tracing` (r2d2 would use `log`).
+#[derive(Debug)]
+struct ConnectErrorLogger {
+    target: String,
+}
+
+impl r2d2::HandleError<RedisError> for ConnectErrorLogger {
+    fn handle_error(&self, error: RedisError) {
+        tracing::debug!(redis = %self.target, %error, "redis connection attempt failed");
+    }
+}
+
+/// Settings of a pool this crate builds.
+pub(crate) struct PoolSettings<'a> {
+    pub(crate) client: redis::Client,
+    pub(crate) size: u32,
+    pub(crate) connect_timeout: Duration,
+    /// The redacted URL, for logs.
+    pub(crate) target: &'a str,
+}
+
+/// A pool of connections: built here, or given by the user.
+pub(crate) enum ConnectionPool {
+    Bounded {
+        pool: r2d2::Pool<BoundedClient>,
+        last_error: Arc<Mutex<Option<(Instant, RedisError)>>>,
+    },
+    Given(r2d2::Pool<redis::Client>),
+}
+
+impl fmt::Debug for ConnectionPool {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let (kind, state) = match self {
+            ConnectionPool::Bounded { pool, .. } => ("built", pool.state()),
+            ConnectionPool::Given(pool) => ("given", pool.state()),
+        };
+        f.debug_struct("ConnectionPool")
+            .field("kind", &kind)
+            .field("max_size", &self.max_size())
+            .field("connections", &state.connections)
+            .field("idle", &state.idle_connections)
+            .finish()
+    }
+}
+
+impl ConnectionPool {
+    /// A lazy pool: no connection is made until the first call needs one.
+    pub(crate) fn build(settings: PoolSettings<'_>) -> ConnectionPool {
+        let last_error = Arc::new(Mutex::new(None));
+        let manager = BoundedClient {
+            client: settings.client,
+            connect_timeout: settings.connect_timeout,
+            last_error: Arc::clone(&last_error),
+        };
+        let pool = r2d2::Pool::builder()
+            .max_size(settings.size)
+            .min_idle(Some(0))
+            // Checked on use instead, within the call's deadline (see `NeedsResync`).
+            .test_on_check_out(false)
+            .connection_timeout(R2D2_CONNECTION_TIMEOUT)
+            .error_handler(Box::new(ConnectErrorLogger {
+                target: settings.target.to_owned(),
+            }))
+            .build_unchecked(manager);
+        ConnectionPool::Bounded { pool, last_error }
+    }
+
+    /// The most connections the pool opens.
+    pub(crate) fn max_size(&self) -> u32 {
+        match self {
+            ConnectionPool::Bounded { pool, .. } => pool.max_size(),
+            ConnectionPool::Given(pool) => pool.max_size(),
+        }
+    }
+
+    /// A connection, within `deadline` and at most `limit`.
+    pub(crate) fn checkout(
+        &self,
+        deadline: &Deadline,
+        limit: Duration,
+    ) -> Result<PooledConnection, CallFailure> {
+        let checkout = deadline.narrowed(limit);
+        let started = Instant::now();
+        // What r2d2 said of its last failed connection attempt (it says it only once).
+        let mut pool_error = None;
+        loop {
+            let left = checkout.remaining().unwrap_or(limit);
+            if left.is_zero() {
+                return Err(self.no_connection(started, pool_error));
+            }
+            let slice = left.min(CHECKOUT_SLICE);
+            let result = match self {
+                ConnectionPool::Bounded { pool, .. } => {
+                    pool.get_timeout(slice).map(PooledConnection::Bounded)
+                }
+                ConnectionPool::Given(pool) => pool.get_timeout(slice).map(PooledConnection::Given),
+            };
+            match result {
+                Ok(connection) => return Ok(connection),
+                Err(error) => {
+                    if let Some(failure) = self.permanent_connect_failure(started, &error) {
+                        return Err(failure);
+                    }
+                    let text = error.to_string();
+                    if text != NO_CONNECTION_YET {
+                        pool_error = Some(text);
+                    }
+                }
+            }
+        }
+    }
+
+    /// The failure to report when no connection came in time.
+    fn no_connection(&self, started: Instant, pool_error: Option<String>) -> CallFailure {
+        let waited = started.elapsed();
+        let state = match self {
+            ConnectionPool::Bounded { pool, .. } => pool.state(),
+            ConnectionPool::Given(pool) => pool.state(),
+        };
+        if let ConnectionPool::Bounded { last_error, .. } = self {
+            if let Some((at, error)) = &*last_error.lock() {
+                if *at >= started {
+                    return CallFailure::NoConnection {
+                        waited,
+                        reason: format!("the last connection attempt failed: {error}"),
+                        kind: classify(error),
+                    };
+                }
+            }
+        }
+        let reason = if let Some(pool_error) = pool_error {
+            pool_error
+        } else if state.connections >= self.max_size() && state.idle_connections == 0 {
+            format!("all {} pooled connections are in use", self.max_size())
+        } else {
+            "the server did not accept a connection in time".to_owned()
+        };
+        CallFailure::NoConnection {
+            waited,
+            reason,
+            kind: BackendErrorKind::Transient,
+        }
+    }
+
+    /// A failure to report at once, if the pool's connection attempts fail in a way that
+    /// waiting cannot cure (a wrong password, for example).
+    fn permanent_connect_failure(
+        &self,
+        started: Instant,
+        error: &r2d2::Error,
+    ) -> Option<CallFailure> {
+        let (reason, kind) = match self {
+            ConnectionPool::Bounded { last_error, .. } => {
+                let last = last_error.lock();
+                let (at, error) = last.as_ref()?;
+                if *at < started {
+                    return None;
+                }
+                (
+                    format!("the last connection attempt failed: {error}"),
+                    classify(error),
+                )
+            }
+            ConnectionPool::Given(_) => {
+                // r2d2 keeps only the text of the error: recognise the permanent ones by it.
+                let text = error.to_string();
+                let permanent = ["AuthenticationFailed", "WRONGPASS", "NOAUTH", "NOPERM"]
+                    .iter()
+                    .any(|marker| text.contains(marker));
+                (text, permanent.then_some(BackendErrorKind::Permanent)?)
+            }
+        };
+        (kind == BackendErrorKind::Permanent).then(|| CallFailure::NoConnection {
+            waited: started.elapsed(),
+            reason,
+            kind,
+        })
+    }
+}
+
+/// A connection checked out of a [`ConnectionPool`]; back to the pool on drop.
+pub(crate) enum PooledConnection {
+    Bounded(r2d2::PooledConnection<BoundedClient>),
+    Given(r2d2::PooledConnection<redis::Client>),
+}
+
+/// Marks a connection on which replies may still be due.
+struct NeedsResync;
+
+impl PooledConnection {
+    fn extensions_mut(&mut self) -> &mut r2d2::Extensions {
+        match self {
+            PooledConnection::Bounded(connection) => {
+                r2d2::PooledConnection::extensions_mut(connection)
+            }
+            PooledConnection::Given(connection) => {
+                r2d2::PooledConnection::extensions_mut(connection)
+            }
+        }
+    }
+
+    /// Records that replies may still be due on this connection, if it is still open.
+    pub(crate) fn mark_needs_resync(&mut self) {
+        if self.is_open() {
+            self.extensions_mut().insert(NeedsResync);
+        }
+    }
+
+    /// Drains replies still due from an earlier, failed call, if any.
+    pub(crate) fn resync_if_needed(&mut self, deadline: &Deadline) -> Result<(), CallFailure> {
+        if self.extensions_mut().get::<NeedsResync>().is_none() {
+            return Ok(());
+        }
+        static NEXT_NONCE: AtomicU64 = AtomicU64::new(0);
+        let nonce = format!(
+            "lock-redis-resync-{}-{}",
+            std::process::id(),
+            NEXT_NONCE.fetch_add(1, Ordering::Relaxed)
+        );
+        set_timeouts(self, deadline)?;
+        let ping = redis::cmd("PING").arg(&nonce).get_packed_command();
+        self.send_packed_command(&ping)
+            .map_err(|error| deadline.failure(error))?;
+        loop {
+            set_timeouts(self, deadline)?;
+            match self.recv_response() {
+                Ok(Value::BulkString(bytes)) if bytes == nonce.as_bytes() => break,
+                Ok(_late_reply) => {}
+                Err(error) => return Err(deadline.failure(error)),
+            }
+        }
+        self.extensions_mut().remove::<NeedsResync>();
+        Ok(())
+    }
+}
+
+impl Deref for PooledConnection {
+    type Target = Connection;
+
+    fn deref(&self) -> &Connection {
+        match self {
+            PooledConnection::Bounded(connection) => connection,
+            PooledConnection::Given(connection) => connection,
+        }
+    }
+}
+
+impl DerefMut for PooledConnection {
+    fn deref_mut(&mut self) -> &mut Connection {
+        match self {
+            PooledConnection::Bounded(connection) => connection,
+            PooledConnection::Given(connection) => connection,
+        }
+    }
+}
+
+/// Sets the read and write timeouts of `connection` to what is left before `deadline`.
+///
+/// No time left is a timeout failure, never a zero socket timeout (which `std` rejects).
+pub(crate) fn set_timeouts(
+    connection: &Connection,
+    deadline: &Deadline,
+) -> Result<(), CallFailure> {
+    let left = match deadline.remaining() {
+        Some(left) if left.is_zero() => return Err(deadline.timed_out()),
+        Some(left) => left,
+        // Never happens for round trips (they run under the command timeout); stay bounded.
+        None => Duration::from_secs(3600),
+    };
+    connection
+        .set_read_timeout(Some(left))
+        .and_then(|()| connection.set_write_timeout(Some(left)))
+        .map_err(|error| deadline.failure(error))
+}
+
+/// Sends `cmd` and reads its reply, within `deadline`. Server errors come back as
+/// [`Value::ServerError`].
+pub(crate) fn round_trip(
+    connection: &mut Connection,
+    cmd: &Cmd,
+    deadline: &Deadline,
+) -> Result<Value, CallFailure> {
+    set_timeouts(connection, deadline)?;
+    connection
+        .req_command(cmd)
+        .map_err(|error| deadline.failure(error))
+}
+
+/// What a pipelined round trip brought back.
+pub(crate) struct PipelineReplies {
+    /// The replies read, in order: maybe fewer than the commands sent.
+    pub(crate) replies: Vec<Value>,
+    /// Why the rest were not read.
+    pub(crate) failure: Option<CallFailure>,
+}
+
+/// Sends all `cmds` in one write and reads their replies, each read bounded by what is left
+/// before `deadline`. Stops at the first failure; the connection is then marked for a resync, as
+/// replies may still be due.
+pub(crate) fn pipeline_round_trip(
+    connection: &mut PooledConnection,
+    cmds: &[Cmd],
+    deadline: &Deadline,
+) -> PipelineReplies {
+    let mut replies = Vec::with_capacity(cmds.len());
+    if let Err(failure) = set_timeouts(connection, deadline) {
+        // Nothing was sent: the connection is as good as it was.
+        return PipelineReplies {
+            replies,
+            failure: Some(failure),
+        };
+    }
+    let mut pipeline = redis::pipe();
+    for cmd in cmds {
+        pipeline.add_command(cmd.clone());
+    }
+    let sent = connection
+        .send_packed_command(&pipeline.get_packed_pipeline())
+        .map_err(|error| deadline.failure(error));
+    let mut outcome = sent;
+    while outcome.is_ok() && replies.len() < cmds.len() {
+        outcome = set_timeouts(connection, deadline).and_then(|()| {
+            let reply = connection
+                .recv_response()
+                .map_err(|error| deadline.failure(error))?;
+            replies.push(reply);
+            Ok(())
+        });
+    }
+    let failure = outcome.err();
+    if failure.is_some() {
+        connection.mark_needs_resync();
+    }
+    PipelineReplies { replies, failure }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn deadline_without_limit_never_overflows() {
+        let deadline = Deadline::after(Duration::MAX);
+        assert_eq!(deadline.remaining(), None);
+        let narrowed = deadline.narrowed(Duration::from_secs(2));
+        let left = narrowed.remaining().unwrap();
+        assert!(left <= Duration::from_secs(2) && left > Duration::from_secs(1));
+    }
+
+    #[test]
+    fn narrowing_keeps_the_earlier_deadline() {
+        let deadline = Deadline::after(Duration::from_millis(50));
+        assert!(
+            deadline
+                .narrowed(Duration::from_secs(5))
+                .remaining()
+                .unwrap()
+                <= Duration::from_millis(50)
+        );
+    }
+
+    #[test]
+    fn an_expired_deadline_is_a_timeout_not_a_zero_socket_timeout() {
+        let deadline = Deadline::after(Duration::ZERO);
+        assert_eq!(deadline.remaining(), Some(Duration::ZERO));
+        assert!(matches!(deadline.timed_out(), CallFailure::Timeout { .. }));
+        let error = RedisError::from(std::io::Error::new(std::io::ErrorKind::WouldBlock, "slow"));
+        assert!(matches!(
+            deadline.failure(error),
+            CallFailure::Timeout { .. }
+        ));
+    }
+}

@@ -1,0 +1,135 @@
+//! A separate process that holds leases on a Redis server, for tests that pause or kill a
+//! *holder* rather than a server.
+//!
+//! LOCKS is one Redis URL, or several separated by commas for a Redlock over those masters;
+//! DATA is the Redis URL where the counter, the fence log and the fenced store live.
+//!
+//! ```text
+//! lease-holder hold LOCKS DATA KEY TTL_MS
+//!     acquires KEY, prints `acquired FENCE`, then obeys one command per stdin line:
+//!     `check` prints `held` or `lost`; `write RESOURCE VALUE` does a fenced write and prints
+//!     `accepted` or `rejected`; `release` releases, prints `released` or `release-error`, exits.
+//! lease-holder count LOCKS DATA KEY THREADS ITERATIONS COUNTER LOG
+//!     THREADS threads each do ITERATIONS guarded increments of the Redis key COUNTER (a GET then
+//!     a SET), appending each critical section's fence to the list LOG; prints `done`.
+//! ```
+
+use std::io::BufRead;
+use std::time::Duration;
+
+use lock_core::LockManager;
+use lock_redis::{RedisBackend, RedlockBackend};
+use redis::Commands;
+
+type Result<T = (), E = Box<dyn std::error::Error + Send + Sync>> = std::result::Result<T, E>;
+
+fn main() -> Result {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    match args
+        .iter()
+        .map(String::as_str)
+        .collect::<Vec<_>>()
+        .as_slice()
+    {
+        ["hold", locks, data, key, ttl_ms] => {
+            hold(locks, data, key, Duration::from_millis(ttl_ms.parse()?))
+        }
+        ["count", locks, data, key, threads, iterations, counter, log] => count(
+            locks,
+            data,
+            key,
+            threads.parse()?,
+            iterations.parse()?,
+            counter,
+            log,
+        ),
+        _ => Err(format!("usage: see the docs of lease-holder; got {args:?}").into()),
+    }
+}
+
+/// A manager on one server, or on a Redlock when `urls` lists several.
+fn manager(urls: &str) -> Result<LockManager> {
+    let urls: Vec<&str> = urls.split(',').collect();
+    Ok(match urls.as_slice() {
+        [url] => LockManager::new(RedisBackend::connect(url)?),
+        _ => LockManager::new(RedlockBackend::connect(&urls)?),
+    })
+}
+
+fn hold(locks: &str, data: &str, key: &str, ttl: Duration) -> Result {
+    let manager = manager(locks)?;
+    let lease = manager.acquire(key, ttl)?;
+    println!("acquired {}", lease.fence());
+    let mut connection = redis::Client::open(data)?.get_connection()?;
+    for line in std::io::stdin().lock().lines() {
+        let line = line?;
+        let words: Vec<&str> = line.split_whitespace().collect();
+        match words.as_slice() {
+            ["check"] => println!(
+                "{}",
+                if lease.ensure_held().is_ok() {
+                    "held"
+                } else {
+                    "lost"
+                }
+            ),
+            ["write", resource, value] => {
+                let accepted =
+                    lock_tests::fenced_write(&mut connection, resource, lease.fence(), value)?;
+                println!("{}", if accepted { "accepted" } else { "rejected" });
+            }
+            ["release"] => {
+                println!(
+                    "{}",
+                    if lease.release().is_ok() {
+                        "released"
+                    } else {
+                        "release-error"
+                    }
+                );
+                return Ok(());
+            }
+            _ => println!("unknown command {line:?}"),
+        }
+    }
+    Ok(())
+}
+
+fn count(
+    locks: &str,
+    data: &str,
+    key: &str,
+    threads: usize,
+    iterations: usize,
+    counter: &str,
+    log: &str,
+) -> Result {
+    let manager = manager(locks)?;
+    let client = redis::Client::open(data)?;
+    let workers: Vec<_> = (0..threads)
+        .map(|_| {
+            let (manager, client) = (manager.clone(), client.clone());
+            let (key, counter, log) = (key.to_owned(), counter.to_owned(), log.to_owned());
+            std::thread::spawn(move || -> Result {
+                let mut connection = client.get_connection()?;
+                for _ in 0..iterations {
+                    let lease = manager.acquire_timeout(
+                        &key,
+                        Duration::from_secs(10),
+                        Duration::from_secs(60),
+                    )?;
+                    let value: u64 = connection.get::<_, Option<u64>>(&counter)?.unwrap_or(0);
+                    let () = connection.set(&counter, value + 1)?;
+                    let _: u64 = connection.rpush(&log, lease.fence())?;
+                    lease.release()?;
+                }
+                Ok(())
+            })
+        })
+        .collect();
+    for worker in workers {
+        worker.join().map_err(|_| "a worker thread panicked")??;
+    }
+    println!("done");
+    Ok(())
+}
