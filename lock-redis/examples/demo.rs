@@ -1,7 +1,8 @@
 //! The lease story in three workers: a job that outlives its TTL, a worker that stalls and
 //! loses its lease, and a fenced store that refuses the stale worker's late write.
 //!
-//! Run it with `cargo run --example demo` (memory backend).
+//! Run it with `cargo run --example demo` (memory backend), or against a Redis server with
+//! `cargo run --example demo -- --redis redis://127.0.0.1:6379`.
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -13,6 +14,7 @@ use lock_core::{
     AcquireOutcome, BackendError, LeaseBackend, LeaseEvent, LeaseRequest, LockManager, Ownership,
 };
 use lock_memory::MemoryBackend;
+use lock_redis::RedisBackend;
 use parking_lot::Mutex;
 
 /// Short, so that the story takes a few seconds; real leases want seconds or minutes.
@@ -20,13 +22,23 @@ const TTL: Duration = Duration::from_millis(600);
 
 type DemoResult<T = ()> = Result<T, Box<dyn std::error::Error + Send + Sync>>;
 
-fn main() -> DemoResult {
+fn main() -> std::process::ExitCode {
+    match run() {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("demo failed: {error}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn run() -> DemoResult {
     let started = Instant::now();
     let say = move |who: &str, what: fmt::Arguments<'_>| {
         println!("{:>6.2}s  {who:<6} {what}", started.elapsed().as_secs_f64());
     };
-    let store = MemoryBackend::new();
-    println!("Lease demo on the in-process memory backend. TTL of every lease: {TTL:?}.\n");
+    let (store, described) = store_from_args()?;
+    println!("Lease demo on {described}. TTL of every lease: {TTL:?}.\n");
 
     let renewals = Arc::new(AtomicUsize::new(0));
     // Each worker runs in its own "process": its own manager, and its own network link to the
@@ -164,6 +176,31 @@ fn main() -> DemoResult {
     Ok(())
 }
 
+/// The lock store named on the command line: `--redis URL`, or the memory backend.
+fn store_from_args() -> DemoResult<(Arc<dyn LeaseBackend>, String)> {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    match args
+        .iter()
+        .map(String::as_str)
+        .collect::<Vec<_>>()
+        .as_slice()
+    {
+        [] => Ok((
+            Arc::new(MemoryBackend::new()),
+            "the in-process memory backend".into(),
+        )),
+        ["--redis", url] => {
+            let backend = RedisBackend::builder(url)
+                // Keys of this demo only, so that it never touches the application's locks.
+                .key_prefix(format!("lease-demo:{}:", std::process::id()))
+                .build()?;
+            let described = format!("Redis at {}", lock_redis::redact_url(url));
+            Ok((Arc::new(backend), described))
+        }
+        _ => Err("usage: demo [--redis redis://host:port]".into()),
+    }
+}
+
 /// Prints renewer events with the worker's name (the demo's stand-in for a `tracing` subscriber).
 fn tracing_like(who: &str, what: fmt::Arguments<'_>) {
     println!("          {who:<6} {what}");
@@ -247,9 +284,9 @@ impl fmt::Display for LinkCut {
 impl std::error::Error for LinkCut {}
 
 impl Link {
-    fn new(store: impl LeaseBackend) -> Link {
+    fn new(store: Arc<dyn LeaseBackend>) -> Link {
         Link {
-            store: Arc::new(store),
+            store,
             cut: Arc::new(AtomicBool::new(false)),
         }
     }
