@@ -32,8 +32,8 @@ const MAX_NODES: usize = 31;
 ///   is reported taken over once a majority can no longer be reached with our token.
 /// - **Release** goes to every node.
 /// - **Fence**: the maximum of the fences issued by the granting majority, written back (without
-///   waiting) to the counters of every node, so that the next majority, which shares at least
-///   one node with this one, issues a larger fence.
+///   waiting) to the granting nodes whose counters were behind, so that the next majority, which
+///   shares at least one node with this one, issues a larger fence.
 ///
 /// # What Redlock does and does not promise
 ///
@@ -631,9 +631,9 @@ impl LeaseBackend for RedlockBackend {
         let mut fences = Vec::new();
         let mut held = Vec::new();
         let mut failures = Vec::new();
-        for answer in answers {
+        for (node, answer) in answers.into_iter().enumerate() {
             match answer {
-                Some(Ok(AcquireOutcome::Acquired { fence })) => fences.push(fence),
+                Some(Ok(AcquireOutcome::Acquired { fence })) => fences.push((node, fence)),
                 Some(Ok(AcquireOutcome::Held { remaining })) => held.push(remaining),
                 Some(Err(error)) if !error.is_transient() => {
                     let _ = self.release_everywhere(&key, &token, Some(request.ttl), node_timeout);
@@ -649,8 +649,12 @@ impl LeaseBackend for RedlockBackend {
             .checked_sub(started.elapsed() + drift)
             .is_some_and(|left| !left.is_zero());
         if fences.len() >= self.shared.quorum && validity_left {
-            let fence = fences.iter().copied().max().unwrap_or(0);
-            self.write_back_fence(&key, fence, node_timeout);
+            let fence = fences.iter().map(|(_, fence)| *fence).max().unwrap_or(0);
+            let behind = fences
+                .iter()
+                .filter(|(_, issued)| *issued < fence)
+                .map(|(node, _)| *node);
+            self.write_back_fence(behind, &key, fence, node_timeout);
             return Ok(AcquireOutcome::Acquired { fence });
         }
         // No majority (or no validity left): leave no trace of our token on any node.
@@ -736,10 +740,18 @@ impl LeaseBackend for RedlockBackend {
 }
 
 impl RedlockBackend {
-    /// Raises the fence counter of every node to at least `fence`, without waiting: best
-    /// effort, as documented on [`RedlockBackend`].
-    fn write_back_fence(&self, key: &Arc<str>, fence: u64, timeout: Duration) {
-        for node in &self.shared.nodes {
+    /// Raises the fence counters of the granting nodes that issued less than `fence` to
+    /// `fence`, without waiting: best effort, as documented on [`RedlockBackend`]. Once every
+    /// node of the majority is at `fence`, any later majority, which shares a node with this one,
+    /// issues more. In the steady state all counters agree and nothing is written.
+    fn write_back_fence(
+        &self,
+        behind: impl Iterator<Item = usize>,
+        key: &Arc<str>,
+        fence: u64,
+        timeout: Duration,
+    ) {
+        for node in behind.filter_map(|index| self.shared.nodes.get(index)) {
             node.send(Job::RaiseFence {
                 key: key.clone(),
                 fence,

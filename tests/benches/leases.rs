@@ -1,12 +1,24 @@
-//! The benchmark suite: our public API against the raw redis client, measured in the same run.
+//! The benchmark suite: our public API against the raw redis client, on the same servers, in
+//! the same run, printed as ratios.
 //!
-//! `cargo bench -p lock-tests --bench leases` prints one row per scenario. Pass row names to run
-//! only some: `cargo bench -p lock-tests --bench leases -- memory`.
+//! `cargo bench -p lock-tests --bench leases` runs every row; name rows to run some:
+//! `cargo bench -p lock-tests --bench leases -- memory handoff`. Rows: `memory`, `uncontended`,
+//! `saturated`, `renewal`, `handoff`, `redlock`. The suite starts its own redis-server
+//! processes; see BENCHMARKS.md for the figures and what they mean.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // a failed setup aborts the benchmark
 
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Barrier};
 use std::time::{Duration, Instant};
 
-use lock_core::LockManager;
+use lock_core::{
+    AcquireOutcome, BackendError, LeaseBackend, LeaseEvent, LeaseRequest, LockManager, Ownership,
+    RetryPolicy,
+};
 use lock_memory::MemoryBackend;
+use lock_redis::{r2d2, RedisBackend, RedlockBackend};
+use lock_tests::RedisServer;
+use parking_lot::Mutex;
 
 const TTL: Duration = Duration::from_secs(30);
 
@@ -17,18 +29,78 @@ fn main() {
         .collect();
     let wanted = |row: &str| filters.is_empty() || filters.iter().any(|f| row.contains(f.as_str()));
     println!("{}", machine_line());
+    let server = RedisServer::start();
+    let url = server.url();
+    println!(
+        "redis-server {} on {url}; round trip (PING) p50 {:?}\n",
+        server_version(&server),
+        ping_p50(&server)
+    );
+    let mut redis_rate = None;
+    if wanted("uncontended") {
+        redis_rate = Some(uncontended(&url));
+    }
     if wanted("memory") {
-        memory_uncontended();
+        memory(redis_rate);
+    }
+    if wanted("saturated") {
+        saturated(&url);
+    }
+    if wanted("handoff") {
+        handoff(&server);
+    }
+    if wanted("redlock") {
+        redlock(&server);
+    }
+    if wanted("renewal") {
+        renewal_at_scale(&url);
     }
 }
 
 fn machine_line() -> String {
     let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
-    format!("machine: {cores} cores, {}", std::env::consts::ARCH)
+    let model = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|info| {
+            info.lines()
+                .find(|line| line.starts_with("model name"))
+                .and_then(|line| line.split(':').nth(1))
+                .map(|name| name.trim().to_owned())
+        })
+        .unwrap_or_default();
+    format!("machine: {cores} cores, {model}")
 }
 
-/// Runs `cycle` `iterations` times per sample and returns the best cycles per second over
-/// `samples` samples (the least disturbed by the rest of the machine).
+fn server_version(server: &RedisServer) -> String {
+    let info: String = redis::cmd("INFO")
+        .arg("server")
+        .query(&mut server.connection())
+        .unwrap();
+    info.lines()
+        .find_map(|line| line.strip_prefix("redis_version:"))
+        .unwrap_or("?")
+        .to_owned()
+}
+
+fn ping_p50(server: &RedisServer) -> Duration {
+    let mut connection = server.connection();
+    let mut samples: Vec<Duration> = (0..2000)
+        .map(|_| {
+            let started = Instant::now();
+            let _: String = redis::cmd("PING").query(&mut connection).unwrap();
+            started.elapsed()
+        })
+        .collect();
+    percentile(&mut samples, 0.5)
+}
+
+fn percentile(samples: &mut [Duration], quantile: f64) -> Duration {
+    samples.sort_unstable();
+    let index = ((samples.len() as f64 - 1.0) * quantile).round() as usize;
+    samples.get(index).copied().unwrap_or_default()
+}
+
+/// Cycles per second: the best of `samples` runs of `iterations` cycles.
 fn best_rate(samples: usize, iterations: u64, mut cycle: impl FnMut()) -> f64 {
     (0..samples)
         .map(|_| {
@@ -41,12 +113,359 @@ fn best_rate(samples: usize, iterations: u64, mut cycle: impl FnMut()) -> f64 {
         .fold(0.0, f64::max)
 }
 
-fn memory_uncontended() {
-    let manager = LockManager::new(MemoryBackend::new());
-    let rate = best_rate(5, 200_000, || {
-        let lease = manager.try_acquire("bench", TTL).ok().flatten();
-        let released = lease.map(lock_core::Lease::release);
-        assert!(matches!(released, Some(Ok(()))), "uncontended cycle failed");
+/// The raw client's lock: SET NX PX, then a compare-and-delete script.
+struct RawLock {
+    pool: r2d2::Pool<redis::Client>,
+    unlock: redis::Script,
+}
+
+impl RawLock {
+    fn new(url: &str, connections: u32) -> RawLock {
+        let pool = r2d2::Pool::builder()
+            .max_size(connections)
+            // No PING per checkout: the raw client gets the leanest pool.
+            .test_on_check_out(false)
+            .build(redis::Client::open(url).unwrap())
+            .unwrap();
+        let unlock = redis::Script::new(
+            "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end return 0",
+        );
+        RawLock { pool, unlock }
+    }
+
+    fn cycle(&self, key: &str, token: &str) {
+        let mut connection = self.pool.get().unwrap();
+        let set: Option<String> = redis::cmd("SET")
+            .arg(key)
+            .arg(token)
+            .arg("NX")
+            .arg("PX")
+            .arg(TTL.as_millis() as u64)
+            .query(&mut *connection)
+            .unwrap();
+        assert!(set.is_some(), "raw lock was taken");
+        let deleted: i64 = self
+            .unlock
+            .key(key)
+            .arg(token)
+            .invoke(&mut *connection)
+            .unwrap();
+        assert_eq!(deleted, 1);
+    }
+}
+
+fn ours(url: &str, connections: u32) -> LockManager {
+    LockManager::new(
+        RedisBackend::builder(url)
+            .pool_size(connections)
+            .build()
+            .unwrap(),
+    )
+}
+
+fn our_cycle(manager: &LockManager, key: &str) {
+    let lease = manager
+        .try_acquire(key, TTL)
+        .unwrap()
+        .expect("uncontended key");
+    lease.release().unwrap();
+}
+
+fn uncontended(url: &str) -> f64 {
+    let raw = RawLock::new(url, 1);
+    let manager = ours(url, 1);
+    // Interleave samples so that both see the same machine.
+    let (mut raw_best, mut our_best) = (0.0f64, 0.0f64);
+    for _ in 0..3 {
+        raw_best = raw_best.max(best_rate(1, 3000, || raw.cycle("raw:uncontended", "token")));
+        our_best = our_best.max(best_rate(1, 3000, || our_cycle(&manager, "uncontended")));
+    }
+    // Where the difference goes: the raw client running our two scripts (fence counter,
+    // release announcement) instead of SET NX PX and compare-and-delete.
+    let acquire = redis::Script::new(include_str!("../../lock-redis/src/scripts/acquire.lua"));
+    let release = redis::Script::new(include_str!("../../lock-redis/src/scripts/release.lua"));
+    let mut connection = raw.pool.get().unwrap();
+    let scripts = best_rate(3, 3000, || {
+        let _: redis::Value = acquire
+            .key("lock:{scripts}")
+            .key("lock:{scripts}:fence")
+            .arg("token")
+            .arg(TTL.as_millis() as u64)
+            .invoke(&mut *connection)
+            .unwrap();
+        let released: i64 = release
+            .key("lock:{scripts}")
+            .arg("token")
+            .arg("lock:released")
+            .arg("scripts")
+            .invoke(&mut *connection)
+            .unwrap();
+        assert_eq!(released, 1);
     });
-    println!("memory  uncontended acquire+release, 1 thread: {rate:>12.0} cycles/s (target >= 1,000,000)");
+    println!(
+        "uncontended  acquire+release, 1 thread:   ours {our_best:>8.0}/s  raw {raw_best:>8.0}/s  ratio {:.2} (target >= 0.95); raw client running our scripts {scripts:>8.0}/s",
+        our_best / raw_best
+    );
+    our_best
+}
+
+fn memory(redis_rate: Option<f64>) {
+    let manager = LockManager::new(MemoryBackend::new());
+    let rate = best_rate(5, 200_000, || our_cycle(&manager, "memory"));
+    let versus = redis_rate.map_or(String::new(), |redis| {
+        format!(", {:.0}x Redis", rate / redis)
+    });
+    println!("memory       acquire+release, 1 thread:   ours {rate:>8.0}/s{versus} (target >= 1,000,000/s and 50x)");
+}
+
+/// `threads` threads cycling over `keys` keys (each thread its own keys), for `duration`.
+fn saturated_rate(threads: usize, duration: Duration, cycle: impl Fn(usize, u64) + Sync) -> f64 {
+    let done = AtomicU64::new(0);
+    let start = Barrier::new(threads);
+    std::thread::scope(|scope| {
+        for thread in 0..threads {
+            let (cycle, done, start) = (&cycle, &done, &start);
+            scope.spawn(move || {
+                start.wait();
+                let started = Instant::now();
+                let mut count = 0u64;
+                while started.elapsed() < duration {
+                    cycle(thread, count);
+                    count += 1;
+                }
+                done.fetch_add(count, Ordering::Relaxed);
+            });
+        }
+    });
+    done.load(Ordering::Relaxed) as f64 / duration.as_secs_f64()
+}
+
+fn saturated(url: &str) {
+    const THREADS: usize = 8;
+    const KEYS: u64 = 64;
+    let per_thread = KEYS / THREADS as u64;
+    let raw = RawLock::new(url, THREADS as u32);
+    let manager = ours(url, THREADS as u32);
+    let duration = Duration::from_secs(2);
+    let (mut raw_best, mut our_best) = (0.0f64, 0.0f64);
+    for _ in 0..2 {
+        raw_best = raw_best.max(saturated_rate(THREADS, duration, |thread, n| {
+            let key = format!("raw:sat:{}", thread as u64 * per_thread + n % per_thread);
+            raw.cycle(&key, "token");
+        }));
+        our_best = our_best.max(saturated_rate(THREADS, duration, |thread, n| {
+            let key = format!("sat:{}", thread as u64 * per_thread + n % per_thread);
+            our_cycle(&manager, &key);
+        }));
+    }
+    println!(
+        "saturated    8 threads, 64 keys, 8 conns:  ours {our_best:>8.0}/s  raw {raw_best:>8.0}/s  ratio {:.2} (target >= 0.90)",
+        our_best / raw_best
+    );
+}
+
+/// A backend that hides another's release notifications: the seed's retry-only waiting.
+struct NoWakeups(RedisBackend);
+
+impl LeaseBackend for NoWakeups {
+    fn try_acquire(
+        &self,
+        request: &LeaseRequest<'_>,
+        timeout: Duration,
+    ) -> Result<AcquireOutcome, BackendError> {
+        self.0.try_acquire(request, timeout)
+    }
+    fn renew(
+        &self,
+        request: &LeaseRequest<'_>,
+        timeout: Duration,
+    ) -> Result<Ownership, BackendError> {
+        self.0.renew(request, timeout)
+    }
+    fn release(
+        &self,
+        key: &str,
+        token: &str,
+        timeout: Duration,
+    ) -> Result<Ownership, BackendError> {
+        self.0.release(key, token, timeout)
+    }
+}
+
+/// Threads looping on one key: acquire, hold 1 ms, release, 5 ms of work outside. Returns the
+/// gaps from the start of each release to the next acquire.
+fn handoff_gaps(manager: &LockManager, threads: usize, rounds: usize, key: &str) -> Vec<Duration> {
+    let last_release: Mutex<Option<Instant>> = Mutex::new(None);
+    let gaps: Mutex<Vec<Duration>> = Mutex::new(Vec::new());
+    std::thread::scope(|scope| {
+        for _ in 0..threads {
+            scope.spawn(|| {
+                for _ in 0..rounds {
+                    let lease = manager
+                        .acquire_timeout(key, TTL, Duration::from_secs(60))
+                        .unwrap();
+                    if let Some(released) = last_release.lock().take() {
+                        gaps.lock().push(released.elapsed());
+                    }
+                    std::thread::sleep(Duration::from_millis(1));
+                    *last_release.lock() = Some(Instant::now());
+                    lease.release().unwrap();
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+            });
+        }
+    });
+    gaps.into_inner()
+}
+
+fn handoff(server: &RedisServer) {
+    let rtt = ping_p50(server);
+    for threads in [4, 16] {
+        let rounds = 1200 / threads;
+        let ours = ours(&server.url(), threads as u32 + 2);
+        let mut gaps = handoff_gaps(&ours, threads, rounds, &format!("handoff-{threads}"));
+        let (p50, p99) = (percentile(&mut gaps, 0.5), percentile(&mut gaps, 0.99));
+        let seed = LockManager::builder(NoWakeups(
+            RedisBackend::builder(&server.url())
+                .pool_size(threads as u32 + 2)
+                .build()
+                .unwrap(),
+        ))
+        .retry(RetryPolicy::new(
+            Duration::from_millis(10),
+            Duration::from_millis(10),
+        ))
+        .build()
+        .unwrap();
+        let mut seed_gaps = handoff_gaps(
+            &seed,
+            threads,
+            rounds.min(100),
+            &format!("seed-handoff-{threads}"),
+        );
+        println!(
+            "handoff      {threads:>2} threads, release->acquire: ours p50 {p50:>9.1?} ({:.1} round trips) p99 {p99:>9.1?} | retry-every-10ms p50 {:>9.1?} p99 {:>9.1?} (target p50 < 3 RTT, p99 < 1 ms)",
+            p50.as_secs_f64() / rtt.as_secs_f64(),
+            percentile(&mut seed_gaps, 0.5),
+            percentile(&mut seed_gaps, 0.99),
+        );
+    }
+}
+
+fn cycle_latencies(manager: &LockManager, key: &str, cycles: usize) -> Vec<Duration> {
+    (0..cycles)
+        .map(|_| {
+            let started = Instant::now();
+            our_cycle(manager, key);
+            started.elapsed()
+        })
+        .collect()
+}
+
+fn redlock(single: &RedisServer) {
+    let single_manager = ours(&single.url(), 1);
+    let mut baseline = cycle_latencies(&single_manager, "redlock-baseline", 3000);
+    let single_p50 = percentile(&mut baseline, 0.5);
+    for nodes in [3, 5] {
+        let servers: Vec<RedisServer> = (0..nodes).map(|_| RedisServer::start()).collect();
+        let urls: Vec<String> = servers.iter().map(RedisServer::url).collect();
+        let urls: Vec<&str> = urls.iter().map(String::as_str).collect();
+        let manager = LockManager::new(RedlockBackend::connect(&urls).unwrap());
+        let mut latencies = cycle_latencies(&manager, "redlock", 3000);
+        let p50 = percentile(&mut latencies, 0.5);
+        println!(
+            "redlock      N={nodes} acquire+release p50:      {p50:>9.1?} vs one node {single_p50:>9.1?}  ratio {:.2} (target <= 1.5)",
+            p50.as_secs_f64() / single_p50.as_secs_f64()
+        );
+    }
+}
+
+fn resident_bytes() -> u64 {
+    let statm = std::fs::read_to_string("/proc/self/statm").unwrap_or_default();
+    let pages: u64 = statm
+        .split_whitespace()
+        .nth(1)
+        .and_then(|p| p.parse().ok())
+        .unwrap_or(0);
+    pages * 4096
+}
+
+fn renewal_at_scale(url: &str) {
+    const LEASES: usize = 100_000;
+    const ACQUIRERS: usize = 8;
+    let renewed_at: Arc<Mutex<Vec<Instant>>> = Arc::new(Mutex::new(Vec::with_capacity(LEASES)));
+    let log = renewed_at.clone();
+    let manager = LockManager::builder(
+        RedisBackend::builder(url)
+            .pool_size(ACQUIRERS as u32 + 1)
+            .build()
+            .unwrap(),
+    )
+    .event_hook(move |event: &LeaseEvent<'_>| {
+        if let LeaseEvent::Renewed { .. } = event {
+            log.lock().push(Instant::now());
+        }
+    })
+    .build()
+    .unwrap();
+    let before = resident_bytes();
+    let started = Instant::now();
+    let leases: Vec<_> = std::thread::scope(|scope| {
+        let handles: Vec<_> = (0..ACQUIRERS)
+            .map(|part| {
+                let manager = &manager;
+                scope.spawn(move || {
+                    (part..LEASES)
+                        .step_by(ACQUIRERS)
+                        .map(|n| {
+                            manager
+                                .try_acquire(&format!("scale:{n}"), TTL)
+                                .unwrap()
+                                .expect("free key")
+                        })
+                        .collect::<Vec<_>>()
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .flat_map(|handle| handle.join().unwrap())
+            .collect()
+    });
+    let acquired_in = started.elapsed();
+    let per_lease = resident_bytes().saturating_sub(before) as f64 / LEASES as f64;
+    // Every lease is due about a third of its validity after it was acquired.
+    let validity = TTL - TTL / 100 - Duration::from_millis(2);
+    let first_due = started + validity / 3;
+    let deadline = started + acquired_in + validity / 3 + Duration::from_secs(20);
+    while renewed_at.lock().len() < LEASES && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let renewals = renewed_at.lock().clone();
+    let held = leases.iter().filter(|lease| lease.is_held()).count();
+    // Each lease's due time is spread like its acquisition: compare the i-th renewal with the
+    // i-th due time, both in order.
+    let spread = acquired_in.as_secs_f64();
+    let mut lateness: Vec<Duration> = renewals
+        .iter()
+        .enumerate()
+        .map(|(i, at)| {
+            let due = first_due + Duration::from_secs_f64(spread * i as f64 / LEASES as f64);
+            at.saturating_duration_since(due)
+        })
+        .collect();
+    let window = match (renewals.first(), renewals.last()) {
+        (Some(first), Some(last)) => last.saturating_duration_since(*first),
+        _ => Duration::ZERO,
+    };
+    // The renewer keeps up when it renews as fast as the leases fall due.
+    let due_rate = LEASES as f64 / acquired_in.as_secs_f64();
+    println!(
+        "renewal      {LEASES} leases, TTL {TTL:?}: acquired in {acquired_in:.1?} ({due_rate:.0}/s fall due); renewed {} in {window:.1?}; lateness p50 {:.1?} p99 {:.1?} (target p99 < {:?}); {held} still held; {per_lease:.0} bytes per held lease (target < 300)",
+        renewals.len(),
+        percentile(&mut lateness.clone(), 0.5),
+        percentile(&mut lateness, 0.99),
+        TTL / 10,
+    );
+    drop(leases);
 }

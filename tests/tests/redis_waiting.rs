@@ -1,0 +1,179 @@
+//! Waiting on Redis: releases wake waiters through the shared subscriber, waiters fall back to
+//! backoff when it is gone, and the renewer keeps thousands of short leases alive.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a failure is a failed test
+
+use std::sync::{Arc, Barrier};
+use std::time::{Duration, Instant};
+
+use lock_core::{LockManager, RetryPolicy};
+use lock_redis::RedisBackend;
+use lock_tests::{wait_until, RedisServer};
+
+/// A backoff so long that only a wake-up explains a quick acquire.
+const SLEEPY: RetryPolicy = RetryPolicy::new(Duration::from_secs(30), Duration::from_secs(30));
+const TTL: Duration = Duration::from_secs(10);
+
+fn subscribers(server: &RedisServer) -> u64 {
+    let counts: Vec<(String, u64)> = redis::cmd("PUBSUB")
+        .arg("NUMSUB")
+        .arg("lock:released")
+        .query(&mut server.connection())
+        .unwrap();
+    counts.first().map_or(0, |(_, count)| *count)
+}
+
+/// How many scripts the server has run: each acquire attempt is one.
+fn script_calls(server: &RedisServer) -> u64 {
+    let info: String = redis::cmd("INFO")
+        .arg("commandstats")
+        .query(&mut server.connection())
+        .unwrap();
+    ["cmdstat_evalsha:calls=", "cmdstat_eval:calls="]
+        .iter()
+        .filter_map(|prefix| {
+            let line = info.lines().find(|line| line.starts_with(prefix))?;
+            line[prefix.len()..].split(',').next()?.parse::<u64>().ok()
+        })
+        .sum()
+}
+
+/// Starts a waiter on `key`, returns once it has made its first attempt, and hands back the
+/// thread, which yields how long after `released` it acquired.
+fn waiter(manager: &LockManager, key: &'static str) -> std::thread::JoinHandle<Instant> {
+    let ready = Arc::new(Barrier::new(2));
+    let handle = {
+        let (manager, ready) = (manager.clone(), ready.clone());
+        std::thread::spawn(move || {
+            ready.wait();
+            let lease = manager
+                .acquire_timeout(key, TTL, Duration::from_secs(60))
+                .unwrap();
+            let acquired = Instant::now();
+            lease.release().unwrap();
+            acquired
+        })
+    };
+    ready.wait();
+    handle
+}
+
+#[test]
+fn a_release_wakes_a_waiter_long_before_its_backoff() {
+    let server = RedisServer::start();
+    let backend = RedisBackend::connect(&server.url()).unwrap();
+    let manager = LockManager::builder(backend).retry(SLEEPY).build().unwrap();
+    let lease = manager.acquire("handoff", TTL).unwrap();
+    let waiting = waiter(&manager, "handoff");
+    wait_until("the subscriber is up", Duration::from_secs(10), || {
+        subscribers(&server) == 1
+    });
+    // Let the waiter fail its first attempt and go to sleep on its 30 s backoff.
+    std::thread::sleep(Duration::from_millis(100));
+    let released = Instant::now();
+    lease.release().unwrap();
+    let acquired = waiting.join().unwrap();
+    assert!(
+        acquired - released < Duration::from_secs(2),
+        "woken {:?} after the release: slept on its backoff",
+        acquired - released
+    );
+}
+
+#[test]
+fn waiters_fall_back_to_backoff_without_the_subscriber_and_wakeups_resume() {
+    let server = RedisServer::start();
+    let backend = RedisBackend::connect(&server.url()).unwrap();
+    let quick = LockManager::builder(backend.clone())
+        .retry(RetryPolicy::new(
+            Duration::from_millis(10),
+            Duration::from_millis(50),
+        ))
+        .build()
+        .unwrap();
+    // Start the subscriber, then kill its connection.
+    let lease = quick.acquire("k", TTL).unwrap();
+    let first = waiter(&quick, "k");
+    wait_until("the subscriber is up", Duration::from_secs(10), || {
+        subscribers(&server) == 1
+    });
+    let _: () = redis::cmd("CLIENT")
+        .arg("KILL")
+        .arg("TYPE")
+        .arg("pubsub")
+        .query(&mut server.connection())
+        .unwrap();
+    lease.release().unwrap();
+    // The release may have gone unheard: backoff alone must still get the waiter the lock.
+    let _ = first.join().unwrap();
+
+    // Once the subscriber is back, wake-ups work again.
+    wait_until(
+        "the subscriber reconnected",
+        Duration::from_secs(10),
+        || subscribers(&server) == 1,
+    );
+    let sleepy = LockManager::builder(backend).retry(SLEEPY).build().unwrap();
+    let lease = sleepy.acquire("k", TTL).unwrap();
+    let before = script_calls(&server);
+    let second = waiter(&sleepy, "k");
+    wait_until("the waiter tried", Duration::from_secs(10), || {
+        script_calls(&server) > before
+    });
+    let released = Instant::now();
+    lease.release().unwrap();
+    let acquired = second.join().unwrap();
+    assert!(
+        acquired - released < Duration::from_secs(2),
+        "no wake-up after the subscriber reconnected"
+    );
+}
+
+#[test]
+fn ten_thousand_short_leases_survive_several_renewal_periods() {
+    const LEASES: usize = 10_000;
+    let server = RedisServer::start();
+    let backend = RedisBackend::builder(&server.url())
+        .pool_size(8)
+        .build()
+        .unwrap();
+    let manager = LockManager::new(backend);
+    let ttl = Duration::from_millis(1500);
+    let leases: Vec<_> = std::thread::scope(|scope| {
+        let handles: Vec<_> = (0..4)
+            .map(|part| {
+                let manager = &manager;
+                scope.spawn(move || {
+                    (part..LEASES)
+                        .step_by(4)
+                        .map(|n| {
+                            manager
+                                .try_acquire(&format!("many:{n}"), ttl)
+                                .unwrap()
+                                .unwrap()
+                        })
+                        .collect::<Vec<_>>()
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .flat_map(|h| h.join().unwrap())
+            .collect()
+    });
+    let first_valid_until = leases
+        .iter()
+        .map(|lease| lease.valid_until())
+        .min()
+        .unwrap();
+    // Four TTLs: every lease must have been renewed about a dozen times.
+    let until = Instant::now() + ttl * 4;
+    while Instant::now() < until {
+        std::thread::sleep(ttl / 4);
+        let lost = leases.iter().filter(|lease| !lease.is_held()).count();
+        assert_eq!(lost, 0, "{lost} of {LEASES} leases lost");
+    }
+    assert!(leases
+        .iter()
+        .all(|lease| lease.valid_until() > first_valid_until + ttl * 2));
+    assert!(leases.iter().all(|lease| lease.lost().try_recv().is_err()));
+}
