@@ -90,6 +90,7 @@ fn processes_and_threads_lose_no_update_and_fences_follow_commit_order() {
                 .args([
                     "count",
                     &url,
+                    &url,
                     "shared-counter",
                     &THREADS.to_string(),
                     &ITERATIONS.to_string(),
