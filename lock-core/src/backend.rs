@@ -95,7 +95,11 @@ impl fmt::Debug for ReleaseWatch {
 /// Numbered as the checks in [`conformance`](crate#conformance) that test each point.
 ///
 /// 1. **mutual_exclusion**: `try_acquire` grants a key to one token at a time; while that
-///    token's TTL runs, every other token gets [`AcquireOutcome::Held`].
+///    token's TTL runs, every other token gets [`AcquireOutcome::Held`]. The holder's own token
+///    gets [`AcquireOutcome::Acquired`] again, with a fresh TTL and a fence no lower than the one
+///    first issued (the same one, on a single store): the manager
+///    reuses one token for all attempts of an `acquire`, so an attempt whose answer was lost is
+///    picked up by the next one.
 /// 2. **only_owner_renews_or_releases**: `renew` and `release` change the key only when the
 ///    token owns it; otherwise they return [`Ownership::NotOwned`] and change nothing.
 /// 3. **fences_strictly_increase**: each grant carries a fence strictly greater than every fence

@@ -164,10 +164,16 @@ pub fn only_owner_renews_or_releases(target: &dyn ConformanceTarget) {
     let ttl = target.ttl();
     let backend = target.backend();
     let owner = request(&key, "owner-token", ttl);
-    assert!(matches!(
-        backend.try_acquire(&owner, NO_LIMIT).unwrap(),
-        AcquireOutcome::Acquired { .. }
-    ));
+    let AcquireOutcome::Acquired { fence } = backend.try_acquire(&owner, NO_LIMIT).unwrap() else {
+        panic!("a free key was not granted");
+    };
+    match backend.try_acquire(&owner, NO_LIMIT).unwrap() {
+        AcquireOutcome::Acquired { fence: again } => assert!(
+            again >= fence,
+            "the holder's own token got a lower fence back: {again} < {fence}"
+        ),
+        AcquireOutcome::Held { .. } => panic!("the holder's own token must get its lease back"),
+    }
     let foreign = request(&key, "foreign-token", ttl);
     assert_eq!(
         backend.renew(&foreign, NO_LIMIT).unwrap(),

@@ -239,7 +239,7 @@ impl LockManager {
     /// Backend errors, transient or not, are returned as they are: nothing is retried.
     pub fn try_acquire(&self, key: &str, ttl: Duration) -> Result<Option<Lease>, Error> {
         validate(key, ttl)?;
-        match self.attempt(key, ttl, Duration::MAX)? {
+        match self.attempt(key, ttl, Token::random(), Duration::MAX)? {
             Attempt::Acquired(lease) => Ok(Some(lease)),
             Attempt::Held { .. } => Ok(None),
         }
@@ -269,12 +269,15 @@ impl LockManager {
         let started = clock.now();
         let deadline = started.checked_add(wait);
         let mut backoff = self.shared.config.retry.backoff();
+        // One token for every attempt: an attempt that timed out on our side but still took
+        // the key on the server is picked up by the next attempt instead of blocking the key.
+        let token = Token::random();
         loop {
             // Subscribe before trying, so a release right after a failed attempt still wakes us.
             let watch = self.shared.backend.watch_release(key);
             let budget =
                 deadline.map_or(Duration::MAX, |d| d.saturating_duration_since(clock.now()));
-            let (remaining, last_error) = match self.attempt(key, ttl, budget) {
+            let (remaining, last_error) = match self.attempt(key, ttl, token, budget) {
                 Ok(Attempt::Acquired(lease)) => return Ok(lease),
                 Ok(Attempt::Held { remaining }) => (remaining, None),
                 Err(Error::Backend(error)) if error.is_transient() => (None, Some(error)),
@@ -351,9 +354,14 @@ impl LockManager {
         &self.shared.clock
     }
 
-    fn attempt(&self, key: &str, ttl: Duration, timeout: Duration) -> Result<Attempt, Error> {
+    fn attempt(
+        &self,
+        key: &str,
+        ttl: Duration,
+        token: Token,
+        timeout: Duration,
+    ) -> Result<Attempt, Error> {
         let shared = &self.shared;
-        let token = Token::random();
         let request = LeaseRequest {
             key,
             token: token.as_str(),

@@ -237,9 +237,16 @@ impl LeaseBackend for MemoryBackend {
             Some(state) => state,
             None => keys.entry(request.key.into()).or_default(),
         };
-        if let Some((_, expires_at)) = state.holder(now) {
-            return Ok(AcquireOutcome::Held {
-                remaining: Some(expires_at - now),
+        if let Some((holder, expires_at)) = state.holder(now) {
+            if holder != request.token {
+                return Ok(AcquireOutcome::Held {
+                    remaining: Some(expires_at - now),
+                });
+            }
+            // Our own token again (a retried attempt): the same lease, with a fresh TTL.
+            state.expires_at = Some(self.expiry(now, request.ttl));
+            return Ok(AcquireOutcome::Acquired {
+                fence: state.last_fence,
             });
         }
         state.last_fence += 1;
