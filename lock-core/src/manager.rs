@@ -6,15 +6,14 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use crossbeam_channel::Sender;
 use parking_lot::Mutex;
 
 use crate::clock::saturating_add;
 use crate::event::{EventHook, LeaseEvent, NoopHook};
 use crate::lease::{LeaseShared, Token};
-use crate::renewer::{Command, Renewer};
+use crate::renewer::{Command, Mailbox, Renewer, Wake};
 use crate::retry::RetryPolicy;
-use crate::schedule::{validity, Schedule};
+use crate::schedule::{first_renewal, validity, Schedule};
 use crate::{
     AcquireOutcome, BackendError, Clock, Error, Lease, LeaseBackend, LeaseRequest, MAX_TTL,
 };
@@ -60,7 +59,7 @@ pub(crate) struct ManagerShared {
     pub(crate) hook: Arc<dyn EventHook>,
     config: Config,
     next_id: AtomicU64,
-    commands: Sender<Command>,
+    mailbox: Mailbox,
     renewer: Mutex<Option<JoinHandle<()>>>,
 }
 
@@ -175,7 +174,7 @@ impl LockManagerBuilder {
         if let Err(reason) = config.retry.validate() {
             return invalid(reason);
         }
-        let (commands, receiver) = crossbeam_channel::unbounded();
+        let (mailbox, inbox) = Mailbox::new(self.clock.now());
         let renewer = Renewer {
             backend: self.backend.clone(),
             clock: self.clock.clone(),
@@ -185,7 +184,7 @@ impl LockManagerBuilder {
         };
         let thread = std::thread::Builder::new()
             .name(RENEWER_THREAD_NAME.into())
-            .spawn(move || renewer.run(receiver))
+            .spawn(move || renewer.run(inbox))
             .map_err(|error| Error::InvalidConfig {
                 reason: format!("cannot start the renewer thread: {error}"),
             })?;
@@ -196,7 +195,7 @@ impl LockManagerBuilder {
                 hook: self.hook,
                 config,
                 next_id: AtomicU64::new(1),
-                commands,
+                mailbox,
                 renewer: Mutex::new(Some(thread)),
             }),
         })
@@ -344,9 +343,9 @@ impl LockManager {
     /// `settle()` before looking at the leases. Returns at once if the renewer is gone.
     pub fn settle(&self) {
         let (reply, done) = crossbeam_channel::bounded(1);
-        if self.shared.commands.send(Command::Settle(reply)).is_ok() {
-            let _ = done.recv();
-        }
+        self.shared.mailbox.send(Command::Settle(reply), Wake::Now);
+        // Disconnected (the renewer is gone) ends the wait too.
+        let _ = done.recv();
     }
 
     /// The clock this manager times leases with.
@@ -383,10 +382,14 @@ impl LockManager {
         }
         let id = shared.next_id.fetch_add(1, Ordering::Relaxed);
         let lease = Arc::new(LeaseShared::new(id, key, token, fence, ttl, valid_until));
-        let _ = shared.commands.send(Command::Track {
-            lease: lease.clone(),
-            sent_at,
-        });
+        let due = first_renewal(shared.config.renew_fraction, sent_at, ttl);
+        shared.mailbox.send(
+            Command::Track {
+                lease: lease.clone(),
+                sent_at,
+            },
+            Wake::Before(due),
+        );
         shared.hook.on_event(&LeaseEvent::Acquired {
             key,
             fence,
@@ -398,13 +401,13 @@ impl LockManager {
 
 impl ManagerShared {
     pub(crate) fn untrack(&self, id: u64) {
-        let _ = self.commands.send(Command::Untrack(id));
+        self.mailbox.send(Command::Untrack(id), Wake::Lazily);
     }
 }
 
 impl Drop for ManagerShared {
     fn drop(&mut self) {
-        let _ = self.commands.send(Command::Shutdown);
+        self.mailbox.send(Command::Shutdown, Wake::Now);
         if let Some(thread) = self.renewer.get_mut().take() {
             if thread.thread().id() != std::thread::current().id() {
                 let _ = thread.join();

@@ -7,15 +7,14 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use std::sync::atomic::{AtomicU64, Ordering};
+
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
 
 use crate::event::{EventHook, LeaseEvent};
 use crate::lease::LeaseShared;
 use crate::schedule::{AfterFailure, Schedule};
 use crate::{BackendError, Clock, LeaseBackend, LeaseRequest, LostReason, Ownership};
-
-/// The longest the renewer lets `Track` and `Untrack` messages gather before reading them.
-const COALESCE_WINDOW: Duration = Duration::from_millis(1);
 
 /// A message to the renewer thread.
 pub(crate) enum Command {
@@ -40,26 +39,123 @@ pub(crate) struct Renewer {
     pub(crate) batch_size: usize,
 }
 
+/// How many commands may wait before the renewer is woken to read them, whatever their due
+/// times: this bounds the memory held by released leases that the renewer has not forgotten yet.
+const QUEUE_WAKE_LEN: usize = 1024;
+
+/// The renewer's mailbox: commands, a doorbell, and when the renewer plans to wake up.
+///
+/// Commands go into an unbounded channel that the renewer does not block on; it blocks on the
+/// doorbell. A sender rings only when the renewer must act before it would wake anyway (a lease
+/// due earlier than its planned wake-up, a `Settle`, a `Shutdown`) or when the queue grows long.
+/// Waking a thread costs more than an in-memory acquire, so most acquires and releases ring
+/// nothing.
+pub(crate) struct Mailbox {
+    commands: Sender<Command>,
+    doorbell: Sender<()>,
+    plan: Arc<WakePlan>,
+}
+
+/// The renewer's side of a [`Mailbox`]: it ends when the manager drops the mailbox.
+pub(crate) struct Inbox {
+    commands: Receiver<Command>,
+    doorbell: Receiver<()>,
+    plan: Arc<WakePlan>,
+}
+
+/// When a command needs the renewer awake.
+pub(crate) enum Wake {
+    /// At once.
+    Now,
+    /// By this time: ring only if the renewer plans to sleep past it.
+    Before(Instant),
+    /// Whenever it next wakes (a released lease that comes due first is skipped anyway).
+    Lazily,
+}
+
+/// When the renewer plans to wake up, shared by the mailbox and the inbox.
+struct WakePlan {
+    /// Nanoseconds after `epoch`; `u64::MAX`: not before the doorbell rings.
+    wakes_at: AtomicU64,
+    epoch: Instant,
+}
+
+impl WakePlan {
+    fn nanos(&self, at: Instant) -> u64 {
+        u64::try_from(at.saturating_duration_since(self.epoch).as_nanos()).unwrap_or(u64::MAX)
+    }
+}
+
+impl Mailbox {
+    /// A mailbox whose times count from `epoch` (the manager clock's time at its start).
+    pub(crate) fn new(epoch: Instant) -> (Mailbox, Inbox) {
+        let (commands, command_rx) = crossbeam_channel::unbounded();
+        let (doorbell, doorbell_rx) = crossbeam_channel::bounded(1);
+        let plan = Arc::new(WakePlan {
+            wakes_at: AtomicU64::new(0),
+            epoch,
+        });
+        let mailbox = Mailbox {
+            commands,
+            doorbell,
+            plan: plan.clone(),
+        };
+        let inbox = Inbox {
+            commands: command_rx,
+            doorbell: doorbell_rx,
+            plan,
+        };
+        (mailbox, inbox)
+    }
+
+    /// Sends `command`, ringing the doorbell as `wake` says, or when the queue is long.
+    pub(crate) fn send(&self, command: Command, wake: Wake) {
+        if self.commands.send(command).is_err() {
+            return; // the renewer is gone
+        }
+        let plan = &self.plan;
+        let urgent = match wake {
+            Wake::Now => true,
+            Wake::Before(due) => plan.nanos(due) < plan.wakes_at.load(Ordering::SeqCst),
+            Wake::Lazily => false,
+        };
+        if urgent || self.commands.len() >= QUEUE_WAKE_LEN {
+            // Full means already rung: one ring wakes the renewer for every queued command.
+            let _ = self.doorbell.try_send(());
+        }
+    }
+}
+
+impl Inbox {
+    /// Waits until the doorbell rings or the clock reaches `next_due`; false once the manager
+    /// is gone.
+    fn wait(&self, clock: &Clock, next_due: Option<Instant>) -> bool {
+        let planned = next_due.map_or(u64::MAX, |due| self.plan.nanos(due));
+        self.plan.wakes_at.store(planned, Ordering::SeqCst);
+        // A sender that read the old wake-up time before the store above may not have rung:
+        // whatever it sent is in the queue by now, so look before sleeping.
+        if !self.commands.is_empty() {
+            return true;
+        }
+        !matches!(
+            clock.recv_until(&self.doorbell, next_due),
+            Err(RecvTimeoutError::Disconnected)
+        )
+    }
+}
+
 impl Renewer {
-    /// Runs until `Shutdown`, or until every sender is gone.
-    pub(crate) fn run(mut self, commands: Receiver<Command>) {
+    /// Runs until `Shutdown`, or until the manager is gone.
+    pub(crate) fn run(mut self, inbox: Inbox) {
         let mut settled = Vec::new();
         loop {
-            let mut churned = false;
-            let first = match self.clock.recv_until(&commands, self.schedule.next_due()) {
-                Ok(command) => Some(command),
-                Err(RecvTimeoutError::Timeout) => None,
-                Err(RecvTimeoutError::Disconnected) => return,
-            };
-            for command in first.into_iter().chain(commands.try_iter()) {
+            for command in inbox.commands.try_iter() {
                 match command {
                     Command::Track { lease, sent_at } => {
-                        churned = true;
                         let (id, ttl) = (lease.id, lease.ttl);
                         self.schedule.track(id, lease, ttl, sent_at);
                     }
                     Command::Untrack(id) => {
-                        churned = true;
                         self.schedule.remove(id);
                     }
                     Command::Settle(reply) => settled.push(reply),
@@ -70,30 +166,11 @@ impl Renewer {
             for reply in settled.drain(..) {
                 let _ = reply.send(());
             }
-            if churned {
-                self.coalesce();
+            if !inbox.wait(&self.clock, self.schedule.next_due()) {
+                return;
             }
         }
     }
-
-    /// After a wake-up caused by leases coming and going, pauses briefly (never past the next
-    /// due renewal) so that the next burst of `Track`/`Untrack` messages is read in one go.
-    /// Without it, every acquire and release would wake this thread, and waking a thread costs
-    /// more than the rest of an in-memory acquire. A virtual clock never pauses.
-    fn coalesce(&self) {
-        if let Clock::System = self.clock {
-            let now = Instant::now();
-            let pause = self
-                .schedule
-                .next_due()
-                .map_or(COALESCE_WINDOW, |due| due.saturating_duration_since(now))
-                .min(COALESCE_WINDOW);
-            if !pause.is_zero() {
-                std::thread::sleep(pause);
-            }
-        }
-    }
-
     /// Renews every lease due now, one backend call per batch.
     fn renew_due(&mut self) {
         loop {

@@ -14,6 +14,28 @@ pub(crate) fn validity(ttl: Duration) -> Option<Duration> {
     ttl.checked_sub(drift).filter(|left| !left.is_zero())
 }
 
+/// When a lease acquired with `ttl` by a request sent at `sent_at` is first due for renewal.
+pub(crate) fn first_renewal(renew_fraction: f64, sent_at: Instant, ttl: Duration) -> Instant {
+    let validity = validity(ttl).unwrap_or(Duration::ZERO);
+    renewal_time(
+        renew_fraction,
+        sent_at,
+        validity,
+        saturating_add(sent_at, validity),
+    )
+}
+
+/// The renewal time of a lease last renewed (or acquired) by a request sent at `sent_at`:
+/// after `fraction` of its validity, and never after the end of it.
+fn renewal_time(
+    fraction: f64,
+    sent_at: Instant,
+    validity: Duration,
+    valid_until: Instant,
+) -> Instant {
+    saturating_add(sent_at, validity.mul_f64(fraction)).min(valid_until)
+}
+
 /// The longest pause between two attempts to renew a failing lease.
 const MAX_RETRY_INTERVAL: Duration = Duration::from_millis(500);
 /// The shortest pause between two attempts to renew a failing lease.
@@ -73,7 +95,7 @@ impl<T: Clone> Schedule<T> {
     pub(crate) fn track(&mut self, id: u64, item: T, ttl: Duration, sent_at: Instant) {
         let validity = validity(ttl).unwrap_or(Duration::ZERO);
         let valid_until = saturating_add(sent_at, validity);
-        let due = self.renewal_time(sent_at, validity, valid_until);
+        let due = renewal_time(self.renew_fraction, sent_at, validity, valid_until);
         self.remove(id);
         self.queue.insert((due, id));
         self.slots.insert(
@@ -136,7 +158,7 @@ impl<T: Clone> Schedule<T> {
     pub(crate) fn renewed(&mut self, id: u64, sent_at: Instant) -> Option<Instant> {
         let slot = self.slots.get_mut(&id)?;
         slot.valid_until = slot.valid_until.max(saturating_add(sent_at, slot.validity));
-        let due = Self::renewal_time_with(
+        let due = renewal_time(
             self.renew_fraction,
             sent_at,
             slot.validity,
@@ -169,19 +191,6 @@ impl<T: Clone> Schedule<T> {
             queue.remove(&(old, id));
         }
         queue.insert((at, id));
-    }
-
-    fn renewal_time(&self, sent_at: Instant, validity: Duration, valid_until: Instant) -> Instant {
-        Self::renewal_time_with(self.renew_fraction, sent_at, validity, valid_until)
-    }
-
-    fn renewal_time_with(
-        fraction: f64,
-        sent_at: Instant,
-        validity: Duration,
-        valid_until: Instant,
-    ) -> Instant {
-        saturating_add(sent_at, validity.mul_f64(fraction)).min(valid_until)
     }
 }
 

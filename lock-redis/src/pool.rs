@@ -399,11 +399,17 @@ impl DerefMut for PooledConnection {
     }
 }
 
-/// Sets the read and write timeouts of `connection` to what is left before `deadline`.
+/// The read and write timeout last set on a pooled connection's socket.
+struct SocketTimeout(Duration);
+
+/// Bounds the socket reads and writes of `connection` by what is left before `deadline`.
 ///
-/// No time left is a timeout failure, never a zero socket timeout (which `std` rejects).
+/// The socket keeps the timeout it has when that is no longer than what is left and at least
+/// half of it: a call may then fail early, never late, and most calls (which run under the same
+/// command timeout) cost no system call here. No time left is a timeout failure, never a zero
+/// socket timeout (which `std` rejects).
 pub(crate) fn set_timeouts(
-    connection: &Connection,
+    connection: &mut PooledConnection,
     deadline: &Deadline,
 ) -> Result<(), CallFailure> {
     let left = match deadline.remaining() {
@@ -412,16 +418,25 @@ pub(crate) fn set_timeouts(
         // Never happens for round trips (they run under the command timeout); stay bounded.
         None => Duration::from_secs(3600),
     };
+    let current = connection
+        .extensions_mut()
+        .get::<SocketTimeout>()
+        .map(|set| set.0);
+    if current.is_some_and(|current| current <= left && current >= left / 2) {
+        return Ok(());
+    }
     connection
         .set_read_timeout(Some(left))
         .and_then(|()| connection.set_write_timeout(Some(left)))
-        .map_err(|error| deadline.failure(error))
+        .map_err(|error| deadline.failure(error))?;
+    connection.extensions_mut().insert(SocketTimeout(left));
+    Ok(())
 }
 
 /// Sends `cmd` and reads its reply, within `deadline`. Server errors come back as
 /// [`Value::ServerError`].
 pub(crate) fn round_trip(
-    connection: &mut Connection,
+    connection: &mut PooledConnection,
     cmd: &Cmd,
     deadline: &Deadline,
 ) -> Result<Value, CallFailure> {

@@ -15,26 +15,32 @@ if redis.replicate_commands then
   redis.replicate_commands()
 end
 
-local holder = redis.call('GET', KEYS[1])
-
-if holder == ARGV[1] then
-  -- Our own token: a retry of an acquire whose reply was lost. Tokens are unique per
-  -- acquisition, so the counter still holds the fence that acquire issued.
-  local fence = redis.call('GET', KEYS[2])
-  if fence then
-    redis.call('PEXPIRE', KEYS[1], ARGV[2])
-    return {1, fence}
+-- Issues the next fence. A counter that INCR creates (it answers 1) was missing: a seeded
+-- counter is far above 1, so it is replaced by the server's clock in microseconds.
+local function next_fence()
+  local fence = redis.call('INCR', KEYS[2])
+  if fence == 1 then
+    local now = redis.call('TIME')
+    fence = string.format('%s%06d', now[1], tonumber(now[2]))
+    redis.call('SET', KEYS[2], fence)
   end
-  holder = false -- the counter is gone: issue a fresh fence below
+  return fence
 end
 
-if holder == false then
-  redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
-  if redis.call('EXISTS', KEYS[2]) == 0 then
-    local now = redis.call('TIME')
-    redis.call('SET', KEYS[2], string.format('%s%06d', now[1], tonumber(now[2])))
+-- The common case in one command: the lock is free.
+if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then
+  return {1, next_fence()}
+end
+
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  -- Our own token: a retry of an acquire whose reply was lost. Tokens are unique per
+  -- acquisition, so the counter still holds the fence that acquire issued.
+  redis.call('PEXPIRE', KEYS[1], ARGV[2])
+  local fence = redis.call('GET', KEYS[2])
+  if fence then
+    return {1, fence}
   end
-  return {1, redis.call('INCR', KEYS[2])}
+  return {1, next_fence()} -- the counter is gone: issue a fresh fence
 end
 
 return {0, redis.call('PTTL', KEYS[1])}
