@@ -52,7 +52,7 @@ struct LeaseState {
     valid_until: Instant,
     phase: Phase,
     /// Created on the first call to [`Lease::lost`], so leases nobody watches stay small.
-    lost_channel: Option<(Sender<LostReason>, Receiver<LostReason>)>,
+    lost_channel: Option<Box<(Sender<LostReason>, Receiver<LostReason>)>>,
 }
 
 /// The part of a lease shared by its guard and the renewer thread.
@@ -110,7 +110,8 @@ impl LeaseShared {
             return Report::Nothing;
         }
         state.phase = Phase::Lost(reason.clone());
-        if let Some((sender, _)) = &state.lost_channel {
+        if let Some(channel) = &state.lost_channel {
+            let (sender, _) = &**channel;
             // Capacity one, sent once: never blocks, never full.
             let _ = sender.try_send(reason.clone());
         }
@@ -211,14 +212,14 @@ impl LeaseShared {
     fn lost_receiver(&self) -> Receiver<LostReason> {
         let mut state = self.state.lock();
         let state = &mut *state;
-        if let Some((_, receiver)) = &state.lost_channel {
-            return receiver.clone();
+        if let Some(channel) = &state.lost_channel {
+            return channel.1.clone();
         }
         let (sender, receiver) = crossbeam_channel::bounded(1);
         if let Phase::Lost(reason) = &state.phase {
             let _ = sender.try_send(reason.clone());
         }
-        state.lost_channel = Some((sender, receiver.clone()));
+        state.lost_channel = Some(Box::new((sender, receiver.clone())));
         receiver
     }
 

@@ -174,12 +174,13 @@ impl LockManagerBuilder {
         if let Err(reason) = config.retry.validate() {
             return invalid(reason);
         }
-        let (mailbox, inbox) = Mailbox::new(self.clock.now());
+        let epoch = self.clock.now();
+        let (mailbox, inbox) = Mailbox::new(epoch);
         let renewer = Renewer {
             backend: self.backend.clone(),
             clock: self.clock.clone(),
             hook: self.hook.clone(),
-            schedule: Schedule::new(config.renew_fraction),
+            schedule: Schedule::new(config.renew_fraction, epoch),
             batch_size: config.batch_size,
         };
         let thread = std::thread::Builder::new()

@@ -41,12 +41,17 @@ const MAX_RETRY_INTERVAL: Duration = Duration::from_millis(500);
 /// The shortest pause between two attempts to renew a failing lease.
 const MIN_RETRY_INTERVAL: Duration = Duration::from_millis(1);
 
+/// A slot's `due` while its renewal is in flight: not on the queue.
+const IN_FLIGHT: u64 = u64::MAX;
+
+/// One tracked lease. Times are nanoseconds after the schedule's epoch, which keeps a slot at
+/// 32 bytes besides its item: the renewer may track a hundred thousand of them.
 struct Slot<T> {
     item: T,
-    validity: Duration,
-    valid_until: Instant,
-    /// When the slot is due; `None` while its renewal is in flight.
-    due: Option<Instant>,
+    validity: u64,
+    valid_until: u64,
+    /// When the slot is due, or [`IN_FLIGHT`].
+    due: u64,
 }
 
 /// Leases taken off the schedule by [`Schedule::pop_due`].
@@ -71,18 +76,23 @@ pub(crate) enum AfterFailure<T> {
 
 /// Tracked leases ordered by due time: O(log n) per tracked, untracked or due lease.
 pub(crate) struct Schedule<T> {
-    queue: BTreeSet<(Instant, u64)>,
+    /// `(due, id)` of every slot that is not in flight.
+    queue: BTreeSet<(u64, u64)>,
     slots: HashMap<u64, Slot<T>>,
     /// Renew after this fraction of the validity (default one third).
     renew_fraction: f64,
+    /// Time zero of the slots' nanosecond times: no lease is acquired before it.
+    epoch: Instant,
 }
 
 impl<T: Clone> Schedule<T> {
-    pub(crate) fn new(renew_fraction: f64) -> Schedule<T> {
+    /// An empty schedule whose leases are all acquired at `epoch` or later.
+    pub(crate) fn new(renew_fraction: f64, epoch: Instant) -> Schedule<T> {
         Schedule {
             queue: BTreeSet::new(),
             slots: HashMap::new(),
             renew_fraction,
+            epoch,
         }
     }
 
@@ -91,41 +101,53 @@ impl<T: Clone> Schedule<T> {
         self.slots.len()
     }
 
+    fn ticks(&self, at: Instant) -> u64 {
+        nanos(at.saturating_duration_since(self.epoch))
+    }
+
+    fn instant(&self, ticks: u64) -> Instant {
+        saturating_add(self.epoch, Duration::from_nanos(ticks))
+    }
+
     /// Starts renewing a lease acquired with `ttl` by a request sent at `sent_at`.
     pub(crate) fn track(&mut self, id: u64, item: T, ttl: Duration, sent_at: Instant) {
         let validity = validity(ttl).unwrap_or(Duration::ZERO);
         let valid_until = saturating_add(sent_at, validity);
-        let due = renewal_time(self.renew_fraction, sent_at, validity, valid_until);
+        let due = self.ticks(renewal_time(
+            self.renew_fraction,
+            sent_at,
+            validity,
+            valid_until,
+        ));
         self.remove(id);
         self.queue.insert((due, id));
-        self.slots.insert(
-            id,
-            Slot {
-                item,
-                validity,
-                valid_until,
-                due: Some(due),
-            },
-        );
+        let slot = Slot {
+            item,
+            validity: nanos(validity),
+            valid_until: self.ticks(valid_until),
+            due,
+        };
+        self.slots.insert(id, slot);
     }
 
     /// Stops renewing a lease; returns its item if it was tracked.
     pub(crate) fn remove(&mut self, id: u64) -> Option<T> {
         let slot = self.slots.remove(&id)?;
-        if let Some(due) = slot.due {
-            self.queue.remove(&(due, id));
+        if slot.due != IN_FLIGHT {
+            self.queue.remove(&(slot.due, id));
         }
         Some(slot.item)
     }
 
     /// The earliest due time, if any lease is scheduled.
     pub(crate) fn next_due(&self) -> Option<Instant> {
-        self.queue.first().map(|(due, _)| *due)
+        self.queue.first().map(|(due, _)| self.instant(*due))
     }
 
     /// Takes up to `limit` leases due at `now` off the schedule, in due order. Leases already
     /// past their validity come back as expired (not counted in `limit`) and are removed.
     pub(crate) fn pop_due(&mut self, now: Instant, limit: usize) -> DueLeases<T> {
+        let now = self.ticks(now);
         let mut due = DueLeases {
             renew: Vec::new(),
             expired: Vec::new(),
@@ -146,8 +168,10 @@ impl<T: Clone> Schedule<T> {
                     due.expired.push((id, slot.item));
                 }
             } else {
-                slot.due = None;
-                due.renew.push((id, slot.item.clone(), slot.valid_until));
+                slot.due = IN_FLIGHT;
+                let valid_until = slot.valid_until;
+                let item = slot.item.clone();
+                due.renew.push((id, item, self.instant(valid_until)));
             }
         }
         due
@@ -156,42 +180,53 @@ impl<T: Clone> Schedule<T> {
     /// A renewal of `id` sent at `sent_at` succeeded: returns the new end of its validity and
     /// puts it back on the schedule.
     pub(crate) fn renewed(&mut self, id: u64, sent_at: Instant) -> Option<Instant> {
+        let sent = self.ticks(sent_at);
+        let fraction = self.renew_fraction;
         let slot = self.slots.get_mut(&id)?;
-        slot.valid_until = slot.valid_until.max(saturating_add(sent_at, slot.validity));
-        let due = renewal_time(
-            self.renew_fraction,
-            sent_at,
-            slot.validity,
-            slot.valid_until,
-        );
-        Self::reschedule(&mut self.queue, slot, id, due);
-        Some(slot.valid_until)
+        slot.valid_until = slot.valid_until.max(sent.saturating_add(slot.validity));
+        let after = nanos(Duration::from_nanos(slot.validity).mul_f64(fraction));
+        let due = sent.saturating_add(after).min(slot.valid_until);
+        let valid_until = slot.valid_until;
+        self.reschedule(id, due);
+        Some(self.instant(valid_until))
     }
 
     /// A renewal of `id` failed transiently at `now`: retry soon if the lease is still valid.
     pub(crate) fn failed(&mut self, id: u64, now: Instant) -> AfterFailure<T> {
-        let Some(slot) = self.slots.get_mut(&id) else {
+        let now_ticks = self.ticks(now);
+        let Some(slot) = self.slots.get(&id) else {
             return AfterFailure::Unknown;
         };
-        if now >= slot.valid_until {
+        if now_ticks >= slot.valid_until {
             return match self.remove(id) {
                 Some(item) => AfterFailure::Expired(item),
                 None => AfterFailure::Unknown,
             };
         }
-        let interval = (slot.validity / 10).clamp(MIN_RETRY_INTERVAL, MAX_RETRY_INTERVAL);
+        let interval = (Duration::from_nanos(slot.validity) / 10)
+            .clamp(MIN_RETRY_INTERVAL, MAX_RETRY_INTERVAL);
         // Never later than the end of validity, where the lease is declared lost.
-        let at = saturating_add(now, interval).min(slot.valid_until);
-        Self::reschedule(&mut self.queue, slot, id, at);
-        AfterFailure::RetryAt(at)
+        let at = now_ticks
+            .saturating_add(nanos(interval))
+            .min(slot.valid_until);
+        self.reschedule(id, at);
+        AfterFailure::RetryAt(self.instant(at))
     }
 
-    fn reschedule(queue: &mut BTreeSet<(Instant, u64)>, slot: &mut Slot<T>, id: u64, at: Instant) {
-        if let Some(old) = slot.due.replace(at) {
-            queue.remove(&(old, id));
+    fn reschedule(&mut self, id: u64, at: u64) {
+        if let Some(slot) = self.slots.get_mut(&id) {
+            if slot.due != IN_FLIGHT {
+                self.queue.remove(&(slot.due, id));
+            }
+            slot.due = at;
+            self.queue.insert((at, id));
         }
-        queue.insert((at, id));
     }
+}
+
+/// A duration in nanoseconds, saturating (at about 584 years).
+fn nanos(duration: Duration) -> u64 {
+    u64::try_from(duration.as_nanos()).unwrap_or(u64::MAX)
 }
 
 #[cfg(test)]
@@ -202,7 +237,8 @@ mod tests {
     const MS: Duration = Duration::from_millis(1);
 
     fn schedule() -> (Schedule<&'static str>, Instant) {
-        (Schedule::new(1.0 / 3.0), Instant::now())
+        let t0 = Instant::now();
+        (Schedule::new(1.0 / 3.0, t0), t0)
     }
 
     #[test]
