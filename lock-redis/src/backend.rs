@@ -194,17 +194,37 @@ impl RedisBackend {
         let counter = fence_key(&self.inner.config.key_prefix, key);
         let fence = fence.to_string();
         let script = &self.inner.scripts.raise_fence;
-        self.call(
-            RedisOperation::RaiseFence,
+        // 1: raised, 0: already at least as high; both are fine.
+        let parse = |reply| parse_ownership(reply).map(drop);
+        let call = ScriptCall {
+            operation: RedisOperation::RaiseFence,
             key,
-            timeout,
-            |connection, deadline| {
-                let reply = Self::eval(connection, deadline, script, &[&counter], &[&fence])?;
-                // 1: raised, 0: already at least as high; both are fine.
-                parse_ownership(reply).map(drop)
-            },
-        )
-        .map_err(|failure| failure.into_backend_error(RedisOperation::RaiseFence, key))
+            script,
+            keys: &[&counter],
+            args: &[&fence],
+        };
+        self.run_script(call, timeout, parse)
+    }
+
+    /// Runs one script as one call (see [`call`](Self::call)), and names the operation and the
+    /// key in its error.
+    fn run_script<T>(
+        &self,
+        call: ScriptCall<'_>,
+        timeout: Duration,
+        parse: impl Fn(Value) -> Result<T, CallFailure>,
+    ) -> Result<T, BackendError> {
+        let ScriptCall {
+            operation,
+            key,
+            script,
+            keys,
+            args,
+        } = call;
+        self.call(operation, key, timeout, |connection, deadline| {
+            parse(Self::eval(connection, deadline, script, keys, args)?)
+        })
+        .map_err(|failure| failure.into_backend_error(operation, key))
     }
 
     /// A backend with a pool of its own; `config` is valid.
@@ -399,6 +419,15 @@ fn fill(
         .collect()
 }
 
+/// One script run: what it is for, on which user key, and its keys and arguments.
+struct ScriptCall<'a> {
+    operation: RedisOperation,
+    key: &'a str,
+    script: &'a LuaScript,
+    keys: &'a [&'a str],
+    args: &'a [&'a str],
+}
+
 impl LeaseBackend for RedisBackend {
     fn try_acquire(
         &self,
@@ -409,23 +438,14 @@ impl LeaseBackend for RedisBackend {
         let lock = lock_key(prefix, request.key);
         let fence = fence_key(prefix, request.key);
         let ttl = ttl_millis(request.ttl).to_string();
-        let script = &self.inner.scripts.acquire;
-        self.call(
-            RedisOperation::Acquire,
-            request.key,
-            timeout,
-            |connection, deadline| {
-                let reply = Self::eval(
-                    connection,
-                    deadline,
-                    script,
-                    &[&lock, &fence],
-                    &[request.token, &ttl],
-                )?;
-                parse_acquire(reply)
-            },
-        )
-        .map_err(|failure| failure.into_backend_error(RedisOperation::Acquire, request.key))
+        let call = ScriptCall {
+            operation: RedisOperation::Acquire,
+            key: request.key,
+            script: &self.inner.scripts.acquire,
+            keys: &[&lock, &fence],
+            args: &[request.token, &ttl],
+        };
+        self.run_script(call, timeout, parse_acquire)
     }
 
     fn renew(
@@ -435,23 +455,14 @@ impl LeaseBackend for RedisBackend {
     ) -> Result<Ownership, BackendError> {
         let lock = lock_key(&self.inner.config.key_prefix, request.key);
         let ttl = ttl_millis(request.ttl).to_string();
-        let script = &self.inner.scripts.renew;
-        self.call(
-            RedisOperation::Renew,
-            request.key,
-            timeout,
-            |connection, deadline| {
-                let reply = Self::eval(
-                    connection,
-                    deadline,
-                    script,
-                    &[&lock],
-                    &[request.token, &ttl],
-                )?;
-                parse_ownership(reply)
-            },
-        )
-        .map_err(|failure| failure.into_backend_error(RedisOperation::Renew, request.key))
+        let call = ScriptCall {
+            operation: RedisOperation::Renew,
+            key: request.key,
+            script: &self.inner.scripts.renew,
+            keys: &[&lock],
+            args: &[request.token, &ttl],
+        };
+        self.run_script(call, timeout, parse_ownership)
     }
 
     /// Sends every renewal in one pipelined round trip.
@@ -497,24 +508,14 @@ impl LeaseBackend for RedisBackend {
         timeout: Duration,
     ) -> Result<Ownership, BackendError> {
         let lock = lock_key(&self.inner.config.key_prefix, key);
-        let channel = &self.inner.channel;
-        let script = &self.inner.scripts.release;
-        self.call(
-            RedisOperation::Release,
+        let call = ScriptCall {
+            operation: RedisOperation::Release,
             key,
-            timeout,
-            |connection, deadline| {
-                let reply = Self::eval(
-                    connection,
-                    deadline,
-                    script,
-                    &[&lock],
-                    &[token, channel, key],
-                )?;
-                parse_ownership(reply)
-            },
-        )
-        .map_err(|failure| failure.into_backend_error(RedisOperation::Release, key))
+            script: &self.inner.scripts.release,
+            keys: &[&lock],
+            args: &[token, &self.inner.channel, key],
+        };
+        self.run_script(call, timeout, parse_ownership)
     }
 
     /// A watch woken when `key` is released through any backend with the same key prefix on the

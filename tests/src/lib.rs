@@ -26,10 +26,12 @@
 // the intended way to report it.
 #![allow(clippy::expect_used, clippy::unwrap_used, clippy::panic)]
 
+pub mod counting;
 pub mod fenced;
 pub mod proxy;
 pub mod server;
 
+pub use counting::CountingRun;
 pub use fenced::fenced_write;
 pub use proxy::{ProxyMode, TcpProxy};
 pub use server::{RedisServer, ServerOptions};

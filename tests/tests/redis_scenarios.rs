@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use lock_core::{LockManager, LostReason};
 use lock_redis::RedisBackend;
-use lock_tests::{fenced_write, RedisServer, ServerOptions};
+use lock_tests::{fenced_write, CountingRun, RedisServer, ServerOptions};
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 use redis::Commands;
@@ -84,42 +84,16 @@ fn processes_and_threads_lose_no_update_and_fences_follow_commit_order() {
     const ITERATIONS: usize = 60;
     let server = RedisServer::start();
     let url = server.url();
-    let children: Vec<Child> = (0..PROCESSES)
-        .map(|_| {
-            Command::new(HOLDER)
-                .args([
-                    "count",
-                    &url,
-                    &url,
-                    "shared-counter",
-                    &THREADS.to_string(),
-                    &ITERATIONS.to_string(),
-                    "counter",
-                    "fences",
-                ])
-                .stdout(Stdio::piped())
-                .stderr(Stdio::piped())
-                .spawn()
-                .expect("start lease-holder")
-        })
-        .collect();
-    for child in children {
-        let output = child.wait_with_output().unwrap();
-        assert!(
-            output.status.success(),
-            "a counting process failed: {output:?}"
-        );
-    }
-    let mut connection = server.connection();
-    let total = (PROCESSES * THREADS * ITERATIONS) as u64;
-    let counter: u64 = connection.get("counter").unwrap();
-    assert_eq!(counter, total, "lost updates");
-    let fences: Vec<u64> = connection.lrange("fences", 0, -1).unwrap();
-    assert_eq!(fences.len() as u64, total);
-    assert!(
-        fences.windows(2).all(|pair| pair[0] < pair[1]),
-        "fences are not strictly increasing in commit order"
-    );
+    let run = CountingRun {
+        holder: HOLDER,
+        locks: &url,
+        data: &url,
+        key: "shared-counter",
+        threads: THREADS,
+        iterations: ITERATIONS,
+    };
+    let children = run.spawn(PROCESSES);
+    run.check(children, &mut server.connection());
 }
 
 #[test]

@@ -3,14 +3,13 @@
 //! nodes while one dies.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // test code: a failure is a failed test
 
-use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use lock_core::conformance::ConformanceTarget;
 use lock_core::{AcquireOutcome, LeaseBackend, LeaseRequest, LockManager, LockManagerBuilder};
 use lock_redis::RedlockBackend;
-use lock_tests::{wait_until, ProxyMode, RedisServer, TcpProxy};
+use lock_tests::{wait_until, CountingRun, ProxyMode, RedisServer, TcpProxy};
 use redis::Commands;
 
 const HOLDER: &str = env!("CARGO_BIN_EXE_lease-holder");
@@ -259,44 +258,21 @@ fn processes_on_five_nodes_lose_no_update_while_one_node_dies() {
     let data = RedisServer::start();
     let locks: Vec<String> = cluster.servers.iter().map(RedisServer::url).collect();
     let locks = locks.join(",");
-    let children: Vec<_> = (0..PROCESSES)
-        .map(|_| {
-            Command::new(HOLDER)
-                .args([
-                    "count",
-                    &locks,
-                    &data.url(),
-                    "shared",
-                    &THREADS.to_string(),
-                    &ITERATIONS.to_string(),
-                    "counter",
-                    "fences",
-                ])
-                .stdout(Stdio::piped())
-                .stderr(Stdio::piped())
-                .spawn()
-                .expect("start lease-holder")
-        })
-        .collect();
+    let data_url = data.url();
+    let run = CountingRun {
+        holder: HOLDER,
+        locks: &locks,
+        data: &data_url,
+        key: "shared",
+        threads: THREADS,
+        iterations: ITERATIONS,
+    };
+    let children = run.spawn(PROCESSES);
     let total = (PROCESSES * THREADS * ITERATIONS) as u64;
     wait_until("a third of the increments", Duration::from_secs(60), || {
         let done: Option<u64> = data.connection().get("counter").unwrap();
         done.unwrap_or(0) >= total / 3
     });
     cluster.servers[3].kill();
-    for child in children {
-        let output = child.wait_with_output().unwrap();
-        assert!(
-            output.status.success(),
-            "a counting process failed: {output:?}"
-        );
-    }
-    let mut connection = data.connection();
-    let counter: u64 = connection.get("counter").unwrap();
-    assert_eq!(counter, total, "lost updates");
-    let fences: Vec<u64> = connection.lrange("fences", 0, -1).unwrap();
-    assert!(
-        fences.windows(2).all(|pair| pair[0] < pair[1]),
-        "fences out of commit order"
-    );
+    run.check(children, &mut data.connection());
 }
