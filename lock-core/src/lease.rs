@@ -24,17 +24,28 @@ pub enum LeaseStatus {
     Lost(LostReason),
 }
 
-/// An owner token: the 32 lowercase hex digits of a random (v4) UUID.
+/// An owner token: a random (v4) UUID, kept as 16 bytes and sent as its 32 hex digits.
 #[derive(Clone, Copy, PartialEq, Eq)]
-pub(crate) struct Token([u8; 32]);
+pub(crate) struct Token(u128);
+
+/// A token's text, as backends see it.
+pub(crate) struct TokenText([u8; 32]);
 
 impl Token {
     pub(crate) fn random() -> Token {
-        let mut hex = [0u8; 32];
-        uuid::Uuid::new_v4().simple().encode_lower(&mut hex);
-        Token(hex)
+        Token(uuid::Uuid::new_v4().as_u128())
     }
 
+    pub(crate) fn text(&self) -> TokenText {
+        let mut hex = [0u8; 32];
+        uuid::Uuid::from_u128(self.0)
+            .simple()
+            .encode_lower(&mut hex);
+        TokenText(hex)
+    }
+}
+
+impl TokenText {
     pub(crate) fn as_str(&self) -> &str {
         // Always valid: `encode_lower` writes ASCII hex digits only.
         std::str::from_utf8(&self.0).unwrap_or_default()
@@ -405,10 +416,10 @@ impl Lease {
         // Untrack before the delete: the renewer drops the lease, and a renewal already in flight
         // cannot revive the key, because renewals only extend a key that holds our token.
         manager.untrack(self.shared.id);
-        let outcome =
-            manager
-                .backend
-                .release(&self.shared.key, self.shared.token.as_str(), Duration::MAX);
+        let token = self.shared.token.text();
+        let outcome = manager
+            .backend
+            .release(&self.shared.key, token.as_str(), Duration::MAX);
         manager.hook.on_event(&LeaseEvent::Released {
             key: &self.shared.key,
             fence: self.shared.fence,

@@ -52,8 +52,8 @@
 //!
 //! # Conformance
 //!
-//! With the `conformance` feature, [`conformance`](crate::conformance) holds one check per
-//! point of the [`LeaseBackend`] contract, and [`conformance_tests!`] stamps them as tests.
+//! With the `conformance` feature, the `conformance` module holds one check per point of the
+//! [`LeaseBackend`] contract, and the `conformance_tests!` macro stamps them as tests.
 //!
 //! # Threads
 //!

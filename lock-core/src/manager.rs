@@ -362,9 +362,10 @@ impl LockManager {
         timeout: Duration,
     ) -> Result<Attempt, Error> {
         let shared = &self.shared;
+        let text = token.text();
         let request = LeaseRequest {
             key,
-            token: token.as_str(),
+            token: text.as_str(),
             ttl,
         };
         let sent_at = shared.clock.now();
@@ -376,7 +377,7 @@ impl LockManager {
         let valid_until = saturating_add(sent_at, validity(ttl).unwrap_or(Duration::ZERO));
         if shared.clock.now() >= valid_until {
             // The answer came too late to leave any validity: give the key back.
-            let _ = shared.backend.release(key, token.as_str(), timeout);
+            let _ = shared.backend.release(key, text.as_str(), timeout);
             return Err(Error::Backend(BackendError::transient(
                 "the backend answered after the whole validity of the lease had passed",
             )));

@@ -12,7 +12,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
 
 use crate::event::{EventHook, LeaseEvent};
-use crate::lease::LeaseShared;
+use crate::lease::{LeaseShared, TokenText};
 use crate::schedule::{AfterFailure, Schedule};
 use crate::{BackendError, Clock, LeaseBackend, LeaseRequest, LostReason, Ownership};
 
@@ -189,12 +189,18 @@ impl Renewer {
                 .map(|(_, _, valid_until)| valid_until.saturating_duration_since(now))
                 .min()
                 .unwrap_or(Duration::ZERO);
+            let tokens: Vec<TokenText> = due
+                .renew
+                .iter()
+                .map(|(_, lease, _)| lease.token.text())
+                .collect();
             let requests: Vec<LeaseRequest<'_>> = due
                 .renew
                 .iter()
-                .map(|(_, lease, _)| LeaseRequest {
+                .zip(&tokens)
+                .map(|((_, lease, _), token)| LeaseRequest {
                     key: &lease.key,
-                    token: lease.token.as_str(),
+                    token: token.as_str(),
                     ttl: lease.ttl,
                 })
                 .collect();

@@ -67,12 +67,16 @@ impl Registry {
         ReleaseWatch::new(receiver, registration)
     }
 
-    /// Wakes the waiters of `key`.
+    /// Wakes the longest-waiting live waiter of `key`: one release frees the key for one
+    /// holder, and waking every waiter would only make them race for it. A waiter that fails
+    /// registers again at the back; the others keep their backoff as a fallback.
     fn notify(&self, key: &str) {
         if let Some(senders) = self.waiters.lock().get(key) {
+            // Skips waiters already woken (a full channel): each release wakes one more.
             for (_, sender) in senders {
-                // Full: a wake-up is already pending, which is as good.
-                let _ = sender.try_send(());
+                if sender.try_send(()).is_ok() {
+                    return;
+                }
             }
         }
     }

@@ -293,22 +293,29 @@ impl LeaseBackend for NoWakeups {
 }
 
 /// Threads looping on one key: acquire, hold 1 ms, release, 5 ms of work outside. Returns the
-/// gaps from the start of each release to the next acquire.
+/// gaps from the start of each release to the next acquire, counting only releases that found a
+/// thread already waiting (the others measure the work outside, not the hand-off).
 fn handoff_gaps(manager: &LockManager, threads: usize, rounds: usize, key: &str) -> Vec<Duration> {
+    let waiting = AtomicU64::new(0);
     let last_release: Mutex<Option<Instant>> = Mutex::new(None);
     let gaps: Mutex<Vec<Duration>> = Mutex::new(Vec::new());
     std::thread::scope(|scope| {
         for _ in 0..threads {
             scope.spawn(|| {
                 for _ in 0..rounds {
+                    waiting.fetch_add(1, Ordering::SeqCst);
                     let lease = manager
                         .acquire_timeout(key, TTL, Duration::from_secs(60))
                         .unwrap();
+                    waiting.fetch_sub(1, Ordering::SeqCst);
                     if let Some(released) = last_release.lock().take() {
                         gaps.lock().push(released.elapsed());
                     }
                     std::thread::sleep(Duration::from_millis(1));
-                    *last_release.lock() = Some(Instant::now());
+                    // A hand-off only if someone already waits as the release starts.
+                    if waiting.load(Ordering::SeqCst) > 0 {
+                        *last_release.lock() = Some(Instant::now());
+                    }
                     lease.release().unwrap();
                     std::thread::sleep(Duration::from_millis(5));
                 }
