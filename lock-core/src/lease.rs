@@ -75,7 +75,9 @@ pub(crate) struct LeaseShared {
     pub(crate) key: Box<str>,
     pub(crate) token: Token,
     pub(crate) fence: u64,
-    pub(crate) ttl: Duration,
+    /// The TTL in nanoseconds (8 bytes rather than a `Duration`'s 16: leases come by the
+    /// hundred thousand). [`MAX_TTL`](crate::MAX_TTL) fits many times over.
+    ttl_nanos: u64,
     state: Mutex<LeaseState>,
 }
 
@@ -102,13 +104,17 @@ impl LeaseShared {
             key: key.into(),
             token,
             fence,
-            ttl,
+            ttl_nanos: u64::try_from(ttl.as_nanos()).unwrap_or(u64::MAX),
             state: Mutex::new(LeaseState {
                 valid_until,
                 phase: Phase::Held,
                 lost_channel: None,
             }),
         }
+    }
+
+    pub(crate) fn ttl(&self) -> Duration {
+        Duration::from_nanos(self.ttl_nanos)
     }
 
     pub(crate) fn valid_until(&self) -> Instant {
@@ -290,7 +296,7 @@ impl fmt::Debug for Lease {
         f.debug_struct("Lease")
             .field("key", &self.key())
             .field("fence", &self.fence())
-            .field("ttl", &self.shared.ttl)
+            .field("ttl", &self.shared.ttl())
             .field("valid_until", &self.valid_until())
             .finish_non_exhaustive()
     }
@@ -321,7 +327,7 @@ impl Lease {
 
     /// The TTL the lease is renewed with.
     pub fn ttl(&self) -> Duration {
-        self.shared.ttl
+        self.shared.ttl()
     }
 
     /// Until when the lease is trusted, on the manager's clock: the instant before the last

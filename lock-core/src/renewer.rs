@@ -152,7 +152,7 @@ impl Renewer {
             for command in inbox.commands.try_iter() {
                 match command {
                     Command::Track { lease, sent_at } => {
-                        let (id, ttl) = (lease.id, lease.ttl);
+                        let (id, ttl) = (lease.id, lease.ttl());
                         self.schedule.track(id, lease, ttl, sent_at);
                     }
                     Command::Untrack(id) => {
@@ -201,7 +201,7 @@ impl Renewer {
                 .map(|((_, lease, _), token)| LeaseRequest {
                     key: &lease.key,
                     token: token.as_str(),
-                    ttl: lease.ttl,
+                    ttl: lease.ttl(),
                 })
                 .collect();
             let mut results = self.backend.renew_batch(&requests, timeout).into_iter();
