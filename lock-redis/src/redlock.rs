@@ -261,9 +261,12 @@ impl Job {
 ///     .drift_factor(0.02)
 ///     .build()?;
 /// # drop(redlock);
+///
+/// // Passwords are redacted from `Debug`, here as everywhere.
+/// let builder = RedlockBackend::builder(&["redis://:hunter2@127.0.0.1:7001"]);
+/// assert!(!format!("{builder:?}").contains("hunter2"));
 /// # Ok::<(), lock_redis::RedisBackendError>(())
 /// ```
-#[derive(Debug)]
 #[must_use = "a builder does nothing until `build` is called"]
 pub struct RedlockBuilder {
     urls: Vec<String>,
@@ -271,6 +274,19 @@ pub struct RedlockBuilder {
     drift_factor: f64,
     workers_per_node: usize,
     key_prefix: Option<String>,
+}
+
+impl fmt::Debug for RedlockBuilder {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let urls: Vec<String> = self.urls.iter().map(|url| crate::redact_url(url)).collect();
+        f.debug_struct("RedlockBuilder")
+            .field("urls", &urls)
+            .field("node_timeout", &self.node_timeout)
+            .field("drift_factor", &self.drift_factor)
+            .field("workers_per_node", &self.workers_per_node)
+            .field("key_prefix", &self.key_prefix)
+            .finish()
+    }
 }
 
 impl RedlockBuilder {
