@@ -366,3 +366,15 @@ fn the_last_handle_stops_and_joins_the_renewer() {
         "joined when the last handle went"
     );
 }
+
+#[test]
+fn public_types_cross_threads() {
+    fn send_sync<T: Send + Sync + 'static>() {}
+    fn error<T: std::error::Error + Send + Sync + 'static>() {}
+    send_sync::<LockManager>();
+    send_sync::<MemoryBackend>();
+    send_sync::<lock_core::Lease>();
+    error::<lock_core::Error>();
+    error::<lock_core::BackendError>();
+    let _object_safe: Arc<dyn lock_core::LeaseBackend> = Arc::new(MemoryBackend::new());
+}

@@ -776,3 +776,57 @@ impl RedlockBackend {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn redlock_is_send_sync_and_object_safe() {
+        fn send_sync<T: Send + Sync + 'static>() {}
+        send_sync::<RedlockBackend>();
+        let redlock = RedlockBackend::connect(&["redis://127.0.0.1:1"]).unwrap();
+        let _shared: Arc<dyn LeaseBackend> = Arc::new(redlock);
+    }
+
+    #[test]
+    fn bad_settings_are_typed_errors() {
+        let urls = [
+            "redis://127.0.0.1:1",
+            "redis://127.0.0.1:2",
+            "redis://127.0.0.1:3",
+        ];
+        assert!(RedlockBackend::connect(&[]).is_err());
+        assert!(RedlockBackend::builder(&urls)
+            .drift_factor(0.7)
+            .build()
+            .is_err());
+        assert!(RedlockBackend::builder(&urls)
+            .workers_per_node(0)
+            .build()
+            .is_err());
+        assert!(RedlockBackend::builder(&urls)
+            .node_timeout(Duration::ZERO)
+            .build()
+            .is_err());
+        assert!(RedlockBackend::connect(&["http://nope"]).is_err());
+    }
+
+    #[test]
+    fn tally_decides_by_majority() {
+        let owned: Result<Ownership, BackendError> = Ok(Ownership::Owned);
+        let gone: Result<Ownership, BackendError> = Ok(Ownership::NotOwned);
+        let failed: Result<Ownership, BackendError> = Err(BackendError::transient("down"));
+        let tally = |answers: &[Option<&Result<Ownership, BackendError>>]| {
+            Tally::of(answers.iter().copied()).verdict(5, 3)
+        };
+        let (o, g, f) = (Some(&owned), Some(&gone), Some(&failed));
+        assert_eq!(tally(&[o, o, o, f, None]), Some(Ownership::Owned));
+        assert_eq!(tally(&[g, g, g, o, o]), Some(Ownership::NotOwned));
+        assert_eq!(
+            tally(&[o, o, g, f, None]),
+            None,
+            "undecided: a retry may still reach a majority"
+        );
+    }
+}
