@@ -67,7 +67,8 @@ pub enum LeaseEvent<'a> {
 ///
 /// Called synchronously on the thread where the event happens (the renewer thread for renewals
 /// and most losses, the caller's thread otherwise), never while a lock of the manager is held. It
-/// must be quick and must not block. Closures implement it:
+/// must be quick and must not block. A hook that panics is caught and logged with `tracing`: it
+/// can neither stop the renewer nor unwind into a `Lease`'s drop. Closures implement it:
 ///
 /// ```
 /// use std::sync::atomic::{AtomicUsize, Ordering};
@@ -136,6 +137,21 @@ impl EventHook for TracingHook {
                 tracing::warn!(key, fence, %reason, "lease lost")
             }
             LeaseEvent::Released { key, fence } => tracing::debug!(key, fence, "lease released"),
+        }
+    }
+}
+
+/// The manager's wrapper around the user's hook: a panic in the hook is caught and logged.
+pub(crate) struct GuardedHook(pub(crate) Box<dyn EventHook>);
+
+impl EventHook for GuardedHook {
+    fn on_event(&self, event: &LeaseEvent<'_>) {
+        let call = std::panic::AssertUnwindSafe(|| self.0.on_event(event));
+        if std::panic::catch_unwind(call).is_err() {
+            tracing::error!(
+                ?event,
+                "the lease event hook panicked; the event was dropped"
+            );
         }
     }
 }

@@ -9,7 +9,7 @@ use std::time::Duration;
 use parking_lot::Mutex;
 
 use crate::clock::saturating_add;
-use crate::event::{EventHook, LeaseEvent, NoopHook};
+use crate::event::{EventHook, GuardedHook, LeaseEvent, NoopHook};
 use crate::lease::{LeaseShared, Token};
 use crate::renewer::{Command, Mailbox, Renewer, Wake};
 use crate::retry::RetryPolicy;
@@ -148,7 +148,7 @@ impl LockManagerBuilder {
     /// Where lease events go. Default: [`NoopHook`]; [`TracingHook`](crate::TracingHook) logs
     /// them.
     pub fn event_hook(mut self, hook: impl EventHook) -> Self {
-        self.hook = Arc::new(hook);
+        self.hook = Arc::new(GuardedHook(Box::new(hook)));
         self
     }
 

@@ -378,3 +378,32 @@ fn public_types_cross_threads() {
     error::<lock_core::BackendError>();
     let _object_safe: Arc<dyn lock_core::LeaseBackend> = Arc::new(MemoryBackend::new());
 }
+
+#[test]
+fn a_panicking_hook_stops_neither_renewal_nor_loss_reports() {
+    let clock = ManualClock::new();
+    let backend = MemoryBackend::with_clock(clock.clone());
+    let manager = LockManager::builder(backend.clone())
+        .clock(clock.clone())
+        .event_hook(|event: &LeaseEvent<'_>| {
+            if !matches!(event, LeaseEvent::Acquired { .. }) {
+                panic!("a buggy hook");
+            }
+        })
+        .build()
+        .unwrap();
+    let lease = manager.acquire("a", TTL).unwrap();
+    for _ in 0..9 {
+        clock.advance(TTL / 4);
+        manager.settle();
+    }
+    assert!(
+        lease.is_held(),
+        "the renewer kept renewing through the hook's panics"
+    );
+    backend.revoke("a");
+    clock.advance(TTL / 3);
+    manager.settle();
+    assert!(matches!(lease.lost().try_recv(), Ok(LostReason::TakenOver)));
+    drop(lease); // the Released event panics in the hook: caught, not an abort
+}
