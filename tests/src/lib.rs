@@ -1,6 +1,6 @@
 //! Test harness for the lease workspace: real `redis-server` processes and fault injection.
 //!
-//! Integration tests in this crate (and the cross-backend scenarios) use three tools:
+//! Integration tests in this crate (and the cross-backend scenarios) use these tools:
 //!
 //! - [`RedisServer`] starts a private `redis-server` on a free port of `127.0.0.1`, with its own
 //!   temporary directory, waits until it answers, and can pause (`SIGSTOP`), resume (`SIGCONT`),
@@ -9,6 +9,9 @@
 //! - [`TcpProxy`] sits between a client and a server and can pass, delay, blackhole or reset the
 //!   traffic ([`ProxyMode`]), for existing and new connections alike.
 //! - [`wait_until`] polls a condition with a deadline, so tests never rely on fixed sleeps.
+//! - The `lease-holder` binary of this crate is a separate process that holds a lease (to be
+//!   paused with `SIGSTOP` as a *holder*) or races on a counter; [`CountingRun`] starts and
+//!   checks such races, and [`fenced_write`] is the fenced store they write to.
 //!
 //! A missing `redis-server` binary is a test failure with the command that installs it, never a
 //! silent skip.
