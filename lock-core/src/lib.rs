@@ -70,6 +70,7 @@ mod manager;
 mod renewer;
 mod retry;
 mod schedule;
+mod waiters;
 
 #[cfg(feature = "conformance")]
 pub mod conformance;
@@ -81,6 +82,7 @@ pub use event::{EventHook, LeaseEvent, NoopHook, TracingHook};
 pub use lease::{Lease, LeaseStatus};
 pub use manager::{LockManager, LockManagerBuilder, RENEWER_THREAD_NAME};
 pub use retry::RetryPolicy;
+pub use waiters::{ReleaseWaiters, WeakReleaseWaiters};
 
 /// The longest TTL a lease may have: 365 days. Redis counts TTLs in milliseconds; a year keeps
 /// every deadline far from overflow on any backend.

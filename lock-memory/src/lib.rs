@@ -42,13 +42,13 @@
 
 use std::collections::HashMap;
 use std::fmt;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Weak};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crossbeam_channel::Sender;
 use lock_core::{
-    AcquireOutcome, BackendError, Clock, LeaseBackend, LeaseRequest, Ownership, ReleaseWatch,
+    AcquireOutcome, BackendError, Clock, LeaseBackend, LeaseRequest, Ownership, ReleaseWaiters,
+    ReleaseWatch,
 };
 use parking_lot::Mutex;
 
@@ -66,7 +66,7 @@ struct Store {
     clock: Clock,
     keys: Mutex<HashMap<Box<str>, KeyState>>,
     unreachable: AtomicBool,
-    next_waiter: AtomicU64,
+    waiters: ReleaseWaiters,
 }
 
 #[derive(Default)]
@@ -76,7 +76,6 @@ struct KeyState {
     /// The holder's token; meaningful while `expires_at` is set and in the future.
     token: String,
     expires_at: Option<Instant>,
-    waiters: Vec<(u64, Sender<()>)>,
 }
 
 impl KeyState {
@@ -92,9 +91,6 @@ impl KeyState {
 
     fn clear(&mut self) {
         self.expires_at = None;
-        for (_, waiter) in self.waiters.drain(..) {
-            let _ = waiter.try_send(());
-        }
     }
 }
 
@@ -148,6 +144,8 @@ impl MemoryBackend {
         match keys.get_mut(key) {
             Some(state) if state.holder(now).is_some() => {
                 state.clear();
+                drop(keys);
+                self.store.waiters.wake_one(key);
                 true
             }
             _ => false,
@@ -191,11 +189,7 @@ impl MemoryBackend {
     /// assert_eq!(MemoryBackend::new().waiting("k"), 0);
     /// ```
     pub fn waiting(&self, key: &str) -> usize {
-        self.store
-            .keys
-            .lock()
-            .get(key)
-            .map_or(0, |state| state.waiters.len())
+        self.store.waiters.waiting(key)
     }
 
     fn check_reachable(&self) -> Result<(), BackendError> {
@@ -206,8 +200,10 @@ impl MemoryBackend {
         }
     }
 
+    /// When a lease taken now for `ttl` expires. TTLs beyond [`MAX_TTL`](lock_core::MAX_TTL)
+    /// (which the manager refuses) are held for `MAX_TTL`, so the addition cannot overflow.
     fn expiry(&self, now: Instant, ttl: Duration) -> Instant {
-        now.checked_add(ttl).unwrap_or(now)
+        now.checked_add(ttl.min(lock_core::MAX_TTL)).unwrap_or(now)
     }
 }
 
@@ -287,6 +283,8 @@ impl LeaseBackend for MemoryBackend {
         match keys.get_mut(key) {
             Some(state) if state.owned_by(token, now) => {
                 state.clear();
+                drop(keys);
+                self.store.waiters.wake_one(key);
                 Ok(Ownership::Owned)
             }
             _ => Ok(Ownership::NotOwned),
@@ -294,39 +292,7 @@ impl LeaseBackend for MemoryBackend {
     }
 
     fn watch_release(&self, key: &str) -> Option<ReleaseWatch> {
-        let id = self.store.next_waiter.fetch_add(1, Ordering::Relaxed);
-        let (sender, receiver) = crossbeam_channel::bounded(1);
-        {
-            let mut keys = self.store.keys.lock();
-            let state = match keys.get_mut(key) {
-                Some(state) => state,
-                None => keys.entry(key.into()).or_default(),
-            };
-            state.waiters.push((id, sender));
-        }
-        let registration = Registration {
-            store: Arc::downgrade(&self.store),
-            key: key.into(),
-            id,
-        };
-        Some(ReleaseWatch::new(receiver, registration))
-    }
-}
-
-/// Removes a waiter from its key when its [`ReleaseWatch`] is dropped.
-struct Registration {
-    store: Weak<Store>,
-    key: Box<str>,
-    id: u64,
-}
-
-impl Drop for Registration {
-    fn drop(&mut self) {
-        if let Some(store) = self.store.upgrade() {
-            if let Some(state) = store.keys.lock().get_mut(&self.key) {
-                state.waiters.retain(|(id, _)| *id != self.id);
-            }
-        }
+        Some(self.store.waiters.register(key))
     }
 }
 
@@ -365,13 +331,14 @@ mod tests {
         let watch = backend.watch_release("k").unwrap();
         let dropped = backend.watch_release("k").unwrap();
         drop(dropped);
-        assert_eq!(backend.store.keys.lock()["k"].waiters.len(), 1);
+        assert_eq!(backend.waiting("k"), 1);
         backend.release("k", "a", TTL).unwrap();
         assert!(
             watch.receiver().try_recv().is_ok(),
             "the waiter was not woken"
         );
-        assert!(backend.store.keys.lock()["k"].waiters.is_empty());
+        drop(watch);
+        assert_eq!(backend.waiting("k"), 0);
     }
 
     #[test]

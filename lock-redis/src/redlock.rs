@@ -11,6 +11,7 @@ use lock_core::{
 };
 use parking_lot::Mutex;
 
+use crate::pool::Deadline;
 use crate::{RedisBackend, RedisBackendError};
 
 /// Defaults of [`RedlockBuilder`], in one place.
@@ -140,16 +141,13 @@ impl Cleanup {
     }
 }
 
-/// What is left until `deadline`; `None` once it has passed.
-fn time_left(deadline: Instant) -> Option<Duration> {
-    Some(deadline.saturating_duration_since(Instant::now())).filter(|left| !left.is_zero())
-}
-
-/// `timeout` from now. Node timeouts are at most an hour (the builder checks), so this cannot
-/// overflow; if it did, the job would find its deadline passed and be dropped.
-fn deadline_after(timeout: Duration) -> Instant {
-    let now = Instant::now();
-    now.checked_add(timeout).unwrap_or(now)
+/// What is left of a job's deadline (`Duration::MAX`: no limit); `None` once it has passed.
+fn time_left(deadline: &Deadline) -> Option<Duration> {
+    match deadline.remaining() {
+        Some(left) if left.is_zero() => None,
+        Some(left) => Some(left),
+        None => Some(Duration::MAX),
+    }
 }
 
 /// A renewal request owned by a job: key, token and TTL.
@@ -162,12 +160,12 @@ enum Job {
         token: Arc<str>,
         ttl: Duration,
         /// The caller stops listening then: a job still queued at that time is dropped.
-        deadline: Instant,
+        deadline: Deadline,
         reply: Sender<(usize, Result<AcquireOutcome, BackendError>)>,
     },
     Renew {
         batch: Arc<[OwnedRequest]>,
-        deadline: Instant,
+        deadline: Deadline,
         reply: Sender<(usize, Vec<Result<Ownership, BackendError>>)>,
     },
     Release {
@@ -196,7 +194,7 @@ impl Job {
                 deadline,
                 reply,
             } => {
-                let Some(timeout) = time_left(deadline) else {
+                let Some(timeout) = time_left(&deadline) else {
                     return;
                 };
                 let request = LeaseRequest {
@@ -211,7 +209,7 @@ impl Job {
                 deadline,
                 reply,
             } => {
-                let Some(timeout) = time_left(deadline) else {
+                let Some(timeout) = time_left(&deadline) else {
                     return;
                 };
                 let requests: Vec<LeaseRequest<'_>> = batch
@@ -633,7 +631,7 @@ impl LeaseBackend for RedlockBackend {
                 key: key.clone(),
                 token: token.clone(),
                 ttl: request.ttl,
-                deadline: deadline_after(node_timeout),
+                deadline: Deadline::after(node_timeout),
                 reply,
             },
             |answers| {
@@ -715,7 +713,7 @@ impl LeaseBackend for RedlockBackend {
             node_timeout.saturating_add(REPLY_GRACE),
             |reply| Job::Renew {
                 batch: batch.clone(),
-                deadline: deadline_after(node_timeout),
+                deadline: Deadline::after(node_timeout),
                 reply,
             },
             |answers| {

@@ -3,25 +3,22 @@
 //!
 //! The subscriber is a named thread started by the first [`Subscriber::watch`]. It has its own
 //! connection (not one of the pool's), `SUBSCRIBE`d to `<prefix>released`, on which
-//! `release.lua` publishes the user key of every release. Each message wakes the receivers
-//! registered for that key. When the connection dies, the thread reconnects with capped
+//! `release.lua` publishes the user key of every release. Each message wakes the longest-waiting
+//! receiver registered for that key. When the connection dies, the thread reconnects with capped
 //! exponential backoff, and on every (re)connection wakes every registered waiter once, since
 //! releases may have been missed meanwhile; waiters fall back on the manager's backoff until
 //! then.
 //!
-//! The thread holds only a [`Weak`] reference to the registry. It stops when the backend is
+//! The thread holds only a weak handle ([`WeakReleaseWaiters`]) to the registry. It stops when the backend is
 //! dropped: the backend drops the shutdown sender, and the thread notices within one poll
 //! interval (or at once, when it is sleeping between reconnections).
 
-use std::collections::HashMap;
 use std::fmt;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Weak};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender, TryRecvError};
-use lock_core::ReleaseWatch;
+use lock_core::{ReleaseWaiters, ReleaseWatch, WeakReleaseWaiters};
 use parking_lot::Mutex;
 use redis::{PubSub, RedisError, Value};
 
@@ -39,83 +36,6 @@ const RECONNECT_BACKOFF: (Duration, Duration) =
 /// How long dropping the backend waits for the thread to finish before leaving it to end on
 /// its own (it holds nothing but weak references, so it cannot keep the backend alive).
 const SHUTDOWN_GRACE: Duration = Duration::from_millis(500);
-
-/// One registered waiter: its registration id and where to wake it.
-type Waiter = (u64, Sender<()>);
-
-/// The waiters, by user key.
-#[derive(Default)]
-struct Registry {
-    waiters: Mutex<HashMap<String, Vec<Waiter>>>,
-    next_id: AtomicU64,
-}
-
-impl Registry {
-    fn register(self: &Arc<Self>, key: &str) -> ReleaseWatch {
-        let (sender, receiver) = crossbeam_channel::bounded(1);
-        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
-        self.waiters
-            .lock()
-            .entry(key.to_owned())
-            .or_default()
-            .push((id, sender));
-        let registration = Registration {
-            registry: Arc::downgrade(self),
-            key: key.to_owned(),
-            id,
-        };
-        ReleaseWatch::new(receiver, registration)
-    }
-
-    /// Wakes the longest-waiting live waiter of `key`: one release frees the key for one
-    /// holder, and waking every waiter would only make them race for it. A waiter that fails
-    /// registers again at the back; the others keep their backoff as a fallback.
-    fn notify(&self, key: &str) {
-        if let Some(senders) = self.waiters.lock().get(key) {
-            // Skips waiters already woken (a full channel): each release wakes one more.
-            for (_, sender) in senders {
-                if sender.try_send(()).is_ok() {
-                    return;
-                }
-            }
-        }
-    }
-
-    /// Wakes every waiter.
-    fn notify_all(&self) {
-        for senders in self.waiters.lock().values() {
-            for (_, sender) in senders {
-                let _ = sender.try_send(());
-            }
-        }
-    }
-
-    fn waiter_count(&self) -> usize {
-        self.waiters.lock().values().map(Vec::len).sum()
-    }
-}
-
-/// Unregisters a waiter when its [`ReleaseWatch`] is dropped.
-struct Registration {
-    registry: Weak<Registry>,
-    key: String,
-    id: u64,
-}
-
-impl Drop for Registration {
-    fn drop(&mut self) {
-        let Some(registry) = self.registry.upgrade() else {
-            return;
-        };
-        let mut waiters = registry.waiters.lock();
-        if let Some(senders) = waiters.get_mut(&self.key) {
-            senders.retain(|(id, _)| *id != self.id);
-            if senders.is_empty() {
-                waiters.remove(&self.key);
-            }
-        }
-    }
-}
 
 /// What the subscriber thread needs to (re)connect.
 #[derive(Clone)]
@@ -139,7 +59,7 @@ struct SubscriberThread {
 
 /// The shared subscriber of one backend: its registry of waiters and its lazily started thread.
 pub(crate) struct Subscriber {
-    registry: Arc<Registry>,
+    registry: ReleaseWaiters,
     settings: SubscriberSettings,
     thread: Mutex<Option<SubscriberThread>>,
 }
@@ -149,7 +69,7 @@ impl fmt::Debug for Subscriber {
         f.debug_struct("Subscriber")
             .field("channel", &self.settings.channel)
             .field("started", &self.thread.lock().is_some())
-            .field("waiters", &self.registry.waiter_count())
+            .field("waiters", &self.registry.len())
             .finish()
     }
 }
@@ -157,7 +77,7 @@ impl fmt::Debug for Subscriber {
 impl Subscriber {
     pub(crate) fn new(settings: SubscriberSettings) -> Subscriber {
         Subscriber {
-            registry: Arc::default(),
+            registry: ReleaseWaiters::new(),
             settings,
             thread: Mutex::new(None),
         }
@@ -183,7 +103,7 @@ impl Subscriber {
         }
         let (shutdown, shutdown_rx) = crossbeam_channel::bounded::<()>(0);
         let (finished_tx, finished) = crossbeam_channel::bounded::<()>(0);
-        let registry = Arc::downgrade(&self.registry);
+        let registry = self.registry.downgrade();
         let settings = self.settings.clone();
         let spawned = std::thread::Builder::new()
             .name("lock-redis-subscriber".to_owned())
@@ -233,7 +153,7 @@ enum Left {
 }
 
 /// The thread's loop: connect, subscribe, dispatch; reconnect with backoff when that fails.
-fn run(settings: &SubscriberSettings, registry: &Weak<Registry>, shutdown: &Receiver<()>) {
+fn run(settings: &SubscriberSettings, registry: &WeakReleaseWaiters, shutdown: &Receiver<()>) {
     let mut backoff = Backoff::new(RECONNECT_BACKOFF.0, RECONNECT_BACKOFF.1);
     let mut failures = 0_u32;
     loop {
@@ -252,7 +172,7 @@ fn run(settings: &SubscriberSettings, registry: &Weak<Registry>, shutdown: &Rece
                         backoff.reset();
                         // Releases may have been published while nobody listened.
                         if let Some(registry) = registry.upgrade() {
-                            registry.notify_all();
+                            registry.wake_all();
                         }
                         listen(&mut pubsub, settings, registry, shutdown)
                     }
@@ -280,8 +200,8 @@ fn run(settings: &SubscriberSettings, registry: &Weak<Registry>, shutdown: &Rece
 }
 
 /// True when the backend is gone.
-fn should_stop(registry: &Weak<Registry>, shutdown: &Receiver<()>) -> bool {
-    registry.strong_count() == 0 || !matches!(shutdown.try_recv(), Err(TryRecvError::Empty))
+fn should_stop(registry: &WeakReleaseWaiters, shutdown: &Receiver<()>) -> bool {
+    registry.upgrade().is_none() || !matches!(shutdown.try_recv(), Err(TryRecvError::Empty))
 }
 
 /// A dedicated connection (not one of the pool's), with bounded reads and writes.
@@ -298,7 +218,7 @@ fn connect(settings: &SubscriberSettings) -> Result<redis::Connection, RedisErro
 fn listen(
     pubsub: &mut PubSub<'_>,
     settings: &SubscriberSettings,
-    registry: &Weak<Registry>,
+    registry: &WeakReleaseWaiters,
     shutdown: &Receiver<()>,
 ) -> Left {
     if let Err(error) = pubsub.set_read_timeout(Some(POLL_INTERVAL)) {
@@ -319,7 +239,7 @@ fn listen(
                     continue;
                 };
                 match registry.upgrade() {
-                    Some(registry) => registry.notify(key),
+                    Some(registry) => registry.wake_one(key),
                     None => return Left::Shutdown,
                 }
             }
@@ -375,41 +295,6 @@ impl Backoff {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn registrations_route_wakeups_by_key_and_unregister_on_drop() {
-        let registry = Arc::new(Registry::default());
-        let a = registry.register("a");
-        let a2 = registry.register("a");
-        let b = registry.register("b");
-        assert_eq!(registry.waiter_count(), 3);
-
-        registry.notify("a");
-        registry.notify("a");
-        assert_eq!(a.receiver().try_recv(), Ok(()));
-        assert!(a.receiver().try_recv().is_err(), "wake-ups coalesce");
-        assert_eq!(a2.receiver().try_recv(), Ok(()));
-        assert!(b.receiver().try_recv().is_err());
-
-        registry.notify_all();
-        assert_eq!(b.receiver().try_recv(), Ok(()));
-
-        drop(a);
-        drop(a2);
-        assert_eq!(registry.waiter_count(), 1);
-        assert!(!registry.waiters.lock().contains_key("a"));
-        drop(b);
-        assert!(registry.waiters.lock().is_empty());
-    }
-
-    #[test]
-    fn a_watch_outliving_its_registry_drops_quietly() {
-        let registry = Arc::new(Registry::default());
-        let watch = registry.register("a");
-        drop(registry);
-        assert!(watch.receiver().try_recv().is_err());
-        drop(watch);
-    }
 
     #[test]
     fn backoff_doubles_up_to_its_cap() {
