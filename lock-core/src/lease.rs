@@ -9,6 +9,7 @@ use parking_lot::Mutex;
 
 use crate::event::{EventHook, LeaseEvent};
 use crate::manager::ManagerShared;
+use crate::schedule::{Scheduled, Slot};
 use crate::{Error, LostReason, Ownership};
 
 /// What a holder can currently trust about its lease.
@@ -24,21 +25,24 @@ pub enum LeaseStatus {
     Lost(LostReason),
 }
 
-/// An owner token: a random (v4) UUID, kept as 16 bytes and sent as its 32 hex digits.
+/// An owner token: a random (v4) UUID, kept as 16 bytes and sent as its 32 hex digits. Two
+/// `u64` halves rather than a `u128`, whose 16-byte alignment would pad every lease.
 #[derive(Clone, Copy, PartialEq, Eq)]
-pub(crate) struct Token(u128);
+pub(crate) struct Token([u64; 2]);
 
 /// A token's text, as backends see it.
 pub(crate) struct TokenText([u8; 32]);
 
 impl Token {
     pub(crate) fn random() -> Token {
-        Token(uuid::Uuid::new_v4().as_u128())
+        let (high, low) = uuid::Uuid::new_v4().as_u64_pair();
+        Token([high, low])
     }
 
     pub(crate) fn text(&self) -> TokenText {
         let mut hex = [0u8; 32];
-        uuid::Uuid::from_u128(self.0)
+        let [high, low] = self.0;
+        uuid::Uuid::from_u64_pair(high, low)
             .simple()
             .encode_lower(&mut hex);
         TokenText(hex)
@@ -78,7 +82,31 @@ pub(crate) struct LeaseShared {
     /// The TTL in nanoseconds (8 bytes rather than a `Duration`'s 16: leases come by the
     /// hundred thousand). [`MAX_TTL`](crate::MAX_TTL) fits many times over.
     ttl_nanos: u64,
+    /// The lease's place on the renewer's schedule.
+    slot: Slot,
     state: Mutex<LeaseState>,
+}
+
+impl Scheduled for Arc<LeaseShared> {
+    fn id(&self) -> u64 {
+        self.id
+    }
+
+    fn ttl(&self) -> Duration {
+        LeaseShared::ttl(self)
+    }
+
+    fn slot(&self) -> &Slot {
+        &self.slot
+    }
+}
+
+/// What a lease was when its guard released it.
+enum BeforeRelease {
+    Held,
+    Lost(LostReason),
+    /// Released already: nothing left to do.
+    Released,
 }
 
 /// What the caller of a state change must report after the lock is dropped.
@@ -105,6 +133,7 @@ impl LeaseShared {
             token,
             fence,
             ttl_nanos: u64::try_from(ttl.as_nanos()).unwrap_or(u64::MAX),
+            slot: Slot::new(),
             state: Mutex::new(LeaseState {
                 valid_until,
                 phase: Phase::Held,
@@ -211,19 +240,20 @@ impl LeaseShared {
         self.report(report, hook);
     }
 
-    /// Marks the lease released; returns why it had been lost, if it had.
-    fn mark_released(&self, now: Instant, hook: &dyn EventHook) -> Option<LostReason> {
-        let (report, lost) = {
+    /// Marks the lease released; returns what it was until then.
+    fn mark_released(&self, now: Instant, hook: &dyn EventHook) -> BeforeRelease {
+        let (report, before) = {
             let mut state = self.state.lock();
             let report = Self::check_expiry_locked(&mut state, now);
-            let lost = match std::mem::replace(&mut state.phase, Phase::Released) {
-                Phase::Lost(reason) => Some(reason),
-                Phase::Held | Phase::Suspect | Phase::Released => None,
+            let before = match std::mem::replace(&mut state.phase, Phase::Released) {
+                Phase::Held | Phase::Suspect => BeforeRelease::Held,
+                Phase::Lost(reason) => BeforeRelease::Lost(reason),
+                Phase::Released => BeforeRelease::Released,
             };
-            (report, lost)
+            (report, before)
         };
         self.report(report, hook);
-        lost
+        before
     }
 
     fn lost_receiver(&self) -> Receiver<LostReason> {
@@ -288,7 +318,6 @@ impl LeaseShared {
 pub struct Lease {
     shared: Arc<LeaseShared>,
     manager: Arc<ManagerShared>,
-    released: bool,
 }
 
 impl fmt::Debug for Lease {
@@ -304,11 +333,7 @@ impl fmt::Debug for Lease {
 
 impl Lease {
     pub(crate) fn new(shared: Arc<LeaseShared>, manager: Arc<ManagerShared>) -> Lease {
-        Lease {
-            shared,
-            manager,
-            released: false,
-        }
+        Lease { shared, manager }
     }
 
     /// The key this lease holds.
@@ -407,21 +432,23 @@ impl Lease {
     /// Returns [`Error::Lost`] if the lease had been lost (the key is left alone if another
     /// holder owns it), or the backend's error if the delete could not be done (the key then
     /// expires after its TTL).
-    pub fn release(mut self) -> Result<(), Error> {
+    pub fn release(self) -> Result<(), Error> {
         self.release_now()
     }
 
-    fn release_now(&mut self) -> Result<(), Error> {
-        if std::mem::replace(&mut self.released, true) {
-            return Ok(());
-        }
+    fn release_now(&self) -> Result<(), Error> {
         let manager = &*self.manager;
-        let lost = self
+        let lost = match self
             .shared
-            .mark_released(manager.clock.now(), &*manager.hook);
+            .mark_released(manager.clock.now(), &*manager.hook)
+        {
+            BeforeRelease::Released => return Ok(()),
+            BeforeRelease::Held => None,
+            BeforeRelease::Lost(reason) => Some(reason),
+        };
         // Untrack before the delete: the renewer drops the lease, and a renewal already in flight
         // cannot revive the key, because renewals only extend a key that holds our token.
-        manager.untrack(self.shared.id);
+        manager.untrack(&self.shared);
         let token = self.shared.token.text();
         let outcome = manager
             .backend

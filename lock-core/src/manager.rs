@@ -402,8 +402,9 @@ impl LockManager {
 }
 
 impl ManagerShared {
-    pub(crate) fn untrack(&self, id: u64) {
-        self.mailbox.send(Command::Untrack(id), Wake::Lazily);
+    pub(crate) fn untrack(&self, lease: &Arc<LeaseShared>) {
+        self.mailbox
+            .send(Command::Untrack(Arc::clone(lease)), Wake::Lazily);
     }
 }
 

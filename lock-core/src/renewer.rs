@@ -13,7 +13,7 @@ use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
 
 use crate::event::{EventHook, LeaseEvent};
 use crate::lease::{LeaseShared, TokenText};
-use crate::schedule::{AfterFailure, Schedule};
+use crate::schedule::{AfterFailure, InFlight, Schedule};
 use crate::{BackendError, Clock, LeaseBackend, LeaseRequest, LostReason, Ownership};
 
 /// A message to the renewer thread.
@@ -24,7 +24,7 @@ pub(crate) enum Command {
         sent_at: Instant,
     },
     /// Stop renewing a lease (it is being released).
-    Untrack(u64),
+    Untrack(Arc<LeaseShared>),
     /// Reply once every earlier command is applied and every lease due now has been handled.
     Settle(Sender<()>),
     /// Stop the thread.
@@ -151,12 +151,9 @@ impl Renewer {
         loop {
             for command in inbox.commands.try_iter() {
                 match command {
-                    Command::Track { lease, sent_at } => {
-                        let (id, ttl) = (lease.id, lease.ttl());
-                        self.schedule.track(id, lease, ttl, sent_at);
-                    }
-                    Command::Untrack(id) => {
-                        self.schedule.remove(id);
+                    Command::Track { lease, sent_at } => self.schedule.track(lease, sent_at),
+                    Command::Untrack(lease) => {
+                        self.schedule.remove(&lease);
                     }
                     Command::Settle(reply) => settled.push(reply),
                     Command::Shutdown => return,
@@ -176,7 +173,7 @@ impl Renewer {
         loop {
             let now = self.clock.now();
             let due = self.schedule.pop_due(now, self.batch_size);
-            for (_, lease) in &due.expired {
+            for lease in &due.expired {
                 lease.lose(LostReason::Expired, &*self.hook);
             }
             if due.renew.is_empty() {
@@ -186,66 +183,66 @@ impl Renewer {
             let timeout = due
                 .renew
                 .iter()
-                .map(|(_, _, valid_until)| valid_until.saturating_duration_since(now))
+                .map(|lease| lease.valid_until.saturating_duration_since(now))
                 .min()
                 .unwrap_or(Duration::ZERO);
             let tokens: Vec<TokenText> = due
                 .renew
                 .iter()
-                .map(|(_, lease, _)| lease.token.text())
+                .map(|lease| lease.item.token.text())
                 .collect();
             let requests: Vec<LeaseRequest<'_>> = due
                 .renew
                 .iter()
                 .zip(&tokens)
-                .map(|((_, lease, _), token)| LeaseRequest {
-                    key: &lease.key,
+                .map(|(lease, token)| LeaseRequest {
+                    key: &lease.item.key,
                     token: token.as_str(),
-                    ttl: lease.ttl(),
+                    ttl: lease.item.ttl(),
                 })
                 .collect();
             let mut results = self.backend.renew_batch(&requests, timeout).into_iter();
             let answered = self.clock.now();
-            for (id, lease, _) in &due.renew {
+            for lease in due.renew {
                 let result = results.next().unwrap_or_else(|| {
                     Err(BackendError::transient(
                         "the backend returned fewer renewal results than requests",
                     ))
                 });
-                self.apply_renewal(*id, lease, now, answered, result);
+                self.apply_renewal(lease, now, answered, result);
             }
         }
     }
 
     fn apply_renewal(
         &mut self,
-        id: u64,
-        lease: &LeaseShared,
+        in_flight: InFlight<Arc<LeaseShared>>,
         sent_at: Instant,
         answered: Instant,
         result: Result<Ownership, BackendError>,
     ) {
         let hook = &*self.hook;
+        let lease = Arc::clone(&in_flight.item);
         if lease.is_released() {
-            self.schedule.remove(id);
+            self.schedule.remove(&lease);
             return;
         }
         match result {
             Ok(Ownership::Owned) => {
                 let extended = self
                     .schedule
-                    .renewed(id, sent_at)
+                    .renewed(in_flight, sent_at)
                     .is_some_and(|valid_until| lease.extend(answered, valid_until, hook));
                 if !extended {
-                    self.schedule.remove(id);
+                    self.schedule.remove(&lease);
                 }
             }
             Ok(Ownership::NotOwned) => {
-                self.schedule.remove(id);
+                self.schedule.remove(&lease);
                 lease.lose(LostReason::TakenOver, hook);
             }
             Err(error) if !error.is_transient() => {
-                self.schedule.remove(id);
+                self.schedule.remove(&lease);
                 lease.lose(LostReason::Rejected(error), hook);
             }
             Err(error) => {
@@ -254,9 +251,9 @@ impl Renewer {
                     fence: lease.fence,
                     error: &error,
                 });
-                match self.schedule.failed(id, answered) {
+                match self.schedule.failed(in_flight, answered) {
                     AfterFailure::RetryAt(_) => lease.suspect(answered, hook),
-                    AfterFailure::Expired(_) => lease.lose(LostReason::Expired, hook),
+                    AfterFailure::Expired => lease.lose(LostReason::Expired, hook),
                     AfterFailure::Unknown => {}
                 }
             }

@@ -2,7 +2,8 @@
 //! follows from each renewal's outcome. It takes `now` as an argument and never reads a clock,
 //! so its timing is unit-tested without threads or sleeps.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use crate::clock::saturating_add;
@@ -41,107 +42,162 @@ const MAX_RETRY_INTERVAL: Duration = Duration::from_millis(500);
 /// The shortest pause between two attempts to renew a failing lease.
 const MIN_RETRY_INTERVAL: Duration = Duration::from_millis(1);
 
-/// A slot's `due` while its renewal is in flight: not on the queue.
-const IN_FLIGHT: u64 = u64::MAX;
+/// A [`Slot`] whose lease is not on the schedule.
+const UNTRACKED: u64 = u64::MAX;
+/// A [`Slot`] whose lease's renewal is in flight: off the queue, still tracked.
+const IN_FLIGHT: u64 = u64::MAX - 1;
 
-/// One tracked lease. Times are nanoseconds after the schedule's epoch, which keeps a slot at
-/// 32 bytes besides its item: the renewer may track a hundred thousand of them.
-struct Slot<T> {
+/// Where a lease stands on the schedule: its due time (nanoseconds after the schedule's epoch),
+/// [`IN_FLIGHT`] or [`UNTRACKED`].
+///
+/// It lives in the lease itself, so the schedule needs no table from leases to their places:
+/// the queue is its only collection. Only the renewer thread reads or writes it (the atomic
+/// makes the lease `Sync`, nothing more).
+#[derive(Debug)]
+pub(crate) struct Slot(AtomicU64);
+
+impl Slot {
+    pub(crate) fn new() -> Slot {
+        Slot(AtomicU64::new(UNTRACKED))
+    }
+
+    fn get(&self) -> u64 {
+        self.0.load(Ordering::Relaxed)
+    }
+
+    fn set(&self, due: u64) {
+        self.0.store(due, Ordering::Relaxed);
+    }
+}
+
+/// What the schedule needs of a lease.
+pub(crate) trait Scheduled: Clone {
+    /// Unique among the leases of one schedule: breaks ties between equal due times.
+    fn id(&self) -> u64;
+    /// The TTL each renewal asks for.
+    fn ttl(&self) -> Duration;
+    /// The lease's place on the schedule.
+    fn slot(&self) -> &Slot;
+}
+
+/// A queued lease: the end of its validity travels with it.
+struct Queued<T> {
     item: T,
-    validity: u64,
+    /// Nanoseconds after the epoch.
     valid_until: u64,
-    /// When the slot is due, or [`IN_FLIGHT`].
-    due: u64,
+}
+
+/// A lease taken off the schedule by [`Schedule::pop_due`] for renewal. Hand it back to
+/// [`Schedule::renewed`] or [`Schedule::failed`] with the outcome.
+#[derive(Debug)]
+pub(crate) struct InFlight<T> {
+    pub(crate) item: T,
+    /// The end of the lease's validity: the renewal must be answered by then.
+    pub(crate) valid_until: Instant,
+    valid_until_ticks: u64,
 }
 
 /// Leases taken off the schedule by [`Schedule::pop_due`].
 #[derive(Debug)]
 pub(crate) struct DueLeases<T> {
-    /// Due for renewal, with the end of their validity.
-    pub(crate) renew: Vec<(u64, T, Instant)>,
+    /// Due for renewal.
+    pub(crate) renew: Vec<InFlight<T>>,
     /// Past their validity before they could be renewed: lost, and removed from the schedule.
-    pub(crate) expired: Vec<(u64, T)>,
+    pub(crate) expired: Vec<T>,
 }
 
 /// What to do after a failed renewal.
 #[derive(Debug, PartialEq, Eq)]
-pub(crate) enum AfterFailure<T> {
+pub(crate) enum AfterFailure {
     /// Still valid: retry at this time.
     RetryAt(Instant),
     /// The validity ran out: lost, and removed from the schedule.
-    Expired(T),
+    Expired,
     /// Not on the schedule (untracked meanwhile).
     Unknown,
 }
 
-/// Tracked leases ordered by due time: O(log n) per tracked, untracked or due lease.
+/// Tracked leases ordered by due time: O(log n) per tracked, untracked or due lease, and one
+/// queue entry per lease (the lease's [`Slot`] says where that entry is).
 pub(crate) struct Schedule<T> {
-    /// `(due, id)` of every slot that is not in flight.
-    queue: BTreeSet<(u64, u64)>,
-    slots: HashMap<u64, Slot<T>>,
+    /// Every tracked lease that is not in flight, by `(due, id)`.
+    queue: BTreeMap<(u64, u64), Queued<T>>,
     /// Renew after this fraction of the validity (default one third).
     renew_fraction: f64,
     /// Time zero of the slots' nanosecond times: no lease is acquired before it.
     epoch: Instant,
 }
 
-impl<T: Clone> Schedule<T> {
+impl<T: Scheduled> Schedule<T> {
     /// An empty schedule whose leases are all acquired at `epoch` or later.
     pub(crate) fn new(renew_fraction: f64, epoch: Instant) -> Schedule<T> {
         Schedule {
-            queue: BTreeSet::new(),
-            slots: HashMap::new(),
+            queue: BTreeMap::new(),
             renew_fraction,
             epoch,
         }
     }
 
-    #[cfg(test)]
-    pub(crate) fn len(&self) -> usize {
-        self.slots.len()
-    }
-
     fn ticks(&self, at: Instant) -> u64 {
-        nanos(at.saturating_duration_since(self.epoch))
+        // Below the slot markers, whatever the instant.
+        nanos(at.saturating_duration_since(self.epoch)).min(IN_FLIGHT - 1)
     }
 
     fn instant(&self, ticks: u64) -> Instant {
         saturating_add(self.epoch, Duration::from_nanos(ticks))
     }
 
-    /// Starts renewing a lease acquired with `ttl` by a request sent at `sent_at`.
-    pub(crate) fn track(&mut self, id: u64, item: T, ttl: Duration, sent_at: Instant) {
-        let validity = validity(ttl).unwrap_or(Duration::ZERO);
-        let valid_until = saturating_add(sent_at, validity);
-        let due = self.ticks(renewal_time(
-            self.renew_fraction,
-            sent_at,
-            validity,
-            valid_until,
-        ));
-        self.remove(id);
-        self.queue.insert((due, id));
-        let slot = Slot {
-            item,
-            validity: nanos(validity),
-            valid_until: self.ticks(valid_until),
-            due,
-        };
-        self.slots.insert(id, slot);
+    /// The lease's validity, in nanoseconds.
+    fn validity_of(item: &T) -> u64 {
+        nanos(validity(item.ttl()).unwrap_or(Duration::ZERO))
     }
 
-    /// Stops renewing a lease; returns its item if it was tracked.
-    pub(crate) fn remove(&mut self, id: u64) -> Option<T> {
-        let slot = self.slots.remove(&id)?;
-        if slot.due != IN_FLIGHT {
-            self.queue.remove(&(slot.due, id));
+    /// Starts renewing a lease acquired by a request sent at `sent_at`.
+    pub(crate) fn track(&mut self, item: T, sent_at: Instant) {
+        self.remove(&item);
+        let sent = self.ticks(sent_at);
+        let valid_until = sent.saturating_add(Self::validity_of(&item));
+        self.enqueue(item, sent, valid_until);
+    }
+
+    /// Queues `item` for renewal after the renew fraction of its validity, counted from
+    /// `sent` (and never after `valid_until`).
+    fn enqueue(&mut self, item: T, sent: u64, valid_until: u64) {
+        let due = self.ticks(renewal_time(
+            self.renew_fraction,
+            self.instant(sent),
+            Duration::from_nanos(Self::validity_of(&item)),
+            self.instant(valid_until),
+        ));
+        self.queue_at(item, due, valid_until);
+    }
+
+    fn queue_at(&mut self, item: T, due: u64, valid_until: u64) {
+        let due = due.min(IN_FLIGHT - 1);
+        item.slot().set(due);
+        self.queue
+            .insert((due, item.id()), Queued { item, valid_until });
+    }
+
+    /// Stops renewing a lease; false if it was not tracked.
+    pub(crate) fn remove(&mut self, item: &T) -> bool {
+        let slot = item.slot();
+        match slot.get() {
+            UNTRACKED => return false,
+            IN_FLIGHT => {}
+            due => {
+                self.queue.remove(&(due, item.id()));
+            }
         }
-        Some(slot.item)
+        slot.set(UNTRACKED);
+        true
     }
 
     /// The earliest due time, if any lease is scheduled.
     pub(crate) fn next_due(&self) -> Option<Instant> {
-        self.queue.first().map(|(due, _)| self.instant(*due))
+        self.queue
+            .first_key_value()
+            .map(|((due, _), _)| self.instant(*due))
     }
 
     /// Takes up to `limit` leases due at `now` off the schedule, in due order. Leases already
@@ -153,74 +209,60 @@ impl<T: Clone> Schedule<T> {
             expired: Vec::new(),
         };
         while due.renew.len() < limit {
-            let Some(&(at, id)) = self.queue.first() else {
+            let Some(entry) = self.queue.first_entry() else {
                 break;
             };
-            if at > now {
+            if entry.key().0 > now {
                 break;
             }
-            self.queue.remove(&(at, id));
-            let Some(slot) = self.slots.get_mut(&id) else {
-                continue;
-            };
-            if now >= slot.valid_until {
-                if let Some(slot) = self.slots.remove(&id) {
-                    due.expired.push((id, slot.item));
-                }
+            let Queued { item, valid_until } = entry.remove();
+            if now >= valid_until {
+                item.slot().set(UNTRACKED);
+                due.expired.push(item);
             } else {
-                slot.due = IN_FLIGHT;
-                let valid_until = slot.valid_until;
-                let item = slot.item.clone();
-                due.renew.push((id, item, self.instant(valid_until)));
+                item.slot().set(IN_FLIGHT);
+                due.renew.push(InFlight {
+                    item,
+                    valid_until: self.instant(valid_until),
+                    valid_until_ticks: valid_until,
+                });
             }
         }
         due
     }
 
-    /// A renewal of `id` sent at `sent_at` succeeded: returns the new end of its validity and
-    /// puts it back on the schedule.
-    pub(crate) fn renewed(&mut self, id: u64, sent_at: Instant) -> Option<Instant> {
+    /// A renewal sent at `sent_at` succeeded: returns the new end of the lease's validity and
+    /// puts it back on the schedule. `None` if the lease was untracked meanwhile.
+    pub(crate) fn renewed(&mut self, lease: InFlight<T>, sent_at: Instant) -> Option<Instant> {
+        if lease.item.slot().get() != IN_FLIGHT {
+            return None;
+        }
         let sent = self.ticks(sent_at);
-        let fraction = self.renew_fraction;
-        let slot = self.slots.get_mut(&id)?;
-        slot.valid_until = slot.valid_until.max(sent.saturating_add(slot.validity));
-        let after = nanos(Duration::from_nanos(slot.validity).mul_f64(fraction));
-        let due = sent.saturating_add(after).min(slot.valid_until);
-        let valid_until = slot.valid_until;
-        self.reschedule(id, due);
+        let valid_until = lease
+            .valid_until_ticks
+            .max(sent.saturating_add(Self::validity_of(&lease.item)));
+        self.enqueue(lease.item, sent, valid_until);
         Some(self.instant(valid_until))
     }
 
-    /// A renewal of `id` failed transiently at `now`: retry soon if the lease is still valid.
-    pub(crate) fn failed(&mut self, id: u64, now: Instant) -> AfterFailure<T> {
-        let now_ticks = self.ticks(now);
-        let Some(slot) = self.slots.get(&id) else {
+    /// A renewal failed transiently at `now`: retry soon if the lease is still valid.
+    pub(crate) fn failed(&mut self, lease: InFlight<T>, now: Instant) -> AfterFailure {
+        let slot = lease.item.slot();
+        if slot.get() != IN_FLIGHT {
             return AfterFailure::Unknown;
-        };
-        if now_ticks >= slot.valid_until {
-            return match self.remove(id) {
-                Some(item) => AfterFailure::Expired(item),
-                None => AfterFailure::Unknown,
-            };
         }
-        let interval = (Duration::from_nanos(slot.validity) / 10)
+        let now = self.ticks(now);
+        let valid_until = lease.valid_until_ticks;
+        if now >= valid_until {
+            slot.set(UNTRACKED);
+            return AfterFailure::Expired;
+        }
+        let interval = (Duration::from_nanos(Self::validity_of(&lease.item)) / 10)
             .clamp(MIN_RETRY_INTERVAL, MAX_RETRY_INTERVAL);
         // Never later than the end of validity, where the lease is declared lost.
-        let at = now_ticks
-            .saturating_add(nanos(interval))
-            .min(slot.valid_until);
-        self.reschedule(id, at);
+        let at = now.saturating_add(nanos(interval)).min(valid_until);
+        self.queue_at(lease.item, at, valid_until);
         AfterFailure::RetryAt(self.instant(at))
-    }
-
-    fn reschedule(&mut self, id: u64, at: u64) {
-        if let Some(slot) = self.slots.get_mut(&id) {
-            if slot.due != IN_FLIGHT {
-                self.queue.remove(&(slot.due, id));
-            }
-            slot.due = at;
-            self.queue.insert((at, id));
-        }
     }
 }
 
@@ -231,14 +273,56 @@ fn nanos(duration: Duration) -> u64 {
 
 #[cfg(test)]
 mod tests {
+    use std::sync::Arc;
+
     use super::*;
 
     const SEC: Duration = Duration::from_secs(1);
     const MS: Duration = Duration::from_millis(1);
 
-    fn schedule() -> (Schedule<&'static str>, Instant) {
+    #[derive(Debug)]
+    struct TestLease {
+        id: u64,
+        ttl: Duration,
+        slot: Slot,
+    }
+
+    type Item = Arc<TestLease>;
+
+    impl Scheduled for Item {
+        fn id(&self) -> u64 {
+            self.id
+        }
+        fn ttl(&self) -> Duration {
+            self.ttl
+        }
+        fn slot(&self) -> &Slot {
+            &self.slot
+        }
+    }
+
+    fn lease(id: u64, ttl: Duration) -> Item {
+        Arc::new(TestLease {
+            id,
+            ttl,
+            slot: Slot::new(),
+        })
+    }
+
+    fn schedule() -> (Schedule<Item>, Instant) {
         let t0 = Instant::now();
         (Schedule::new(1.0 / 3.0, t0), t0)
+    }
+
+    fn ids(leases: &[InFlight<Item>]) -> Vec<u64> {
+        leases.iter().map(|lease| lease.item.id).collect()
+    }
+
+    /// Takes exactly one lease due at `now` off the schedule.
+    fn pop_one(schedule: &mut Schedule<Item>, now: Instant) -> InFlight<Item> {
+        let mut due = schedule.pop_due(now, 10);
+        assert_eq!(due.renew.len(), 1, "{due:?}");
+        due.renew.remove(0)
     }
 
     #[test]
@@ -251,35 +335,56 @@ mod tests {
     #[test]
     fn a_lease_is_due_after_a_third_of_its_validity() {
         let (mut schedule, t0) = schedule();
-        schedule.track(1, "a", 3 * SEC, t0);
+        schedule.track(lease(1, 3 * SEC), t0);
         let validity = validity(3 * SEC).unwrap();
         assert_eq!(schedule.next_due(), Some(t0 + validity / 3));
+        assert_eq!(
+            first_renewal(1.0 / 3.0, t0, 3 * SEC),
+            t0 + validity / 3,
+            "the manager's wake-up hint agrees"
+        );
         let early = schedule.pop_due(t0 + validity / 3 - MS, 10);
         assert!(early.renew.is_empty() && early.expired.is_empty());
-        let due = schedule.pop_due(t0 + validity / 3, 10);
-        assert_eq!(due.renew, vec![(1, "a", t0 + validity)]);
+        let due = pop_one(&mut schedule, t0 + validity / 3);
+        assert_eq!((due.item.id, due.valid_until), (1, t0 + validity));
         assert_eq!(schedule.next_due(), None, "in flight: not due again");
     }
 
     #[test]
     fn due_leases_come_in_due_order_and_in_batches() {
         let (mut schedule, t0) = schedule();
-        for id in 0..10u64 {
-            schedule.track(id, "x", 3 * SEC, t0 + (10 - id as u32) * MS);
+        let leases: Vec<Item> = (0..10).map(|id| lease(id, 3 * SEC)).collect();
+        for lease in &leases {
+            schedule.track(lease.clone(), t0 + (10 - lease.id as u32) * MS);
         }
         let later = t0 + 1100 * MS;
-        let ids = |due: DueLeases<&str>| -> Vec<u64> { due.renew.iter().map(|r| r.0).collect() };
-        assert_eq!(ids(schedule.pop_due(later, 4)), vec![9, 8, 7, 6]);
-        assert_eq!(ids(schedule.pop_due(later, 4)), vec![5, 4, 3, 2]);
-        assert_eq!(ids(schedule.pop_due(later, 4)), vec![1, 0]);
-        assert_eq!(schedule.len(), 10, "in-flight leases stay tracked");
+        assert_eq!(ids(&schedule.pop_due(later, 4).renew), vec![9, 8, 7, 6]);
+        assert_eq!(ids(&schedule.pop_due(later, 4).renew), vec![5, 4, 3, 2]);
+        assert_eq!(ids(&schedule.pop_due(later, 4).renew), vec![1, 0]);
+        assert!(
+            leases.iter().all(|lease| schedule.remove(lease)),
+            "in-flight leases stay tracked"
+        );
+    }
+
+    #[test]
+    fn equal_due_times_are_all_kept() {
+        let (mut schedule, t0) = schedule();
+        for id in 0..3 {
+            schedule.track(lease(id, SEC), t0);
+        }
+        assert_eq!(
+            ids(&schedule.pop_due(t0 + 500 * MS, 10).renew),
+            vec![0, 1, 2]
+        );
     }
 
     #[test]
     fn leases_past_their_validity_expire_instead_of_renewing() {
         let (mut schedule, t0) = schedule();
-        for id in 0..3 {
-            schedule.track(id, "x", SEC, t0);
+        let leases: Vec<Item> = (0..3).map(|id| lease(id, SEC)).collect();
+        for lease in &leases {
+            schedule.track(lease.clone(), t0);
         }
         let due = schedule.pop_due(t0 + SEC, 1);
         assert!(due.renew.is_empty());
@@ -288,37 +393,51 @@ mod tests {
             3,
             "expired leases do not count against the batch"
         );
-        assert_eq!(schedule.len(), 0);
+        assert!(
+            leases.iter().all(|lease| !schedule.remove(lease)),
+            "expired leases are no longer tracked"
+        );
     }
 
     #[test]
     fn renewal_moves_validity_from_the_send_time() {
         let (mut schedule, t0) = schedule();
-        schedule.track(1, "a", 3 * SEC, t0);
+        schedule.track(lease(1, 3 * SEC), t0);
         let validity = validity(3 * SEC).unwrap();
         let sent = t0 + SEC;
-        schedule.pop_due(sent, 10);
-        assert_eq!(schedule.renewed(1, sent), Some(sent + validity));
+        let due = pop_one(&mut schedule, sent);
+        assert_eq!(schedule.renewed(due, sent), Some(sent + validity));
         assert_eq!(schedule.next_due(), Some(sent + validity / 3));
+    }
+
+    #[test]
+    fn a_late_answer_never_shortens_the_validity() {
+        let (mut schedule, t0) = schedule();
+        schedule.track(lease(1, 3 * SEC), t0 + SEC);
+        let validity = validity(3 * SEC).unwrap();
+        let due = pop_one(&mut schedule, t0 + 2 * SEC);
+        // The renewal's request is dated before the acquisition's (a slow clock read).
+        assert_eq!(schedule.renewed(due, t0), Some(t0 + SEC + validity));
     }
 
     #[test]
     fn failures_retry_until_the_validity_ends_then_expire_once() {
         let (mut schedule, t0) = schedule();
-        schedule.track(1, "a", SEC, t0);
+        let item = lease(1, SEC);
+        schedule.track(item.clone(), t0);
         let validity = validity(SEC).unwrap();
         let valid_until = t0 + validity;
         let mut now = t0 + validity / 3;
         let mut attempts = 0;
         loop {
-            let due = schedule.pop_due(now, 10);
+            let mut due = schedule.pop_due(now, 10);
             if !due.expired.is_empty() {
-                assert_eq!(due.expired, vec![(1, "a")]);
+                assert_eq!(due.expired.len(), 1);
                 break;
             }
             assert_eq!(due.renew.len(), 1);
             attempts += 1;
-            match schedule.failed(1, now) {
+            match schedule.failed(due.renew.remove(0), now) {
                 AfterFailure::RetryAt(at) => {
                     assert!(at <= valid_until, "a retry is never after the validity");
                     assert!(at > now);
@@ -329,34 +448,51 @@ mod tests {
         }
         assert!(now >= valid_until, "lost only once the validity ended");
         assert!(attempts >= 5, "retried {attempts} times");
-        assert_eq!(schedule.len(), 0);
+        assert!(!schedule.remove(&item), "no longer tracked");
         assert!(
             schedule.pop_due(now + SEC, 10).expired.is_empty(),
             "lost exactly once"
         );
-        assert_eq!(schedule.failed(1, now), AfterFailure::Unknown);
     }
 
     #[test]
     fn a_failure_after_the_validity_expires_at_once() {
         let (mut schedule, t0) = schedule();
-        schedule.track(1, "a", SEC, t0);
-        schedule.pop_due(t0 + 400 * MS, 10);
-        assert_eq!(schedule.failed(1, t0 + SEC), AfterFailure::Expired("a"));
+        let item = lease(1, SEC);
+        schedule.track(item.clone(), t0);
+        let due = pop_one(&mut schedule, t0 + 400 * MS);
+        assert_eq!(schedule.failed(due, t0 + SEC), AfterFailure::Expired);
+        assert!(!schedule.remove(&item));
     }
 
     #[test]
     fn untracked_leases_are_never_due() {
         let (mut schedule, t0) = schedule();
-        schedule.track(1, "a", SEC, t0);
-        schedule.track(2, "b", SEC, t0);
-        assert_eq!(schedule.remove(1), Some("a"));
-        let due = schedule.pop_due(t0 + 500 * MS, 10);
-        assert_eq!(due.renew.len(), 1);
-        assert_eq!(due.renew[0].0, 2);
+        let (a, b) = (lease(1, SEC), lease(2, SEC));
+        schedule.track(a.clone(), t0);
+        schedule.track(b.clone(), t0);
+        assert!(schedule.remove(&a));
+        assert!(!schedule.remove(&a), "removed once");
+        let due = pop_one(&mut schedule, t0 + 500 * MS);
+        assert_eq!(due.item.id, 2);
         // Untracked while in flight: its outcome changes nothing.
-        assert_eq!(schedule.remove(2), Some("b"));
-        assert_eq!(schedule.renewed(2, t0 + 500 * MS), None);
+        assert!(schedule.remove(&b));
+        assert_eq!(schedule.renewed(due, t0 + 500 * MS), None);
         assert_eq!(schedule.next_due(), None);
+    }
+
+    #[test]
+    fn tracking_again_replaces_the_old_place() {
+        let (mut schedule, t0) = schedule();
+        let item = lease(1, 3 * SEC);
+        schedule.track(item.clone(), t0);
+        schedule.track(item, t0 + SEC);
+        let validity = validity(3 * SEC).unwrap();
+        assert_eq!(schedule.next_due(), Some(t0 + SEC + validity / 3));
+        assert_eq!(
+            schedule.pop_due(t0 + 10 * SEC, 10).expired.len(),
+            1,
+            "one entry"
+        );
     }
 }

@@ -15,9 +15,15 @@ use crate::keys::{fence_key, lock_key, release_channel, ttl_millis};
 use crate::pool::{
     pipeline_round_trip, round_trip, ConnectionPool, Deadline, PoolSettings, PooledConnection,
 };
-use crate::scripts::{is_noscript, parse_acquire, parse_ownership, LuaScript, Scripts};
+use crate::scripts::{
+    is_noscript, parse_acquire, parse_ownership, parse_renewals, LuaScript, Scripts,
+};
 use crate::subscriber::{Subscriber, SubscriberSettings};
 use crate::{RedisBackendBuilder, RedisBackendError};
+
+/// Leases renewed by one call of `renew.lua`: enough to spread the script's fixed cost, few
+/// enough that no call keeps the server busy for long (well under a millisecond).
+const RENEW_CHUNK: usize = 128;
 
 /// A [`LeaseBackend`] on one Redis server (or a Redis-compatible one: Valkey, KeyDB…).
 ///
@@ -357,12 +363,25 @@ impl RedisBackend {
     ) -> Result<Vec<Result<Ownership, CallFailure>>, CallFailure> {
         let prefix = &self.inner.config.key_prefix;
         let script = &self.inner.scripts.renew;
-        let cmds: Vec<Cmd> = requests
+        let chunks: Vec<&[LeaseRequest<'_>]> = requests.chunks(RENEW_CHUNK).collect();
+        let cmds: Vec<Cmd> = chunks
             .iter()
-            .map(|request| {
-                let key = lock_key(prefix, request.key);
-                let ttl = ttl_millis(request.ttl).to_string();
-                script.evalsha(&[&key], &[request.token, &ttl])
+            .map(|chunk| {
+                let keys: Vec<String> = chunk
+                    .iter()
+                    .map(|request| lock_key(prefix, request.key))
+                    .collect();
+                let ttls: Vec<String> = chunk
+                    .iter()
+                    .map(|request| ttl_millis(request.ttl).to_string())
+                    .collect();
+                let keys: Vec<&str> = keys.iter().map(String::as_str).collect();
+                let args: Vec<&str> = chunk
+                    .iter()
+                    .zip(&ttls)
+                    .flat_map(|(request, ttl)| [request.token, ttl.as_str()])
+                    .collect();
+                script.evalsha(&keys, &args)
             })
             .collect();
 
@@ -373,12 +392,12 @@ impl RedisBackend {
                 return Err(failure);
             }
         }
-        let mut results = fill(sent.replies, sent.failure, cmds.len(), deadline);
+        let mut replies = fill(sent.replies, sent.failure, cmds.len(), deadline);
 
-        let missing: Vec<usize> = results
+        let missing: Vec<usize> = replies
             .iter()
             .enumerate()
-            .filter(|(_, result)| result.as_ref().is_ok_and(is_noscript))
+            .filter(|(_, reply)| reply.as_ref().is_ok_and(is_noscript))
             .map(|(index, _)| index)
             .collect();
         if !missing.is_empty() {
@@ -387,14 +406,15 @@ impl RedisBackend {
             retry.extend(missing.iter().map(|&index| cmds[index].clone()));
             let resent = pipeline_round_trip(connection, &retry, deadline);
             // The first reply is SCRIPT LOAD's: if it failed, the EVALSHAs say NOSCRIPT again.
-            let replies = fill(resent.replies, resent.failure, retry.len(), deadline);
-            for (&index, reply) in missing.iter().zip(replies.into_iter().skip(1)) {
-                results[index] = reply;
+            let again = fill(resent.replies, resent.failure, retry.len(), deadline);
+            for (&index, reply) in missing.iter().zip(again.into_iter().skip(1)) {
+                replies[index] = reply;
             }
         }
-        Ok(results
-            .into_iter()
-            .map(|reply| reply.and_then(parse_ownership))
+        Ok(chunks
+            .iter()
+            .zip(replies)
+            .flat_map(|(chunk, reply)| parse_renewals(reply, chunk.len()))
             .collect())
     }
 
@@ -453,19 +473,17 @@ impl LeaseBackend for RedisBackend {
         request: &LeaseRequest<'_>,
         timeout: Duration,
     ) -> Result<Ownership, BackendError> {
-        let lock = lock_key(&self.inner.config.key_prefix, request.key);
-        let ttl = ttl_millis(request.ttl).to_string();
-        let call = ScriptCall {
-            operation: RedisOperation::Renew,
-            key: request.key,
-            script: &self.inner.scripts.renew,
-            keys: &[&lock],
-            args: &[request.token, &ttl],
-        };
-        self.run_script(call, timeout, parse_ownership)
+        self.renew_batch(std::slice::from_ref(request), timeout)
+            .pop()
+            .unwrap_or_else(|| {
+                Err(BackendError::transient(
+                    "a renewal batch of one returned no result",
+                ))
+            })
     }
 
-    /// Sends every renewal in one pipelined round trip.
+    /// Sends every renewal in one pipelined round trip: one script call per chunk of
+    /// [`RENEW_CHUNK`] leases.
     fn renew_batch(
         &self,
         requests: &[LeaseRequest<'_>],

@@ -45,7 +45,8 @@
 //! holding the owner's token with a millisecond TTL (rounded up from the lease's TTL). Its fence
 //! counter is `lock:{jobs:42}:fence`, a key without TTL. Releases are published on the channel
 //! `lock:released`, with the user key as the message. The braces are a Redis Cluster hash tag,
-//! so both keys of a lock share one slot.
+//! so both keys of a lock share one slot. The backend itself speaks to one server, not to a
+//! Cluster: a renewal batch renews keys of many slots in one script call.
 //!
 //! - **acquire** sets the key if it is free and increments the fence counter in the same script.
 //!   A missing counter is first seeded with the server's `TIME` in microseconds, so fences keep
@@ -54,7 +55,8 @@
 //!   token holds the key, the holder's remaining TTL comes back, so waiters sleep no longer
 //!   than useful.
 //! - **renew** sets the TTL only if the key holds the token; it never recreates a missing key.
-//!   The manager's renewer sends all due renewals in one pipelined round trip.
+//!   The manager's renewer sends all due renewals in one pipelined round trip, one script call
+//!   per 128 leases (the script's fixed cost is paid per call, not per lease).
 //! - **release** deletes the key only if it holds the token, and publishes the release.
 //!
 //! Calls send `EVALSHA`, falling back to `EVAL` when the server's script cache is empty (after

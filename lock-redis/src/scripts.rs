@@ -56,7 +56,7 @@ impl LuaScript {
 pub(crate) struct Scripts {
     /// `acquire.lua`: take a free lock and issue its fence.
     pub(crate) acquire: LuaScript,
-    /// `renew.lua`: extend the TTL if the token holds the lock.
+    /// `renew.lua`: extend the TTL of each lock its token holds (many keys per call).
     pub(crate) renew: LuaScript,
     /// `release.lua`: delete the lock if the token holds it, and publish the release.
     pub(crate) release: LuaScript,
@@ -102,7 +102,26 @@ pub(crate) fn parse_acquire(value: Value) -> Result<AcquireOutcome, CallFailure>
     Err(unexpected(&value))
 }
 
-/// `1` or `0` from `renew.lua` and `release.lua`.
+/// The reply of one `renew.lua` call over `count` keys: an ownership, or that key's own error,
+/// per key. A failed call, or a reply of the wrong shape, fails every key of the call.
+pub(crate) fn parse_renewals(
+    reply: Result<Value, CallFailure>,
+    count: usize,
+) -> Vec<Result<Ownership, CallFailure>> {
+    let failure = match reply {
+        Ok(Value::Array(items)) if items.len() == count => {
+            return items.into_iter().map(parse_ownership).collect();
+        }
+        Ok(value) => match value.extract_error() {
+            Err(error) => CallFailure::from(error),
+            Ok(value) => unexpected(&value),
+        },
+        Err(failure) => failure,
+    };
+    (0..count).map(|_| Err(failure.clone())).collect()
+}
+
+/// `1` or `0` from `release.lua`, and from `renew.lua` for each of its keys.
 pub(crate) fn parse_ownership(value: Value) -> Result<Ownership, CallFailure> {
     let value = value.extract_error()?;
     match as_i64(&value) {
@@ -193,6 +212,28 @@ mod tests {
         ));
         let error = redis::parse_redis_value(b"-WRONGTYPE wrong kind\r\n").unwrap();
         assert!(matches!(parse_ownership(error), Err(CallFailure::Redis(_))));
+    }
+
+    #[test]
+    fn renewal_replies_go_to_their_own_keys() {
+        let wrongtype = redis::parse_redis_value(b"-WRONGTYPE wrong kind\r\n").unwrap();
+        let reply = Value::Array(vec![Value::Int(1), wrongtype, Value::Int(0)]);
+        let results = parse_renewals(Ok(reply), 3);
+        assert_eq!(results.len(), 3);
+        assert_eq!(results[0].as_ref().unwrap(), &Ownership::Owned);
+        assert!(matches!(results[1], Err(CallFailure::Redis(_))));
+        assert_eq!(results[2].as_ref().unwrap(), &Ownership::NotOwned);
+        // A failed call, or one reply too few, fails every key of the call.
+        let busy = redis::parse_redis_value(b"-BUSY script running\r\n").unwrap();
+        for reply in [
+            Ok(busy),
+            Ok(Value::Array(vec![Value::Int(1)])),
+            Err(CallFailure::UnexpectedReply("gone".into())),
+        ] {
+            let results = parse_renewals(reply, 2);
+            assert_eq!(results.len(), 2);
+            assert!(results.iter().all(Result::is_err), "{results:?}");
+        }
     }
 
     #[test]

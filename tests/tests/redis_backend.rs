@@ -450,7 +450,9 @@ fn batch_renewal_answers_each_lease_in_one_round_trip() {
     let backend = backend_at(&proxy.url());
     let direct = backend_at(&server.url());
 
-    let keys: Vec<String> = (0..20).map(|i| format!("batch-{i}")).collect();
+    // Enough leases for several script calls (chunks of 128), with the odd ones on the chunk
+    // boundaries: each result must still go to its own lease.
+    let keys: Vec<String> = (0..300).map(|i| format!("batch-{i}")).collect();
     for key in &keys {
         fence_of(acquire(&direct, key, "mine", Duration::from_secs(5)));
     }
@@ -462,12 +464,13 @@ fn batch_renewal_answers_each_lease_in_one_round_trip() {
 
     let mut batch: Vec<LeaseRequest<'_>> =
         keys.iter().map(|key| request(key, "mine", TTL)).collect();
-    batch.push(request("theirs", "mine", TTL));
-    batch.push(request("missing", "mine", TTL));
-    batch.push(request("listy", "mine", TTL));
+    let odd = [(127, "theirs"), (128, "missing"), (256, "listy")];
+    for (index, key) in odd {
+        batch.insert(index, request(key, "mine", TTL));
+    }
 
     // Warm the pool, then make every round trip take at least 600 ms: one at a time, these
-    // renewals would take 14 s.
+    // renewals would take minutes.
     assert_eq!(backend.renew(&batch[0], CALL).unwrap(), Ownership::Owned);
     proxy.set_mode(ProxyMode::Delay(Duration::from_millis(300)));
     let started = Instant::now();
@@ -480,25 +483,33 @@ fn batch_renewal_answers_each_lease_in_one_round_trip() {
     );
 
     assert_eq!(results.len(), batch.len());
-    for (key, result) in keys.iter().zip(&results) {
-        assert_eq!(result.as_ref().unwrap(), &Ownership::Owned, "{key}");
+    for (request, result) in batch.iter().zip(&results) {
+        if odd.iter().any(|(_, key)| *key == request.key) {
+            continue;
+        }
+        assert_eq!(
+            result.as_ref().unwrap(),
+            &Ownership::Owned,
+            "{}",
+            request.key
+        );
         assert!(
-            pttl(&server, &direct.lock_key(key)) > 25_000,
-            "{key} was not renewed"
+            pttl(&server, &direct.lock_key(request.key)) > 25_000,
+            "{} was not renewed",
+            request.key
         );
     }
-    let tail = &results[keys.len()..];
     assert_eq!(
-        tail[0].as_ref().unwrap(),
+        results[127].as_ref().unwrap(),
         &Ownership::NotOwned,
         "a foreign lease"
     );
     assert_eq!(
-        tail[1].as_ref().unwrap(),
+        results[128].as_ref().unwrap(),
         &Ownership::NotOwned,
         "a missing key"
     );
-    let wrongtype = tail[2].as_ref().unwrap_err();
+    let wrongtype = results[256].as_ref().unwrap_err();
     assert!(
         !wrongtype.is_transient(),
         "WRONGTYPE must be permanent: {wrongtype}"
