@@ -38,7 +38,7 @@ fn main() {
     );
     let mut redis_rate = None;
     if wanted("uncontended") {
-        redis_rate = Some(uncontended(&url));
+        redis_rate = Some(uncontended(&server));
     }
     if wanted("memory") {
         memory(redis_rate);
@@ -100,17 +100,60 @@ fn percentile(samples: &mut [Duration], quantile: f64) -> Duration {
     samples.get(index).copied().unwrap_or_default()
 }
 
-/// Cycles per second: the best of `samples` runs of `iterations` cycles.
-fn best_rate(samples: usize, iterations: u64, mut cycle: impl FnMut()) -> f64 {
-    (0..samples)
-        .map(|_| {
-            let started = Instant::now();
-            for _ in 0..iterations {
-                cycle();
-            }
-            iterations as f64 / started.elapsed().as_secs_f64()
+/// Medians over paired rounds: each round measures every side once, back to back, and yields a
+/// ratio to the first side (the baseline). The VM's speed drifts several-fold within minutes;
+/// within one round it barely moves, so the median ratio is steady where best-of figures taken
+/// minutes apart are not.
+struct Paired {
+    /// Median figure of each side, in the order given.
+    medians: Vec<f64>,
+    /// Median of each side's per-round ratio to the baseline (the baseline's is 1).
+    ratios: Vec<f64>,
+}
+
+fn median(mut values: Vec<f64>) -> f64 {
+    values.sort_unstable_by(f64::total_cmp);
+    values.get(values.len() / 2).copied().unwrap_or(f64::NAN)
+}
+
+/// Runs `rounds` rounds of `sides` (baseline first), alternating the order in which the sides
+/// run from one round to the next.
+fn paired(rounds: usize, sides: &mut [&mut dyn FnMut() -> f64]) -> Paired {
+    let mut figures: Vec<Vec<f64>> = vec![Vec::new(); sides.len()];
+    for round in 0..rounds {
+        let mut order: Vec<usize> = (0..sides.len()).collect();
+        if round % 2 == 1 {
+            order.reverse();
+        }
+        for side in order {
+            let figure = (sides[side])();
+            figures[side].push(figure);
+        }
+    }
+    let ratios = figures
+        .iter()
+        .map(|side| {
+            median(
+                side.iter()
+                    .zip(&figures[0])
+                    .map(|(figure, baseline)| figure / baseline)
+                    .collect(),
+            )
         })
-        .fold(0.0, f64::max)
+        .collect();
+    Paired {
+        medians: figures.into_iter().map(median).collect(),
+        ratios,
+    }
+}
+
+/// Cycles per second over one run of `iterations` cycles.
+fn rate(iterations: u64, mut cycle: impl FnMut()) -> f64 {
+    let started = Instant::now();
+    for _ in 0..iterations {
+        cycle();
+    }
+    iterations as f64 / started.elapsed().as_secs_f64()
 }
 
 /// The raw client's lock: SET NX PX, then a compare-and-delete script.
@@ -203,28 +246,82 @@ fn our_cycle(manager: &LockManager, key: &str) {
     lease.release().unwrap();
 }
 
-fn uncontended(url: &str) -> f64 {
+/// The time the server spent executing the top-level `commands` (as `INFO commandstats` names
+/// them) per cycle, over `cycles` cycles. Commands a script calls are inside its own time.
+fn server_time_per_cycle(
+    server: &RedisServer,
+    commands: &[&str],
+    cycles: u32,
+    mut cycle: impl FnMut(),
+) -> Duration {
+    let mut connection = server.connection();
+    let () = redis::cmd("CONFIG")
+        .arg("RESETSTAT")
+        .query(&mut connection)
+        .unwrap();
+    for _ in 0..cycles {
+        cycle();
+    }
+    let stats: String = redis::cmd("INFO")
+        .arg("commandstats")
+        .query(&mut connection)
+        .unwrap();
+    let micros: u64 = stats
+        .lines()
+        .filter_map(|line| {
+            let (name, fields) = line.strip_prefix("cmdstat_")?.split_once(':')?;
+            if !commands.contains(&name) {
+                return None;
+            }
+            fields
+                .split(',')
+                .find_map(|field| field.strip_prefix("usec="))?
+                .parse::<u64>()
+                .ok()
+        })
+        .sum();
+    Duration::from_micros(micros) / cycles
+}
+
+fn uncontended(server: &RedisServer) -> f64 {
+    let url = server.url();
+    let url = url.as_str();
     let raw = RawLock::new(url, 1);
     let manager = ours(url, 1);
-    // Interleave samples so that both see the same machine.
-    let (mut raw_best, mut our_best) = (0.0f64, 0.0f64);
-    for _ in 0..10 {
-        raw_best = raw_best.max(best_rate(1, 500, || raw.cycle("raw:uncontended", "token")));
-        our_best = our_best.max(best_rate(1, 500, || our_cycle(&manager, "uncontended")));
-    }
-    // Where the difference goes: the raw client running our two scripts (fence counter,
-    // release announcement) instead of SET NX PX and compare-and-delete.
-    let scripts = best_rate(3, 3000, || raw.scripts_cycle("scripts"));
-    println!(
-        "uncontended  acquire+release, 1 thread:   ours {our_best:>8.0}/s  raw {raw_best:>8.0}/s  ratio {:.2} (target >= 0.95); raw client running our scripts {scripts:>8.0}/s",
-        our_best / raw_best
+    let figures = paired(
+        15,
+        &mut [
+            &mut || rate(300, || raw.cycle("raw:uncontended", "token")),
+            &mut || rate(300, || our_cycle(&manager, "uncontended")),
+            // Where the difference goes: the raw client running our two scripts (fence
+            // counter, release announcement) instead of SET NX PX and compare-and-delete.
+            &mut || rate(300, || raw.scripts_cycle("scripts")),
+        ],
     );
-    our_best
+    let (raw_rate, our_rate, scripts_rate) =
+        (figures.medians[0], figures.medians[1], figures.medians[2]);
+    let (ratio, scripts_ratio) = (figures.ratios[1], figures.ratios[2]);
+    // The same split in the server's command time, which the VM's latency swings do not blur.
+    const CYCLES: u32 = 3000;
+    let raw_time = server_time_per_cycle(server, &["set", "evalsha"], CYCLES, || {
+        raw.cycle("raw:uncontended", "token")
+    });
+    let our_time = server_time_per_cycle(server, &["evalsha", "eval"], CYCLES, || {
+        our_cycle(&manager, "uncontended")
+    });
+    println!(
+        "uncontended  acquire+release, 1 thread:   ours {our_rate:>8.0}/s  raw {raw_rate:>8.0}/s  ratio {ratio:.2} (target >= 0.95); raw client running our scripts {scripts_rate:>8.0}/s, ratio {scripts_ratio:.2}\n             server time in commands per cycle: ours {our_time:.1?}, raw {raw_time:.1?}"
+    );
+    our_rate
 }
 
 fn memory(redis_rate: Option<f64>) {
     let manager = LockManager::new(MemoryBackend::new());
-    let rate = best_rate(5, 200_000, || our_cycle(&manager, "memory"));
+    let rate = median(
+        (0..5)
+            .map(|_| rate(200_000, || our_cycle(&manager, "memory")))
+            .collect(),
+    );
     let versus = redis_rate.map_or(String::new(), |redis| {
         format!(", {:.0}x Redis", rate / redis)
     });
@@ -259,27 +356,33 @@ fn saturated(url: &str) {
     let per_thread = KEYS / THREADS as u64;
     let raw = RawLock::new(url, THREADS as u32);
     let manager = ours(url, THREADS as u32);
-    let duration = Duration::from_secs(2);
-    let (mut raw_best, mut our_best, mut scripts_best) = (0.0f64, 0.0f64, 0.0f64);
-    for _ in 0..2 {
-        raw_best = raw_best.max(saturated_rate(THREADS, duration, |thread, n| {
-            let key = format!("raw:sat:{}", thread as u64 * per_thread + n % per_thread);
-            raw.cycle(&key, "token");
-        }));
-        scripts_best = scripts_best.max(saturated_rate(THREADS, duration, |thread, n| {
-            raw.scripts_cycle(&format!(
-                "sat:{}",
-                thread as u64 * per_thread + n % per_thread
-            ));
-        }));
-        our_best = our_best.max(saturated_rate(THREADS, duration, |thread, n| {
-            let key = format!("sat:{}", thread as u64 * per_thread + n % per_thread);
-            our_cycle(&manager, &key);
-        }));
-    }
+    let duration = Duration::from_millis(500);
+    let key = |thread: usize, n: u64| thread as u64 * per_thread + n % per_thread;
+    let figures = paired(
+        6,
+        &mut [
+            &mut || {
+                saturated_rate(THREADS, duration, |thread, n| {
+                    raw.cycle(&format!("raw:sat:{}", key(thread, n)), "token");
+                })
+            },
+            &mut || {
+                saturated_rate(THREADS, duration, |thread, n| {
+                    our_cycle(&manager, &format!("sat:{}", key(thread, n)));
+                })
+            },
+            &mut || {
+                saturated_rate(THREADS, duration, |thread, n| {
+                    raw.scripts_cycle(&format!("sat:{}", key(thread, n)));
+                })
+            },
+        ],
+    );
+    let (raw_rate, our_rate, scripts_rate) =
+        (figures.medians[0], figures.medians[1], figures.medians[2]);
+    let (ratio, scripts_ratio) = (figures.ratios[1], figures.ratios[2]);
     println!(
-        "saturated    8 threads, 64 keys, 8 conns:  ours {our_best:>8.0}/s  raw {raw_best:>8.0}/s  ratio {:.2} (target >= 0.90); raw client running our scripts {scripts_best:>8.0}/s",
-        our_best / raw_best
+        "saturated    8 threads, 64 keys, 8 conns:  ours {our_rate:>8.0}/s  raw {raw_rate:>8.0}/s  ratio {ratio:.2} (target >= 0.90); raw client running our scripts {scripts_rate:>8.0}/s, ratio {scripts_ratio:.2}"
     );
 }
 
@@ -395,17 +498,22 @@ fn redlock(single: &RedisServer) {
         let urls: Vec<String> = servers.iter().map(RedisServer::url).collect();
         let urls: Vec<&str> = urls.iter().map(String::as_str).collect();
         let manager = LockManager::new(RedlockBackend::connect(&urls).unwrap());
-        // Alternate short runs, so that both see the same machine.
-        let (mut baseline, mut latencies) = (Vec::new(), Vec::new());
-        for _ in 0..10 {
-            baseline.extend(cycle_latencies(&single_manager, "redlock-baseline", 300));
-            latencies.extend(cycle_latencies(&manager, "redlock", 300));
-        }
-        let single_p50 = percentile(&mut baseline, 0.5);
-        let p50 = percentile(&mut latencies, 0.5);
+        let p50 = |manager: &LockManager, key: &str| {
+            percentile(&mut cycle_latencies(manager, key, 200), 0.5).as_secs_f64()
+        };
+        let figures = paired(
+            15,
+            &mut [
+                &mut || p50(&single_manager, "redlock-baseline"),
+                &mut || p50(&manager, "redlock"),
+            ],
+        );
+        let (single_p50, redlock_p50) = (figures.medians[0], figures.medians[1]);
         println!(
-            "redlock      N={nodes} acquire+release p50:      {p50:>9.1?} vs one node {single_p50:>9.1?}  ratio {:.2} (target <= 1.5; {nodes} servers and the client share 2 cores)",
-            p50.as_secs_f64() / single_p50.as_secs_f64()
+            "redlock      N={nodes} acquire+release p50:      {:>9.1?} vs one node {:>9.1?}  ratio {:.2} (target <= 1.5; {nodes} servers and the client share 2 cores)",
+            Duration::from_secs_f64(redlock_p50),
+            Duration::from_secs_f64(single_p50),
+            figures.ratios[1],
         );
     }
 }
