@@ -11,6 +11,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
 
+use crate::clock::saturating_add;
 use crate::event::{EventHook, LeaseEvent};
 use crate::lease::{LeaseShared, TokenText};
 use crate::schedule::{AfterFailure, InFlight, Schedule};
@@ -42,6 +43,9 @@ pub(crate) struct Renewer {
 /// How many commands may wait before the renewer is woken to read them, whatever their due
 /// times: this bounds the memory held by released leases that the renewer has not forgotten yet.
 const QUEUE_WAKE_LEN: usize = 1024;
+
+/// The longest the renewer sleeps with no lease scheduled.
+const IDLE_WAKE_INTERVAL: Duration = Duration::from_secs(1);
 
 /// The renewer's mailbox: commands, a doorbell, and when the renewer plans to wake up.
 ///
@@ -75,7 +79,7 @@ pub(crate) enum Wake {
 
 /// When the renewer plans to wake up, shared by the mailbox and the inbox.
 struct WakePlan {
-    /// Nanoseconds after `epoch`; `u64::MAX`: not before the doorbell rings.
+    /// Nanoseconds after `epoch`.
     wakes_at: AtomicU64,
     epoch: Instant,
 }
@@ -130,15 +134,21 @@ impl Inbox {
     /// Waits until the doorbell rings or the clock reaches `next_due`; false once the manager
     /// is gone.
     fn wait(&self, clock: &Clock, next_due: Option<Instant>) -> bool {
-        let planned = next_due.map_or(u64::MAX, |due| self.plan.nanos(due));
-        self.plan.wakes_at.store(planned, Ordering::SeqCst);
+        // With nothing scheduled, still wake within `IDLE_WAKE_INTERVAL`: a lease tracked
+        // meanwhile then rings only if it falls due sooner. Sleeping until rung instead would
+        // make the first acquire after every drain ring (a system call) when leases come and go
+        // quickly, as they do in a loop of acquire and release.
+        let wake_at = next_due.unwrap_or_else(|| saturating_add(clock.now(), IDLE_WAKE_INTERVAL));
+        self.plan
+            .wakes_at
+            .store(self.plan.nanos(wake_at), Ordering::SeqCst);
         // A sender that read the old wake-up time before the store above may not have rung:
         // whatever it sent is in the queue by now, so look before sleeping.
         if !self.commands.is_empty() {
             return true;
         }
         !matches!(
-            clock.recv_until(&self.doorbell, next_due),
+            clock.recv_until(&self.doorbell, Some(wake_at)),
             Err(RecvTimeoutError::Disconnected)
         )
     }

@@ -407,3 +407,31 @@ fn a_panicking_hook_stops_neither_renewal_nor_loss_reports() {
     assert!(matches!(lease.lost().try_recv(), Ok(LostReason::TakenOver)));
     drop(lease); // the Released event panics in the hook: caught, not an abort
 }
+
+#[test]
+fn a_lease_that_does_not_wake_the_renewer_is_still_renewed() {
+    // Acquiring rings the renewer only for a lease due before it plans to wake. With nothing
+    // scheduled it still plans to wake within a second, so a lease due later is picked up then.
+    let clock = ManualClock::new();
+    let backend = MemoryBackend::with_clock(clock.clone());
+    let (renewed_tx, renewed) = std::sync::mpsc::channel();
+    let manager = LockManager::builder(backend)
+        .clock(clock.clone())
+        .event_hook(move |event: &LeaseEvent<'_>| {
+            if let LeaseEvent::Renewed { valid_until, .. } = event {
+                let _ = renewed_tx.send(*valid_until);
+            }
+        })
+        .build()
+        .unwrap();
+    let lease = manager.acquire("idle", TTL).unwrap();
+    let acquired_until = lease.valid_until();
+    // Past the first renewal's due time (a third of the validity), with no `settle()`, which
+    // would wake the renewer itself.
+    clock.advance(TTL / 2);
+    let renewed_until = renewed
+        .recv_timeout(Duration::from_secs(10))
+        .expect("the lease was never renewed");
+    assert!(renewed_until > acquired_until);
+    assert!(lease.is_held());
+}
