@@ -131,8 +131,8 @@ impl Mailbox {
 }
 
 impl Inbox {
-    /// Waits until the doorbell rings or the clock reaches `next_due`; false once the manager
-    /// is gone.
+    /// Waits until the doorbell rings or the clock reaches `next_due` (with nothing due,
+    /// [`IDLE_WAKE_INTERVAL`] from now); false once the manager is gone.
     fn wait(&self, clock: &Clock, next_due: Option<Instant>) -> bool {
         // With nothing scheduled, still wake within `IDLE_WAKE_INTERVAL`: a lease tracked
         // meanwhile then rings only if it falls due sooner. Sleeping until rung instead would
