@@ -57,7 +57,9 @@
 //!
 //! # Threads
 //!
-//! Each manager has one thread named [`RENEWER_THREAD_NAME`]. It holds no handle that keeps
+//! Each manager has one thread named [`RENEWER_THREAD_NAME`]. It sleeps until the next lease
+//! falls due (with none, for at most a second) and renews every due lease in batches of
+//! [`LockManagerBuilder::batch_size`], one backend call per batch. It holds no handle that keeps
 //! the manager alive: when the last [`LockManager`] clone and the last [`Lease`] are dropped,
 //! the thread is told to stop and joined.
 
