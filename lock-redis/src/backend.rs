@@ -366,23 +366,7 @@ impl RedisBackend {
         let chunks: Vec<&[LeaseRequest<'_>]> = requests.chunks(RENEW_CHUNK).collect();
         let cmds: Vec<Cmd> = chunks
             .iter()
-            .map(|chunk| {
-                let keys: Vec<String> = chunk
-                    .iter()
-                    .map(|request| lock_key(prefix, request.key))
-                    .collect();
-                let ttls: Vec<String> = chunk
-                    .iter()
-                    .map(|request| ttl_millis(request.ttl).to_string())
-                    .collect();
-                let keys: Vec<&str> = keys.iter().map(String::as_str).collect();
-                let args: Vec<&str> = chunk
-                    .iter()
-                    .zip(&ttls)
-                    .flat_map(|(request, ttl)| [request.token, ttl.as_str()])
-                    .collect();
-                script.evalsha(&keys, &args)
-            })
+            .map(|chunk| renew_call(script, prefix, chunk))
             .collect();
 
         let sent = pipeline_round_trip(connection, &cmds, deadline);
@@ -421,6 +405,26 @@ impl RedisBackend {
     fn watch(&self, key: &str) -> Option<ReleaseWatch> {
         self.inner.subscriber.as_ref()?.watch(key)
     }
+}
+
+/// One `renew.lua` call renewing every lease of `chunk`: its lock keys, then a token and a TTL
+/// per key.
+fn renew_call(script: &LuaScript, prefix: &str, chunk: &[LeaseRequest<'_>]) -> Cmd {
+    let keys: Vec<String> = chunk
+        .iter()
+        .map(|request| lock_key(prefix, request.key))
+        .collect();
+    let ttls: Vec<String> = chunk
+        .iter()
+        .map(|request| ttl_millis(request.ttl).to_string())
+        .collect();
+    let keys: Vec<&str> = keys.iter().map(String::as_str).collect();
+    let args: Vec<&str> = chunk
+        .iter()
+        .zip(&ttls)
+        .flat_map(|(request, ttl)| [request.token, ttl.as_str()])
+        .collect();
+    script.evalsha(&keys, &args)
 }
 
 /// `replies`, then `failure` for each of the `expected` replies that did not come.
