@@ -9,7 +9,7 @@ use parking_lot::Mutex;
 
 use crate::event::{EventHook, LeaseEvent};
 use crate::manager::ManagerShared;
-use crate::schedule::{Scheduled, Slot};
+use crate::schedule::{nanos, Scheduled, Slot};
 use crate::{Error, LostReason, Ownership};
 
 /// What a holder can currently trust about its lease.
@@ -132,7 +132,7 @@ impl LeaseShared {
             key: key.into(),
             token,
             fence,
-            ttl_nanos: u64::try_from(ttl.as_nanos()).unwrap_or(u64::MAX),
+            ttl_nanos: nanos(ttl),
             slot: Slot::new(),
             state: Mutex::new(LeaseState {
                 valid_until,

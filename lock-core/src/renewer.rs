@@ -14,7 +14,7 @@ use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
 use crate::clock::saturating_add;
 use crate::event::{EventHook, LeaseEvent};
 use crate::lease::{LeaseShared, TokenText};
-use crate::schedule::{AfterFailure, InFlight, Schedule};
+use crate::schedule::{nanos, AfterFailure, InFlight, Schedule};
 use crate::{BackendError, Clock, LeaseBackend, LeaseRequest, LostReason, Ownership};
 
 /// A message to the renewer thread.
@@ -86,7 +86,7 @@ struct WakePlan {
 
 impl WakePlan {
     fn nanos(&self, at: Instant) -> u64 {
-        u64::try_from(at.saturating_duration_since(self.epoch).as_nanos()).unwrap_or(u64::MAX)
+        nanos(at.saturating_duration_since(self.epoch))
     }
 }
 

@@ -267,7 +267,7 @@ impl<T: Scheduled> Schedule<T> {
 }
 
 /// A duration in nanoseconds, saturating (at about 584 years).
-fn nanos(duration: Duration) -> u64 {
+pub(crate) fn nanos(duration: Duration) -> u64 {
     u64::try_from(duration.as_nanos()).unwrap_or(u64::MAX)
 }
 

@@ -407,6 +407,23 @@ impl RedisBackend {
     }
 }
 
+/// Renews one lease as a batch of one: both backends batch natively, so a single renewal takes
+/// the same path.
+pub(crate) fn renew_as_batch(
+    backend: &impl LeaseBackend,
+    request: &LeaseRequest<'_>,
+    timeout: Duration,
+) -> Result<Ownership, BackendError> {
+    backend
+        .renew_batch(std::slice::from_ref(request), timeout)
+        .pop()
+        .unwrap_or_else(|| {
+            Err(BackendError::transient(
+                "a renewal batch of one returned no result",
+            ))
+        })
+}
+
 /// One `renew.lua` call renewing every lease of `chunk`: its lock keys, then a token and a TTL
 /// per key.
 fn renew_call(script: &LuaScript, prefix: &str, chunk: &[LeaseRequest<'_>]) -> Cmd {
@@ -477,13 +494,7 @@ impl LeaseBackend for RedisBackend {
         request: &LeaseRequest<'_>,
         timeout: Duration,
     ) -> Result<Ownership, BackendError> {
-        self.renew_batch(std::slice::from_ref(request), timeout)
-            .pop()
-            .unwrap_or_else(|| {
-                Err(BackendError::transient(
-                    "a renewal batch of one returned no result",
-                ))
-            })
+        renew_as_batch(self, request, timeout)
     }
 
     /// Sends every renewal in one pipelined round trip: one script call per chunk of

@@ -11,6 +11,7 @@ use lock_core::{
 };
 use parking_lot::Mutex;
 
+use crate::backend::renew_as_batch;
 use crate::pool::Deadline;
 use crate::{RedisBackend, RedisBackendError};
 
@@ -686,9 +687,7 @@ impl LeaseBackend for RedlockBackend {
         request: &LeaseRequest<'_>,
         timeout: Duration,
     ) -> Result<Ownership, BackendError> {
-        self.renew_batch(std::slice::from_ref(request), timeout)
-            .pop()
-            .unwrap_or_else(|| Err(BackendError::transient("Redlock renew returned no result")))
+        renew_as_batch(self, request, timeout)
     }
 
     fn renew_batch(
