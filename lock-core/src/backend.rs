@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use crossbeam_channel::Receiver;
 
-use crate::BackendError;
+use crate::{BackendError, DriftRule};
 
 /// One lease as a backend sees it: a key, the owner's token and a time to live.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -128,34 +128,18 @@ pub trait LeaseBackend: Send + Sync + 'static {
         timeout: Duration,
     ) -> Result<AcquireOutcome, BackendError>;
 
-    /// Sets the key's TTL to `request.ttl` if `request.token` owns it.
+    /// Sets each key's TTL to its request's TTL if the request's token owns it, returning one
+    /// result per request, in order.
     ///
-    /// Called by the renewer thread, at a fraction of the TTL; one round trip.
-    fn renew(
-        &self,
-        request: &LeaseRequest<'_>,
-        timeout: Duration,
-    ) -> Result<Ownership, BackendError>;
-
-    /// Renews several leases at once, returning one result per request, in order.
-    ///
-    /// The renewer calls this with every lease that is due; a backend that can pipeline should
-    /// override it to use one round trip. The default calls [`renew`](LeaseBackend::renew) for
-    /// each request, sharing `timeout` among them.
+    /// Called by the renewer's worker with every lease that is due (up to
+    /// [`LockManagerBuilder::batch_size`](crate::LockManagerBuilder::batch_size) at a time), at a
+    /// fraction of each lease's validity. A backend that can pipeline sends the whole batch in one
+    /// round trip. A renewal is safe to repeat: renewing twice leaves the key as renewing once.
     fn renew_batch(
         &self,
         requests: &[LeaseRequest<'_>],
         timeout: Duration,
-    ) -> Vec<Result<Ownership, BackendError>> {
-        let started = std::time::Instant::now();
-        requests
-            .iter()
-            .map(|request| {
-                let left = timeout.saturating_sub(started.elapsed());
-                self.renew(request, left)
-            })
-            .collect()
-    }
+    ) -> Vec<Result<Ownership, BackendError>>;
 
     /// Deletes the key if `token` owns it, and wakes the key's waiters.
     ///
@@ -172,6 +156,16 @@ pub trait LeaseBackend: Send + Sync + 'static {
         let _ = key;
         None
     }
+
+    /// How much of a TTL a holder may trust on this backend.
+    ///
+    /// Called when a lease is acquired and after each renewal: the lease is valid until the
+    /// instant before the request was sent plus [`DriftRule::validity`] of its TTL, and a TTL
+    /// that leaves no validity is refused before any call. Must be cheap and constant for the
+    /// backend's lifetime. The default is [`DriftRule::DEFAULT`] (1% + 2 ms).
+    fn drift(&self) -> DriftRule {
+        DriftRule::DEFAULT
+    }
 }
 
 impl<B: LeaseBackend + ?Sized> LeaseBackend for std::sync::Arc<B> {
@@ -181,14 +175,6 @@ impl<B: LeaseBackend + ?Sized> LeaseBackend for std::sync::Arc<B> {
         timeout: Duration,
     ) -> Result<AcquireOutcome, BackendError> {
         (**self).try_acquire(request, timeout)
-    }
-
-    fn renew(
-        &self,
-        request: &LeaseRequest<'_>,
-        timeout: Duration,
-    ) -> Result<Ownership, BackendError> {
-        (**self).renew(request, timeout)
     }
 
     fn renew_batch(
@@ -210,5 +196,9 @@ impl<B: LeaseBackend + ?Sized> LeaseBackend for std::sync::Arc<B> {
 
     fn watch_release(&self, key: &str) -> Option<ReleaseWatch> {
         (**self).watch_release(key)
+    }
+
+    fn drift(&self) -> DriftRule {
+        (**self).drift()
     }
 }

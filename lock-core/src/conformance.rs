@@ -111,6 +111,18 @@ fn request<'a>(key: &'a str, token: &'a str, ttl: Duration) -> LeaseRequest<'a> 
 
 const NO_LIMIT: Duration = Duration::MAX;
 
+/// Renews one lease through [`LeaseBackend::renew_batch`]: a batch of one.
+pub fn renew_one(
+    backend: &dyn LeaseBackend,
+    request: &LeaseRequest<'_>,
+    timeout: Duration,
+) -> Result<Ownership, crate::BackendError> {
+    backend
+        .renew_batch(std::slice::from_ref(request), timeout)
+        .pop()
+        .unwrap_or_else(|| panic!("renew_batch returned no result for a batch of one"))
+}
+
 /// Contract 1: while a lease is held and renewed, no other token can acquire the key.
 pub fn mutual_exclusion(target: &dyn ConformanceTarget) {
     let key = target.key("mutual_exclusion");
@@ -176,7 +188,7 @@ pub fn only_owner_renews_or_releases(target: &dyn ConformanceTarget) {
     }
     let foreign = request(&key, "foreign-token", ttl);
     assert_eq!(
-        backend.renew(&foreign, NO_LIMIT).unwrap(),
+        renew_one(&*backend, &foreign, NO_LIMIT).unwrap(),
         Ownership::NotOwned
     );
     assert_eq!(
@@ -194,7 +206,10 @@ pub fn only_owner_renews_or_releases(target: &dyn ConformanceTarget) {
     assert_eq!(batch.len(), 2, "renew_batch returns one result per request");
     assert_eq!(batch[0].as_ref().unwrap(), &Ownership::NotOwned);
     assert_eq!(batch[1].as_ref().unwrap(), &Ownership::Owned);
-    assert_eq!(backend.renew(&owner, NO_LIMIT).unwrap(), Ownership::Owned);
+    assert_eq!(
+        renew_one(&*backend, &owner, NO_LIMIT).unwrap(),
+        Ownership::Owned
+    );
     assert_eq!(
         backend.release(&key, "owner-token", NO_LIMIT).unwrap(),
         Ownership::Owned
@@ -430,9 +445,7 @@ pub fn no_renewal_after_release(target: &dyn ConformanceTarget) {
     }
     let backend = target.backend();
     assert_eq!(
-        backend
-            .renew(&request(&key, "stale", ttl), NO_LIMIT)
-            .unwrap(),
+        renew_one(&*backend, &request(&key, "stale", ttl), NO_LIMIT).unwrap(),
         Ownership::NotOwned
     );
     let fresh = manager.try_acquire(&key, ttl).unwrap();

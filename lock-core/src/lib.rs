@@ -72,6 +72,7 @@ mod manager;
 mod renewer;
 mod retry;
 mod schedule;
+mod validity;
 mod waiters;
 
 #[cfg(feature = "conformance")]
@@ -84,6 +85,7 @@ pub use event::{EventHook, LeaseEvent, NoopHook, TracingHook};
 pub use lease::{Lease, LeaseStatus};
 pub use manager::{LockManager, LockManagerBuilder, RENEWER_THREAD_NAME};
 pub use retry::RetryPolicy;
+pub use validity::DriftRule;
 pub use waiters::{ReleaseWaiters, WeakReleaseWaiters};
 
 /// The longest TTL a lease may have: 365 days. Redis counts TTLs in milliseconds; a year keeps

@@ -254,21 +254,26 @@ impl LeaseBackend for MemoryBackend {
         })
     }
 
-    fn renew(
+    fn renew_batch(
         &self,
-        request: &LeaseRequest<'_>,
+        requests: &[LeaseRequest<'_>],
         _timeout: Duration,
-    ) -> Result<Ownership, BackendError> {
-        self.check_reachable()?;
+    ) -> Vec<Result<Ownership, BackendError>> {
+        if let Err(error) = self.check_reachable() {
+            return requests.iter().map(|_| Err(error.clone())).collect();
+        }
         let now = self.store.clock.now();
         let mut keys = self.store.keys.lock();
-        match keys.get_mut(request.key) {
-            Some(state) if state.owned_by(request.token, now) => {
-                state.expires_at = Some(self.expiry(now, request.ttl));
-                Ok(Ownership::Owned)
-            }
-            _ => Ok(Ownership::NotOwned),
-        }
+        requests
+            .iter()
+            .map(|request| match keys.get_mut(request.key) {
+                Some(state) if state.owned_by(request.token, now) => {
+                    state.expires_at = Some(self.expiry(now, request.ttl));
+                    Ok(Ownership::Owned)
+                }
+                _ => Ok(Ownership::NotOwned),
+            })
+            .collect()
     }
 
     fn release(
@@ -299,6 +304,16 @@ impl LeaseBackend for MemoryBackend {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn renew_one(
+        backend: &MemoryBackend,
+        request: &LeaseRequest<'_>,
+        timeout: Duration,
+    ) -> Result<Ownership, BackendError> {
+        backend
+            .renew_batch(std::slice::from_ref(request), timeout)
+            .remove(0)
+    }
 
     const TTL: Duration = Duration::from_secs(10);
 
@@ -350,7 +365,7 @@ mod tests {
         assert!(!backend.is_locked("k"));
         assert!(watch.receiver().try_recv().is_ok());
         assert_eq!(
-            backend.renew(&request("k", "a"), TTL).unwrap(),
+            renew_one(&backend, &request("k", "a"), TTL).unwrap(),
             Ownership::NotOwned
         );
     }
@@ -361,7 +376,7 @@ mod tests {
         backend.set_unreachable(true);
         let error = backend.try_acquire(&request("k", "a"), TTL).unwrap_err();
         assert!(error.is_transient());
-        assert!(backend.renew(&request("k", "a"), TTL).is_err());
+        assert!(renew_one(&backend, &request("k", "a"), TTL).is_err());
         assert!(backend.release("k", "a", TTL).is_err());
         backend.set_unreachable(false);
         assert!(backend.try_acquire(&request("k", "a"), TTL).is_ok());

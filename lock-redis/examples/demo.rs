@@ -318,13 +318,15 @@ impl LeaseBackend for Link {
         self.store.try_acquire(request, timeout)
     }
 
-    fn renew(
+    fn renew_batch(
         &self,
-        request: &LeaseRequest<'_>,
+        requests: &[LeaseRequest<'_>],
         timeout: Duration,
-    ) -> Result<Ownership, BackendError> {
-        self.check()?;
-        self.store.renew(request, timeout)
+    ) -> Vec<Result<Ownership, BackendError>> {
+        match self.check() {
+            Ok(()) => self.store.renew_batch(requests, timeout),
+            Err(error) => requests.iter().map(|_| Err(error.clone())).collect(),
+        }
     }
 
     fn release(

@@ -407,23 +407,6 @@ impl RedisBackend {
     }
 }
 
-/// Renews one lease as a batch of one: both backends batch natively, so a single renewal takes
-/// the same path.
-pub(crate) fn renew_as_batch(
-    backend: &impl LeaseBackend,
-    request: &LeaseRequest<'_>,
-    timeout: Duration,
-) -> Result<Ownership, BackendError> {
-    backend
-        .renew_batch(std::slice::from_ref(request), timeout)
-        .pop()
-        .unwrap_or_else(|| {
-            Err(BackendError::transient(
-                "a renewal batch of one returned no result",
-            ))
-        })
-}
-
 /// One `renew.lua` call renewing every lease of `chunk`: its lock keys, then a token and a TTL
 /// per key.
 fn renew_call(script: &LuaScript, prefix: &str, chunk: &[LeaseRequest<'_>]) -> Cmd {
@@ -487,14 +470,6 @@ impl LeaseBackend for RedisBackend {
             args: &[request.token, &ttl],
         };
         self.run_script(call, timeout, parse_acquire)
-    }
-
-    fn renew(
-        &self,
-        request: &LeaseRequest<'_>,
-        timeout: Duration,
-    ) -> Result<Ownership, BackendError> {
-        renew_as_batch(self, request, timeout)
     }
 
     /// Sends every renewal in one pipelined round trip: one script call per chunk of

@@ -7,11 +7,10 @@ use std::time::{Duration, Instant};
 
 use crossbeam_channel::{RecvTimeoutError, Sender};
 use lock_core::{
-    AcquireOutcome, BackendError, LeaseBackend, LeaseRequest, Ownership, ReleaseWatch,
+    AcquireOutcome, BackendError, DriftRule, LeaseBackend, LeaseRequest, Ownership, ReleaseWatch,
 };
 use parking_lot::Mutex;
 
-use crate::backend::renew_as_batch;
 use crate::pool::Deadline;
 use crate::{RedisBackend, RedisBackendError};
 
@@ -74,7 +73,7 @@ struct Shared {
     nodes: Vec<Node>,
     quorum: usize,
     node_timeout: Duration,
-    drift_factor: f64,
+    drift: DriftRule,
 }
 
 /// One master: its backend, and the workers that call it.
@@ -325,12 +324,15 @@ impl RedlockBuilder {
                 self.urls.len()
             ));
         }
-        if !(0.0..0.5).contains(&self.drift_factor) {
-            return invalid(format!(
-                "drift_factor must be in [0, 0.5), not {}",
-                self.drift_factor
-            ));
-        }
+        let drift = match DriftRule::new(self.drift_factor, Duration::from_millis(2)) {
+            Some(rule) if self.drift_factor < 0.5 => rule,
+            _ => {
+                return invalid(format!(
+                    "drift_factor must be in [0, 0.5), not {}",
+                    self.drift_factor
+                ))
+            }
+        };
         if !(1..=64).contains(&self.workers_per_node) {
             return invalid(format!(
                 "workers_per_node must be between 1 and 64, not {}",
@@ -361,7 +363,7 @@ impl RedlockBuilder {
                 quorum: nodes.len() / 2 + 1,
                 nodes,
                 node_timeout: self.node_timeout,
-                drift_factor: self.drift_factor,
+                drift,
             }),
         })
     }
@@ -430,7 +432,7 @@ impl fmt::Debug for RedlockBackend {
         f.debug_struct("RedlockBackend")
             .field("quorum", &self.shared.quorum)
             .field("node_timeout", &self.shared.node_timeout)
-            .field("drift_factor", &self.shared.drift_factor)
+            .field("drift", &self.shared.drift)
             .field("nodes", &nodes)
             .finish()
     }
@@ -658,11 +660,12 @@ impl LeaseBackend for RedlockBackend {
                 None => failures.push(None),
             }
         }
-        let drift = request.ttl.mul_f64(self.shared.drift_factor) + Duration::from_millis(2);
-        let validity_left = request
-            .ttl
-            .checked_sub(started.elapsed() + drift)
-            .is_some_and(|left| !left.is_zero());
+        // The same rule the manager applies to the lease (see `drift`), so the two agree.
+        let validity_left = self
+            .shared
+            .drift
+            .validity(request.ttl)
+            .is_some_and(|validity| started.elapsed() < validity);
         if fences.len() >= self.shared.quorum && validity_left {
             let fence = fences.iter().map(|(_, fence)| *fence).max().unwrap_or(0);
             let behind = fences
@@ -680,14 +683,6 @@ impl LeaseBackend for RedlockBackend {
             return Ok(AcquireOutcome::Held { remaining });
         }
         Err(self.no_quorum("acquire", granted, failures))
-    }
-
-    fn renew(
-        &self,
-        request: &LeaseRequest<'_>,
-        timeout: Duration,
-    ) -> Result<Ownership, BackendError> {
-        renew_as_batch(self, request, timeout)
     }
 
     fn renew_batch(
@@ -741,6 +736,12 @@ impl LeaseBackend for RedlockBackend {
             return Ok(Ownership::Owned);
         }
         self.decide("release", tally)
+    }
+
+    /// `ttl * drift_factor + 2 ms`: the holder trusts its lease for what Redlock itself counts
+    /// as valid.
+    fn drift(&self) -> DriftRule {
+        self.shared.drift
     }
 
     fn watch_release(&self, key: &str) -> Option<ReleaseWatch> {

@@ -397,12 +397,12 @@ impl LeaseBackend for NoWakeups {
     ) -> Result<AcquireOutcome, BackendError> {
         self.0.try_acquire(request, timeout)
     }
-    fn renew(
+    fn renew_batch(
         &self,
-        request: &LeaseRequest<'_>,
+        requests: &[LeaseRequest<'_>],
         timeout: Duration,
-    ) -> Result<Ownership, BackendError> {
-        self.0.renew(request, timeout)
+    ) -> Vec<Result<Ownership, BackendError>> {
+        self.0.renew_batch(requests, timeout)
     }
     fn release(
         &self,

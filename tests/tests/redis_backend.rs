@@ -9,6 +9,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use lock_core::conformance::renew_one;
 use lock_core::{AcquireOutcome, BackendError, LeaseBackend, LeaseRequest, Ownership};
 use lock_redis::{RedisBackend, RedisBackendError, RedisOperation};
 use lock_tests::{wait_until, ProxyMode, RedisServer, ServerOptions, TcpProxy};
@@ -165,12 +166,12 @@ fn ttls_are_rounded_up_to_whole_milliseconds() {
     let left = pttl(&server, &backend.lock_key("k"));
     assert!((4_900..=5_001).contains(&left), "PTTL {left}");
     assert_eq!(
-        backend
-            .renew(
-                &request("k", "t", Duration::from_nanos(9_000_000_001)),
-                CALL
-            )
-            .unwrap(),
+        renew_one(
+            &backend,
+            &request("k", "t", Duration::from_nanos(9_000_000_001)),
+            CALL
+        )
+        .unwrap(),
         Ownership::Owned
     );
     let left = pttl(&server, &backend.lock_key("k"));
@@ -186,7 +187,7 @@ fn only_the_owner_renews_and_releases() {
 
     let long = Duration::from_secs(60);
     assert_eq!(
-        backend.renew(&request("job", "thief", long), CALL).unwrap(),
+        renew_one(&backend, &request("job", "thief", long), CALL).unwrap(),
         Ownership::NotOwned
     );
     assert!(
@@ -201,7 +202,7 @@ fn only_the_owner_renews_and_releases() {
     assert_eq!(value, "owner", "a foreign release changed the key");
 
     assert_eq!(
-        backend.renew(&request("job", "owner", long), CALL).unwrap(),
+        renew_one(&backend, &request("job", "owner", long), CALL).unwrap(),
         Ownership::Owned
     );
     assert!(
@@ -220,7 +221,7 @@ fn only_the_owner_renews_and_releases() {
         Ownership::NotOwned
     );
     assert_eq!(
-        backend.renew(&request("job", "owner", long), CALL).unwrap(),
+        renew_one(&backend, &request("job", "owner", long), CALL).unwrap(),
         Ownership::NotOwned
     );
 }
@@ -234,7 +235,7 @@ fn renew_never_recreates_a_deleted_or_expired_key() {
     fence_of(acquire(&backend, "gone", "owner", TTL));
     let () = server.connection().del(&lock).unwrap();
     assert_eq!(
-        backend.renew(&request("gone", "owner", TTL), CALL).unwrap(),
+        renew_one(&backend, &request("gone", "owner", TTL), CALL).unwrap(),
         Ownership::NotOwned
     );
     let exists: bool = server.connection().exists(&lock).unwrap();
@@ -250,7 +251,7 @@ fn renew_never_recreates_a_deleted_or_expired_key() {
         !server.connection().exists::<_, bool>(&lock).unwrap()
     });
     assert_eq!(
-        backend.renew(&request("gone", "short", TTL), CALL).unwrap(),
+        renew_one(&backend, &request("gone", "short", TTL), CALL).unwrap(),
         Ownership::NotOwned
     );
     let exists: bool = server.connection().exists(&lock).unwrap();
@@ -390,7 +391,7 @@ fn every_operation_recovers_from_an_empty_script_cache() {
 
     flush_scripts(&server);
     assert_eq!(
-        backend.renew(&request("a", "t", TTL), CALL).unwrap(),
+        renew_one(&backend, &request("a", "t", TTL), CALL).unwrap(),
         Ownership::Owned
     );
 
@@ -471,7 +472,10 @@ fn batch_renewal_answers_each_lease_in_one_round_trip() {
 
     // Warm the pool, then make every round trip take at least 600 ms: one at a time, these
     // renewals would take minutes.
-    assert_eq!(backend.renew(&batch[0], CALL).unwrap(), Ownership::Owned);
+    assert_eq!(
+        renew_one(&backend, &batch[0], CALL).unwrap(),
+        Ownership::Owned
+    );
     proxy.set_mode(ProxyMode::Delay(Duration::from_millis(300)));
     let started = Instant::now();
     let results = backend.renew_batch(&batch, CALL);
@@ -727,7 +731,7 @@ fn a_backend_given_a_pool_works_without_release_notifications() {
     assert!(backend.watch_release("k").is_none());
     fence_of(acquire(&backend, "k", "t", TTL));
     assert_eq!(
-        backend.renew(&request("k", "t", TTL), CALL).unwrap(),
+        renew_one(&backend, &request("k", "t", TTL), CALL).unwrap(),
         Ownership::Owned
     );
     assert_eq!(backend.release("k", "t", CALL).unwrap(), Ownership::Owned);
@@ -754,7 +758,7 @@ fn a_paused_server_fails_every_call_in_time_and_is_used_again_after() {
     assert_transient_in_time(result, RedisOperation::Acquire, "new", started, SHORT);
 
     let started = Instant::now();
-    let result = backend.renew(&request("held", "owner", long), SHORT);
+    let result = renew_one(&backend, &request("held", "owner", long), SHORT);
     assert_transient_in_time(result, RedisOperation::Renew, "held", started, SHORT);
 
     let started = Instant::now();
@@ -781,12 +785,10 @@ fn a_paused_server_fails_every_call_in_time_and_is_used_again_after() {
         started,
         Duration::from_millis(700),
     );
-    assert!(redis_cause(
-        &backend
-            .renew(&request("held", "owner", long), SHORT)
-            .unwrap_err()
-    )
-    .is_timeout());
+    assert!(
+        redis_cause(&renew_one(&backend, &request("held", "owner", long), SHORT).unwrap_err())
+            .is_timeout()
+    );
 
     // A backend with no connection yet: connecting is bounded too.
     let fresh = RedisBackend::builder(&server.url())
@@ -807,13 +809,11 @@ fn a_paused_server_fails_every_call_in_time_and_is_used_again_after() {
     // The replies to the timed-out calls (renewals that say "owned") arrive now; none of them
     // may be taken for the answer to this question.
     assert_eq!(
-        backend
-            .renew(&request("held", "not-the-owner", TTL), CALL)
-            .unwrap(),
+        renew_one(&backend, &request("held", "not-the-owner", TTL), CALL).unwrap(),
         Ownership::NotOwned
     );
     assert_eq!(
-        backend.renew(&request("held", "owner", TTL), CALL).unwrap(),
+        renew_one(&backend, &request("held", "owner", TTL), CALL).unwrap(),
         Ownership::Owned
     );
     let fence = fence_of(acquire(&backend, "after", "t", TTL));
@@ -832,7 +832,7 @@ fn a_blackholed_connection_times_out_and_recovers() {
 
     proxy.set_mode(ProxyMode::Blackhole);
     let started = Instant::now();
-    let result = backend.renew(&request("k", "owner", TTL), SHORT);
+    let result = renew_one(&backend, &request("k", "owner", TTL), SHORT);
     assert_transient_in_time(result, RedisOperation::Renew, "k", started, SHORT);
     let started = Instant::now();
     let result = backend.release("k", "owner", Duration::MAX);
@@ -847,15 +847,13 @@ fn a_blackholed_connection_times_out_and_recovers() {
     proxy.set_mode(ProxyMode::Pass);
     // The renewal's late reply ("owned") must not be taken for the answer to this question.
     assert_eq!(
-        backend
-            .renew(&request("k", "not-the-owner", TTL), CALL)
-            .unwrap(),
+        renew_one(&backend, &request("k", "not-the-owner", TTL), CALL).unwrap(),
         Ownership::NotOwned
     );
     // The release never went out: its connection was still waiting for the renewal's reply,
     // and checking it timed out first. So the owner still holds the key.
     assert_eq!(
-        backend.renew(&request("k", "owner", TTL), CALL).unwrap(),
+        renew_one(&backend, &request("k", "owner", TTL), CALL).unwrap(),
         Ownership::Owned
     );
 }
@@ -881,7 +879,7 @@ fn reset_connections_are_replaced_without_failing_the_next_call() {
 
     proxy.set_mode(ProxyMode::Reset);
     let started = Instant::now();
-    let result = backend.renew(&request("k", "owner", TTL), SHORT);
+    let result = renew_one(&backend, &request("k", "owner", TTL), SHORT);
     assert_transient_in_time(result, RedisOperation::Renew, "k", started, SHORT);
     wait_until("the proxy closed every connection", WAIT, || {
         proxy.connections() == 0
@@ -890,7 +888,7 @@ fn reset_connections_are_replaced_without_failing_the_next_call() {
     proxy.set_mode(ProxyMode::Pass);
     for round in 0..10 {
         assert_eq!(
-            backend.renew(&request("k", "owner", TTL), CALL).unwrap(),
+            renew_one(&backend, &request("k", "owner", TTL), CALL).unwrap(),
             Ownership::Owned,
             "call {round} after the connections were reset"
         );
@@ -1032,7 +1030,7 @@ fn a_wrong_password_is_a_permanent_error_that_never_shows_the_password() {
         .build_unchecked(client);
     let backend = RedisBackend::from_pool(pool);
     let started = Instant::now();
-    let error = backend.renew(&request("k", "t", TTL), CALL).unwrap_err();
+    let error = renew_one(&backend, &request("k", "t", TTL), CALL).unwrap_err();
     assert!(
         started.elapsed() < Duration::from_secs(2),
         "took {:?}",
@@ -1069,9 +1067,7 @@ fn a_lock_key_of_another_type_is_a_permanent_error_naming_the_operation_and_key(
     );
     assert!(error.to_string().contains("WRONGTYPE"), "{error}");
 
-    let error = backend
-        .renew(&request("listy", "t", TTL), CALL)
-        .unwrap_err();
+    let error = renew_one(&backend, &request("listy", "t", TTL), CALL).unwrap_err();
     assert!(!error.is_transient(), "{error}");
     assert_eq!(redis_cause(&error).operation(), Some(RedisOperation::Renew));
 
