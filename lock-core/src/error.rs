@@ -25,11 +25,12 @@ pub enum LostReason {
 
 impl fmt::Display for LostReason {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            LostReason::Expired => f.write_str("its validity ran out before a renewal succeeded"),
-            LostReason::TakenOver => f.write_str("the backend no longer holds it for our token"),
-            LostReason::Rejected(error) => write!(f, "the backend rejected its renewal: {error}"),
-        }
+        f.write_str(match self {
+            LostReason::Expired => "its validity ran out before a renewal succeeded",
+            LostReason::TakenOver => "the backend no longer holds it for our token",
+            // The error itself is the `source` of `Error::Lost`.
+            LostReason::Rejected(_) => "the backend rejected its renewal",
+        })
     }
 }
 
@@ -49,17 +50,19 @@ impl fmt::Display for LostReason {
 /// assert!(err.is_invalid_input());
 /// assert!(!err.is_timeout() && !err.is_lost());
 /// ```
-#[derive(Debug, thiserror::Error)]
+///
+/// Each error prints its own message once: the cause, when there is one, is its
+/// [`source`](std::error::Error::source), never repeated in its `Display` (print the chain to
+/// see it all, as `anyhow`'s `{:#}` does).
+#[derive(Debug)]
 #[non_exhaustive]
 pub enum Error {
     /// The key is not usable (empty, for example).
-    #[error("invalid lock key: {reason}")]
     InvalidKey {
         /// What is wrong with it.
         reason: &'static str,
     },
     /// The TTL is zero, too short to leave any validity after clock drift, or too long.
-    #[error("invalid lease TTL {ttl:?}: {reason}")]
     InvalidTtl {
         /// The TTL that was asked for.
         ttl: Duration,
@@ -67,24 +70,24 @@ pub enum Error {
         reason: &'static str,
     },
     /// A builder setting is out of range.
-    #[error("invalid configuration: {reason}")]
     InvalidConfig {
         /// Which setting, and why.
         reason: String,
     },
     /// The lock was not acquired within the caller's wait.
-    #[error("timed out after {waited:?} waiting for lock {key:?}{}", last_error_suffix(.last_error))]
     Timeout {
         /// The key that was asked for.
         key: String,
         /// How long the caller waited.
         waited: Duration,
-        /// The last transient backend error seen while waiting, if the wait was spent on errors
-        /// rather than on another holder.
+        /// When the last attempt found another holder: how long that holder's TTL still ran,
+        /// if the backend said.
+        holder_remaining: Option<Duration>,
+        /// When the last attempt failed instead: the backend's transient error (also the
+        /// error's `source`).
         last_error: Option<BackendError>,
     },
     /// The lease was lost: it can no longer be trusted to exclude other holders.
-    #[error("lease on {key:?} was lost: {reason}")]
     Lost {
         /// The lease's key.
         key: String,
@@ -93,14 +96,57 @@ pub enum Error {
     },
     /// The backend failed with an error that retrying does not cure, or the caller asked for one
     /// attempt only.
-    #[error(transparent)]
-    Backend(#[from] BackendError),
+    Backend(BackendError),
 }
 
-fn last_error_suffix(last_error: &Option<BackendError>) -> String {
-    match last_error {
-        Some(error) => format!(" (last backend error: {error})"),
-        None => String::new(),
+impl From<BackendError> for Error {
+    fn from(error: BackendError) -> Error {
+        Error::Backend(error)
+    }
+}
+
+impl fmt::Display for Error {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Error::InvalidKey { reason } => write!(f, "invalid lock key: {reason}"),
+            Error::InvalidTtl { ttl, reason } => write!(f, "invalid lease TTL {ttl:?}: {reason}"),
+            Error::InvalidConfig { reason } => write!(f, "invalid configuration: {reason}"),
+            Error::Timeout {
+                key,
+                waited,
+                holder_remaining,
+                last_error,
+            } => {
+                write!(f, "timed out after {waited:?} waiting for lock {key:?}: ")?;
+                match (last_error, holder_remaining) {
+                    (Some(_), _) => f.write_str("the last attempt failed"),
+                    (None, Some(left)) => {
+                        write!(f, "another holder has it, its TTL runs {left:?} more")
+                    }
+                    (None, None) => f.write_str("another holder has it"),
+                }
+            }
+            Error::Lost { key, reason } => write!(f, "lease on {key:?} was lost: {reason}"),
+            // Transparent: the backend error speaks for itself.
+            Error::Backend(error) => fmt::Display::fmt(error, f),
+        }
+    }
+}
+
+impl StdError for Error {
+    fn source(&self) -> Option<&(dyn StdError + 'static)> {
+        match self {
+            Error::Timeout {
+                last_error: Some(error),
+                ..
+            }
+            | Error::Lost {
+                reason: LostReason::Rejected(error),
+                ..
+            } => Some(error),
+            Error::Backend(error) => error.source(),
+            _ => None,
+        }
     }
 }
 
@@ -151,7 +197,7 @@ pub enum BackendErrorKind {
 }
 
 /// A failure reported by a [`LeaseBackend`](crate::LeaseBackend), with its cause kept as the
-/// [`source`](std::error::Error::source).
+/// [`source`](std::error::Error::source) (and so not repeated in its `Display`).
 ///
 /// Cheap to clone, so that one failed batch can be reported for each of its leases.
 ///
@@ -162,7 +208,8 @@ pub enum BackendErrorKind {
 /// let error = BackendError::transient(io);
 /// assert!(error.is_transient());
 /// assert_eq!(error.kind(), BackendErrorKind::Transient);
-/// assert_eq!(error.to_string(), "transient backend error: refused");
+/// assert_eq!(error.to_string(), "transient backend error");
+/// assert_eq!(std::error::Error::source(&error).unwrap().to_string(), "refused");
 /// ```
 #[derive(Clone)]
 pub struct BackendError {
@@ -223,7 +270,7 @@ impl fmt::Display for BackendError {
             BackendErrorKind::Transient => "transient",
             BackendErrorKind::Permanent => "permanent",
         };
-        write!(f, "{kind} backend error: {}", self.cause)
+        write!(f, "{kind} backend error")
     }
 }
 

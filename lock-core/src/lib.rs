@@ -72,6 +72,8 @@ mod manager;
 mod renewer;
 mod retry;
 mod schedule;
+mod shared;
+mod state;
 mod validity;
 mod waiters;
 
@@ -82,9 +84,11 @@ pub use backend::{AcquireOutcome, LeaseBackend, LeaseRequest, Ownership, Release
 pub use clock::{Clock, ManualClock};
 pub use error::{BackendError, BackendErrorKind, Error, LostReason};
 pub use event::{EventHook, LeaseEvent, NoopHook, TracingHook};
-pub use lease::{Lease, LeaseStatus};
+pub use lease::Lease;
 pub use manager::{LockManager, LockManagerBuilder, RENEWER_THREAD_NAME};
 pub use retry::RetryPolicy;
+pub use shared::CLEANUP_TIMEOUT;
+pub use state::LeaseStatus;
 pub use validity::DriftRule;
 pub use waiters::{ReleaseWaiters, WeakReleaseWaiters};
 

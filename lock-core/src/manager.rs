@@ -3,19 +3,20 @@
 use std::fmt;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::thread::JoinHandle;
 use std::time::Duration;
 
 use parking_lot::Mutex;
 
 use crate::clock::saturating_add;
 use crate::event::{EventHook, GuardedHook, LeaseEvent, NoopHook};
-use crate::lease::{LeaseShared, Token};
-use crate::renewer::{Command, Mailbox, Renewer, Wake};
+use crate::renewer::{start, Command, RenewerSettings, Wake};
 use crate::retry::RetryPolicy;
-use crate::schedule::{first_renewal, validity, Schedule};
+use crate::schedule::renewal_due;
+use crate::shared::{ManagerShared, CLEANUP_TIMEOUT};
+use crate::state::{LeaseShared, Token};
 use crate::{
-    AcquireOutcome, BackendError, Clock, Error, Lease, LeaseBackend, LeaseRequest, MAX_TTL,
+    AcquireOutcome, BackendError, Clock, DriftRule, Error, Lease, LeaseBackend, LeaseRequest,
+    MAX_TTL,
 };
 
 /// The name of every manager's renewer thread.
@@ -50,17 +51,7 @@ pub const RENEWER_THREAD_NAME: &str = "lease-renewer";
 #[derive(Clone)]
 pub struct LockManager {
     shared: Arc<ManagerShared>,
-}
-
-/// What a manager's handles and leases share.
-pub(crate) struct ManagerShared {
-    pub(crate) backend: Arc<dyn LeaseBackend>,
-    pub(crate) clock: Clock,
-    pub(crate) hook: Arc<dyn EventHook>,
     config: Config,
-    next_id: AtomicU64,
-    mailbox: Mailbox,
-    renewer: Mutex<Option<JoinHandle<()>>>,
 }
 
 #[derive(Debug, Clone)]
@@ -174,31 +165,27 @@ impl LockManagerBuilder {
         if let Err(reason) = config.retry.validate() {
             return invalid(reason);
         }
-        let epoch = self.clock.now();
-        let (mailbox, inbox) = Mailbox::new(epoch);
-        let renewer = Renewer {
+        let (mailbox, renewer) = start(RenewerSettings {
             backend: self.backend.clone(),
             clock: self.clock.clone(),
             hook: self.hook.clone(),
-            schedule: Schedule::new(config.renew_fraction, epoch),
+            renew_fraction: config.renew_fraction,
             batch_size: config.batch_size,
-        };
-        let thread = std::thread::Builder::new()
-            .name(RENEWER_THREAD_NAME.into())
-            .spawn(move || renewer.run(inbox))
-            .map_err(|error| Error::InvalidConfig {
-                reason: format!("cannot start the renewer thread: {error}"),
-            })?;
+            thread_name: RENEWER_THREAD_NAME,
+        })
+        .map_err(|error| Error::InvalidConfig {
+            reason: format!("cannot start the renewer thread: {error}"),
+        })?;
         Ok(LockManager {
             shared: Arc::new(ManagerShared {
                 backend: self.backend,
                 clock: self.clock,
                 hook: self.hook,
-                config,
                 next_id: AtomicU64::new(1),
                 mailbox,
-                renewer: Mutex::new(Some(thread)),
+                renewer: Mutex::new(Some(renewer)),
             }),
+            config,
         })
     }
 }
@@ -207,6 +194,14 @@ impl LockManagerBuilder {
 enum Attempt {
     Acquired(Lease),
     Held { remaining: Option<Duration> },
+}
+
+/// Why the last attempt of a waiting acquire did not get the key.
+enum Refused {
+    /// Another holder has it.
+    Held { remaining: Option<Duration> },
+    /// The backend failed transiently: the attempt may have taken the key for our token.
+    Failed(BackendError),
 }
 
 impl LockManager {
@@ -236,65 +231,97 @@ impl LockManager {
 
     /// One attempt to acquire `key` for `ttl`: `Ok(None)` when another holder has it.
     ///
-    /// Backend errors, transient or not, are returned as they are: nothing is retried.
+    /// The attempt gets the backend's own timeouts. Backend errors, transient or not, are
+    /// returned as they are: nothing is retried. After a transient error the attempt may still
+    /// have taken the key on the server; it is given back, best effort, with the same token.
+    ///
+    /// Leases are not re-entrant: a second acquire of a key this caller already holds waits for
+    /// (or, here, is refused by) the first lease like any other holder's.
     pub fn try_acquire(&self, key: &str, ttl: Duration) -> Result<Option<Lease>, Error> {
-        validate(key, ttl)?;
-        match self.attempt(key, ttl, Token::random(), Duration::MAX)? {
-            Attempt::Acquired(lease) => Ok(Some(lease)),
-            Attempt::Held { .. } => Ok(None),
+        let validity = self.validate(key, ttl)?;
+        let token = Token::random();
+        match self.attempt(key, ttl, validity, token) {
+            Ok(Attempt::Acquired(lease)) => Ok(Some(lease)),
+            Ok(Attempt::Held { .. }) => Ok(None),
+            Err(Error::Backend(error)) if error.is_transient() => {
+                self.clean_up(key, token);
+                Err(Error::Backend(error))
+            }
+            Err(error) => Err(error),
         }
     }
 
     /// Acquires `key` for `ttl`, waiting up to the builder's
     /// [`default_wait`](LockManagerBuilder::default_wait).
     pub fn acquire(&self, key: &str, ttl: Duration) -> Result<Lease, Error> {
-        self.acquire_timeout(key, ttl, self.shared.config.default_wait)
+        self.acquire_timeout(key, ttl, self.config.default_wait)
     }
 
     /// Acquires `key` for `ttl`, waiting up to `wait` while another holder has it or the backend
     /// fails transiently; then fails with an error whose [`is_timeout`](Error::is_timeout) is
-    /// true. `Duration::MAX` waits without a deadline.
+    /// true and that says why the last attempt failed (the holder's remaining TTL, or the
+    /// backend's error as its [`source`](std::error::Error::source)). `Duration::MAX` waits
+    /// without a deadline; `Duration::ZERO` makes exactly one attempt.
     ///
-    /// Between attempts it sleeps with capped exponential backoff and full jitter, never past the
-    /// holder's remaining TTL or the deadline, and wakes early when the backend announces the
-    /// key's release.
+    /// The wait bounds the waiting, not an attempt: every attempt, the last one included, gets
+    /// the backend's own timeouts. Between attempts it sleeps with capped exponential backoff and
+    /// full jitter, never past the holder's remaining TTL or the deadline, and wakes early when
+    /// the backend announces the key's release. An acquire that gives up after an attempt whose
+    /// outcome is unknown gives the key back, best effort, with its token.
     pub fn acquire_timeout(
         &self,
         key: &str,
         ttl: Duration,
         wait: Duration,
     ) -> Result<Lease, Error> {
-        validate(key, ttl)?;
+        let validity = self.validate(key, ttl)?;
         let clock = &self.shared.clock;
         let started = clock.now();
         let deadline = started.checked_add(wait);
-        let mut backoff = self.shared.config.retry.backoff();
-        // One token for every attempt: an attempt that timed out on our side but still took
-        // the key on the server is picked up by the next attempt instead of blocking the key.
+        let mut backoff = self.config.retry.backoff();
+        // One token for every attempt: an attempt that failed on our side but still took the
+        // key on the server is picked up by the next attempt instead of blocking the key.
         let token = Token::random();
+        // Watch for releases only once the key was found busy: an uncontended acquire
+        // registers nothing. Registered before the next attempt, so no release slips between.
+        let mut watch = None;
         loop {
-            // Subscribe before trying, so a release right after a failed attempt still wakes us.
-            let watch = self.shared.backend.watch_release(key);
-            let budget =
-                deadline.map_or(Duration::MAX, |d| d.saturating_duration_since(clock.now()));
-            let (remaining, last_error) = match self.attempt(key, ttl, token, budget) {
+            let refused = match self.attempt(key, ttl, validity, token) {
                 Ok(Attempt::Acquired(lease)) => return Ok(lease),
-                Ok(Attempt::Held { remaining }) => (remaining, None),
-                Err(Error::Backend(error)) if error.is_transient() => (None, Some(error)),
+                Ok(Attempt::Held { remaining }) => Refused::Held { remaining },
+                Err(Error::Backend(error)) if error.is_transient() => Refused::Failed(error),
                 Err(error) => return Err(error),
             };
             let now = clock.now();
             if deadline.is_some_and(|deadline| now >= deadline) {
-                return Err(Error::Timeout {
-                    key: key.to_owned(),
-                    waited: now.saturating_duration_since(started),
-                    last_error,
+                let waited = now.saturating_duration_since(started);
+                return Err(match refused {
+                    Refused::Held { remaining } => Error::Timeout {
+                        key: key.to_owned(),
+                        waited,
+                        holder_remaining: remaining,
+                        last_error: None,
+                    },
+                    Refused::Failed(error) => {
+                        self.clean_up(key, token);
+                        Error::Timeout {
+                            key: key.to_owned(),
+                            waited,
+                            holder_remaining: None,
+                            last_error: Some(error),
+                        }
+                    }
                 });
             }
+            let remaining = match refused {
+                Refused::Held { remaining } => remaining,
+                Refused::Failed(_) => None,
+            };
+            let watch = watch.get_or_insert_with(|| self.shared.backend.watch_release(key));
             let delay = backoff.next_delay(fastrand::f64(), remaining);
             let wake = saturating_add(now, delay);
             let wake = deadline.map_or(wake, |deadline| wake.min(deadline));
-            match &watch {
+            match watch {
                 Some(watch) => {
                     let _ = clock.recv_until(watch.receiver(), Some(wake));
                 }
@@ -305,9 +332,12 @@ impl LockManager {
 
     /// Runs `f` under a lease on `key` (waiting up to `wait` for it), then releases the lease.
     ///
-    /// Returns `f`'s value, or [`Error::Lost`] if the lease was lost before `f` returned: the
-    /// caller must then treat `f`'s effects as unprotected (this is where fencing matters). If
-    /// `f` panics, the lease is released and the panic continues in the caller.
+    /// Returns `f`'s value, or [`Error::Lost`] if the lease was lost before `f` returned, or
+    /// found lost by the release: the caller must then treat `f`'s effects as unprotected (this
+    /// is where fencing matters). A release whose outcome is unknown (the backend did not
+    /// answer) is no loss: the value is returned, the failure logged, and the key expires after
+    /// its TTL if it was not deleted. If `f` panics, the lease is released and the panic
+    /// continues in the caller.
     ///
     /// ```
     /// use std::time::Duration;
@@ -333,8 +363,14 @@ impl LockManager {
         let held = lease.ensure_held();
         let released = lease.release();
         held?;
-        released?;
-        Ok(value)
+        match released {
+            Err(error) if error.is_lost() => Err(error),
+            Err(error) => {
+                tracing::warn!(key, %error, "releasing the lease after with_lease failed; it expires after its TTL");
+                Ok(value)
+            }
+            Ok(()) => Ok(value),
+        }
     }
 
     /// Waits until the renewer thread has applied every lease acquired or released before this
@@ -354,12 +390,13 @@ impl LockManager {
         &self.shared.clock
     }
 
+    /// One attempt, with the backend's own timeouts.
     fn attempt(
         &self,
         key: &str,
         ttl: Duration,
+        validity: Duration,
         token: Token,
-        timeout: Duration,
     ) -> Result<Attempt, Error> {
         let shared = &self.shared;
         let text = token.text();
@@ -369,26 +406,27 @@ impl LockManager {
             ttl,
         };
         let sent_at = shared.clock.now();
-        let fence = match shared.backend.try_acquire(&request, timeout)? {
+        let fence = match shared.backend.try_acquire(&request, Duration::MAX)? {
             AcquireOutcome::Acquired { fence } => fence,
             AcquireOutcome::Held { remaining } => return Ok(Attempt::Held { remaining }),
         };
-        // `validate` guarantees some validity is left after drift.
-        let valid_until = saturating_add(sent_at, validity(ttl).unwrap_or(Duration::ZERO));
+        let id = shared.next_id.fetch_add(1, Ordering::Relaxed);
+        let lease = Arc::new(LeaseShared::new(
+            id, key, token, fence, ttl, validity, sent_at,
+        ));
+        let valid_until = lease.valid_until();
         if shared.clock.now() >= valid_until {
             // The answer came too late to leave any validity: give the key back.
-            let _ = shared.backend.release(key, text.as_str(), timeout);
+            let _ = shared.backend.release(key, text.as_str(), CLEANUP_TIMEOUT);
             return Err(Error::Backend(BackendError::transient(
                 "the backend answered after the whole validity of the lease had passed",
             )));
         }
-        let id = shared.next_id.fetch_add(1, Ordering::Relaxed);
-        let lease = Arc::new(LeaseShared::new(id, key, token, fence, ttl, valid_until));
-        let due = first_renewal(shared.config.renew_fraction, sent_at, ttl);
+        let due = renewal_due(self.config.renew_fraction, sent_at, validity, valid_until);
         shared.mailbox.send(
             Command::Track {
                 lease: lease.clone(),
-                sent_at,
+                due,
             },
             Wake::Before(due),
         );
@@ -399,23 +437,24 @@ impl LockManager {
         });
         Ok(Attempt::Acquired(Lease::new(lease, shared.clone())))
     }
-}
 
-impl ManagerShared {
-    pub(crate) fn untrack(&self, lease: &Arc<LeaseShared>) {
-        self.mailbox
-            .send(Command::Untrack(Arc::clone(lease)), Wake::Lazily);
-    }
-}
-
-impl Drop for ManagerShared {
-    fn drop(&mut self) {
-        self.mailbox.send(Command::Shutdown, Wake::Now);
-        if let Some(thread) = self.renewer.get_mut().take() {
-            if thread.thread().id() != std::thread::current().id() {
-                let _ = thread.join();
-            }
+    /// Gives back, best effort, a key that an attempt with an unknown outcome may have taken
+    /// for `token`.
+    fn clean_up(&self, key: &str, token: Token) {
+        let text = token.text();
+        if let Err(error) = self
+            .shared
+            .backend
+            .release(key, text.as_str(), CLEANUP_TIMEOUT)
+        {
+            tracing::debug!(key, %error, "could not clean up after a failed acquire; the key expires after its TTL");
         }
+    }
+
+    /// Checks a key and a TTL before any backend sees them; returns the validity the backend's
+    /// drift rule leaves of the TTL.
+    fn validate(&self, key: &str, ttl: Duration) -> Result<Duration, Error> {
+        validate(key, ttl, self.shared.backend.drift())
     }
 }
 
@@ -423,13 +462,14 @@ impl fmt::Debug for LockManager {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("LockManager")
             .field("clock", &self.shared.clock)
-            .field("config", &self.shared.config)
+            .field("config", &self.config)
             .finish_non_exhaustive()
     }
 }
 
-/// Checks a key and a TTL before any backend sees them.
-fn validate(key: &str, ttl: Duration) -> Result<(), Error> {
+/// Checks a key and a TTL before any backend sees them; returns the validity `drift` leaves of
+/// the TTL.
+fn validate(key: &str, ttl: Duration, drift: DriftRule) -> Result<Duration, Error> {
     if key.is_empty() {
         return Err(Error::InvalidKey {
             reason: "the key is empty",
@@ -447,13 +487,10 @@ fn validate(key: &str, ttl: Duration) -> Result<(), Error> {
             reason: "longer than MAX_TTL (365 days)",
         });
     }
-    if validity(ttl).is_none() {
-        return Err(Error::InvalidTtl {
-            ttl,
-            reason: "too short to leave any validity after the clock drift allowance (1% + 2 ms)",
-        });
-    }
-    Ok(())
+    drift.validity(ttl).ok_or(Error::InvalidTtl {
+        ttl,
+        reason: "too short to leave any validity after the backend's clock drift allowance",
+    })
 }
 
 #[cfg(test)]
@@ -463,6 +500,7 @@ mod tests {
     #[test]
     fn validation_names_the_problem() {
         let ms = Duration::from_millis(1);
+        let validate = |key, ttl| validate(key, ttl, DriftRule::DEFAULT);
         assert!(matches!(
             validate("", ms * 100),
             Err(Error::InvalidKey { .. })
@@ -481,5 +519,11 @@ mod tests {
         ));
         assert!(validate("k", ms * 3).is_ok());
         assert!(validate("k", MAX_TTL).is_ok());
+        let cautious = DriftRule::new(0.3, ms * 2).unwrap();
+        assert_eq!(
+            super::validate("k", Duration::from_secs(10), cautious).unwrap(),
+            Duration::from_millis(6_998),
+            "the backend's rule decides the validity"
+        );
     }
 }

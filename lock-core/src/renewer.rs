@@ -1,43 +1,139 @@
-//! The renewer: one named thread per manager that renews every tracked lease when it is due.
+//! The renewer: one named thread per manager that keeps every tracked lease's time, and its
+//! I/O worker, which makes the backend calls.
 //!
-//! It owns a [`Schedule`] and reads [`Command`]s from a crossbeam channel. The loop only waits,
-//! applies commands, and hands due leases to the backend in batches; every timing decision is the
-//! schedule's.
-
-use std::sync::Arc;
-use std::time::{Duration, Instant};
+//! The renewer owns a [`Schedule`] and reads [`Command`]s from a crossbeam channel. It never
+//! blocks on the backend: it hands due leases to its worker in batches (one `renew_batch` call
+//! each) and, while a batch is in flight, watches the end of each of its leases' validity, so a
+//! loss is reported on time however long another call takes. The loop only waits, applies
+//! commands and answers, and sends batches; the due times come from the schedule's rules, the
+//! validity from each lease's state.
 
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
 
 use crate::clock::saturating_add;
 use crate::event::{EventHook, LeaseEvent};
-use crate::lease::{LeaseShared, TokenText};
-use crate::schedule::{nanos, AfterFailure, InFlight, Schedule};
+use crate::schedule::{nanos, renewal_due, retry_due, Schedule};
+use crate::state::{LeaseShared, TokenText};
 use crate::{BackendError, Clock, LeaseBackend, LeaseRequest, LostReason, Ownership};
+
+/// The name of the renewer's I/O worker thread (Linux shows its first 15 bytes).
+pub(crate) const WORKER_THREAD_NAME: &str = "lease-renew-io";
 
 /// A message to the renewer thread.
 pub(crate) enum Command {
-    /// Start renewing a lease acquired by a request sent at `sent_at`.
+    /// Start renewing a lease, first at `due`.
     Track {
         lease: Arc<LeaseShared>,
-        sent_at: Instant,
+        due: Instant,
     },
     /// Stop renewing a lease (it is being released).
     Untrack(Arc<LeaseShared>),
-    /// Reply once every earlier command is applied and every lease due now has been handled.
+    /// The worker's answer to a batch.
+    Answered(Answer),
+    /// Reply once every earlier command is applied and every lease due now has been handled
+    /// (its renewal answered).
     Settle(Sender<()>),
     /// Stop the thread.
     Shutdown,
 }
 
-pub(crate) struct Renewer {
+/// Leases whose renewal goes to the backend in one call, sent at `sent_at`.
+struct Batch {
+    leases: Vec<Arc<LeaseShared>>,
+    sent_at: Instant,
+    /// The call must end before the first of these leases would be lost.
+    timeout: Duration,
+}
+
+/// A batch and the backend's results, one per lease.
+pub(crate) struct Answer {
+    leases: Vec<Arc<LeaseShared>>,
+    sent_at: Instant,
+    results: Vec<Result<Ownership, BackendError>>,
+}
+
+/// What a renewer needs; see [`start`].
+pub(crate) struct RenewerSettings {
     pub(crate) backend: Arc<dyn LeaseBackend>,
     pub(crate) clock: Clock,
     pub(crate) hook: Arc<dyn EventHook>,
-    pub(crate) schedule: Schedule<Arc<LeaseShared>>,
+    pub(crate) renew_fraction: f64,
     pub(crate) batch_size: usize,
+    pub(crate) thread_name: &'static str,
+}
+
+/// Starts a renewer thread and its worker; returns the renewer's mailbox and its handle.
+pub(crate) fn start(settings: RenewerSettings) -> std::io::Result<(Mailbox, JoinHandle<()>)> {
+    let epoch = settings.clock.now();
+    let (mailbox, inbox) = Mailbox::new(epoch);
+    let (jobs, batches) = crossbeam_channel::unbounded::<Batch>();
+    let worker = {
+        let (backend, mailbox) = (settings.backend.clone(), mailbox.clone());
+        std::thread::Builder::new()
+            .name(WORKER_THREAD_NAME.into())
+            .spawn(move || renew_batches(&*backend, &batches, &mailbox))?
+    };
+    let renewer = Renewer {
+        backend_jobs: jobs,
+        clock: settings.clock,
+        hook: settings.hook,
+        schedule: Schedule::new(epoch),
+        renew_fraction: settings.renew_fraction,
+        batch_size: settings.batch_size,
+        in_flight: 0,
+    };
+    let thread = std::thread::Builder::new()
+        .name(settings.thread_name.into())
+        .spawn(move || {
+            renewer.run(&inbox);
+            // The worker ends once its last batch is answered: the renewer dropped its sender.
+            let _ = worker.join();
+        })?;
+    Ok((mailbox, thread))
+}
+
+/// The worker's loop: one `renew_batch` call per batch, answered through the mailbox.
+fn renew_batches(backend: &dyn LeaseBackend, batches: &Receiver<Batch>, mailbox: &Mailbox) {
+    for batch in batches {
+        let tokens: Vec<TokenText> = batch
+            .leases
+            .iter()
+            .map(|lease| lease.token.text())
+            .collect();
+        let requests: Vec<LeaseRequest<'_>> = batch
+            .leases
+            .iter()
+            .zip(&tokens)
+            .map(|(lease, token)| LeaseRequest {
+                key: &lease.key,
+                token: token.as_str(),
+                ttl: lease.ttl(),
+            })
+            .collect();
+        let results = backend.renew_batch(&requests, batch.timeout);
+        let answer = Answer {
+            leases: batch.leases,
+            sent_at: batch.sent_at,
+            results,
+        };
+        mailbox.send(Command::Answered(answer), Wake::Now);
+    }
+}
+
+struct Renewer {
+    backend_jobs: Sender<Batch>,
+    clock: Clock,
+    hook: Arc<dyn EventHook>,
+    schedule: Schedule<Arc<LeaseShared>>,
+    renew_fraction: f64,
+    batch_size: usize,
+    /// Batches sent to the worker and not answered yet.
+    in_flight: usize,
 }
 
 /// How many commands may wait before the renewer is woken to read them, whatever their due
@@ -54,6 +150,7 @@ const IDLE_WAKE_INTERVAL: Duration = Duration::from_secs(1);
 /// due earlier than its planned wake-up, a `Settle`, a `Shutdown`) or when the queue grows long.
 /// Waking a thread costs more than an in-memory acquire, so most acquires and releases ring
 /// nothing.
+#[derive(Clone)]
 pub(crate) struct Mailbox {
     commands: Sender<Command>,
     doorbell: Sender<()>,
@@ -92,7 +189,7 @@ impl WakePlan {
 
 impl Mailbox {
     /// A mailbox whose times count from `epoch` (the manager clock's time at its start).
-    pub(crate) fn new(epoch: Instant) -> (Mailbox, Inbox) {
+    fn new(epoch: Instant) -> (Mailbox, Inbox) {
         let (commands, command_rx) = crossbeam_channel::unbounded();
         let (doorbell, doorbell_rx) = crossbeam_channel::bounded(1);
         let plan = Arc::new(WakePlan {
@@ -156,115 +253,117 @@ impl Inbox {
 
 impl Renewer {
     /// Runs until `Shutdown`, or until the manager is gone.
-    pub(crate) fn run(mut self, inbox: Inbox) {
+    fn run(mut self, inbox: &Inbox) {
         let mut settled = Vec::new();
         loop {
             for command in inbox.commands.try_iter() {
                 match command {
-                    Command::Track { lease, sent_at } => self.schedule.track(lease, sent_at),
+                    Command::Track { lease, due } => self.schedule.track(lease, due),
                     Command::Untrack(lease) => {
                         self.schedule.remove(&lease);
+                    }
+                    Command::Answered(answer) => {
+                        self.in_flight = self.in_flight.saturating_sub(1);
+                        self.apply(answer);
                     }
                     Command::Settle(reply) => settled.push(reply),
                     Command::Shutdown => return,
                 }
             }
-            self.renew_due();
-            for reply in settled.drain(..) {
-                let _ = reply.send(());
+            self.send_due();
+            if self.in_flight == 0 {
+                for reply in settled.drain(..) {
+                    let _ = reply.send(());
+                }
             }
             if !inbox.wait(&self.clock, self.schedule.next_due()) {
                 return;
             }
         }
     }
-    /// Renews every lease due now, one backend call per batch.
-    fn renew_due(&mut self) {
+
+    /// Reports the in-flight leases whose validity ran out, and sends every lease due now to
+    /// the worker, in batches.
+    fn send_due(&mut self) {
+        let hook = &*self.hook;
         loop {
             let now = self.clock.now();
             let due = self.schedule.pop_due(now, self.batch_size);
-            for lease in &due.expired {
-                lease.lose(LostReason::Expired, &*self.hook);
+            for lease in &due.overdue {
+                lease.expire_if_due(now, hook);
             }
-            if due.renew.is_empty() {
+            if due.renew.is_empty() && due.overdue.is_empty() {
                 return;
             }
-            // The call must end before the first of these leases would be lost.
-            let timeout = due
-                .renew
-                .iter()
-                .map(|lease| lease.valid_until.saturating_duration_since(now))
-                .min()
-                .unwrap_or(Duration::ZERO);
-            let tokens: Vec<TokenText> = due
-                .renew
-                .iter()
-                .map(|lease| lease.item.token.text())
-                .collect();
-            let requests: Vec<LeaseRequest<'_>> = due
-                .renew
-                .iter()
-                .zip(&tokens)
-                .map(|(lease, token)| LeaseRequest {
-                    key: &lease.item.key,
-                    token: token.as_str(),
-                    ttl: lease.item.ttl(),
-                })
-                .collect();
-            let mut results = self.backend.renew_batch(&requests, timeout).into_iter();
-            let answered = self.clock.now();
+            let mut leases = Vec::with_capacity(due.renew.len());
+            let mut timeout = Duration::MAX;
             for lease in due.renew {
-                let result = results.next().unwrap_or_else(|| {
-                    Err(BackendError::transient(
-                        "the backend returned fewer renewal results than requests",
-                    ))
-                });
-                self.apply_renewal(lease, now, answered, result);
+                // Lost and released leases leave the schedule here.
+                let Some(valid_until) = lease.renewable_until(now, hook) else {
+                    continue;
+                };
+                timeout = timeout.min(valid_until.saturating_duration_since(now));
+                self.schedule.watch_in_flight(lease.clone(), valid_until);
+                leases.push(lease);
+            }
+            if leases.is_empty() {
+                continue;
+            }
+            let batch = Batch {
+                leases,
+                sent_at: now,
+                timeout,
+            };
+            // A worker that is gone cannot answer: the leases are reported lost when their
+            // validity ends, as in-flight leases whose answer never came.
+            if self.backend_jobs.send(batch).is_ok() {
+                self.in_flight += 1;
             }
         }
     }
 
-    fn apply_renewal(
-        &mut self,
-        in_flight: InFlight<Arc<LeaseShared>>,
-        sent_at: Instant,
-        answered: Instant,
-        result: Result<Ownership, BackendError>,
-    ) {
+    /// Applies the backend's answer to a batch.
+    fn apply(&mut self, answer: Answer) {
         let hook = &*self.hook;
-        let lease = Arc::clone(&in_flight.item);
-        if lease.is_released() {
+        let now = self.clock.now();
+        let mut results = answer.results.into_iter();
+        for lease in answer.leases {
+            let result = results.next().unwrap_or_else(|| {
+                Err(BackendError::transient(
+                    "the backend returned fewer renewal results than requests",
+                ))
+            });
+            // Released, or reported lost when its validity ended, while the call ran.
+            if !self.schedule.is_in_flight(&lease) {
+                continue;
+            }
             self.schedule.remove(&lease);
-            return;
-        }
-        match result {
-            Ok(Ownership::Owned) => {
-                let extended = self
-                    .schedule
-                    .renewed(in_flight, sent_at)
-                    .is_some_and(|valid_until| lease.extend(answered, valid_until, hook));
-                if !extended {
-                    self.schedule.remove(&lease);
+            match result {
+                Ok(Ownership::Owned) => {
+                    if let Some(valid_until) = lease.renewed(answer.sent_at, now, hook) {
+                        let due = renewal_due(
+                            self.renew_fraction,
+                            answer.sent_at,
+                            lease.validity(),
+                            valid_until,
+                        );
+                        self.schedule.track(lease, due);
+                    }
                 }
-            }
-            Ok(Ownership::NotOwned) => {
-                self.schedule.remove(&lease);
-                lease.lose(LostReason::TakenOver, hook);
-            }
-            Err(error) if !error.is_transient() => {
-                self.schedule.remove(&lease);
-                lease.lose(LostReason::Rejected(error), hook);
-            }
-            Err(error) => {
-                hook.on_event(&LeaseEvent::RenewalFailed {
-                    key: &lease.key,
-                    fence: lease.fence,
-                    error: &error,
-                });
-                match self.schedule.failed(in_flight, answered) {
-                    AfterFailure::RetryAt(_) => lease.suspect(answered, hook),
-                    AfterFailure::Expired => lease.lose(LostReason::Expired, hook),
-                    AfterFailure::Unknown => {}
+                Ok(Ownership::NotOwned) => lease.lose(LostReason::TakenOver, hook),
+                Err(error) if !error.is_transient() => {
+                    lease.lose(LostReason::Rejected(error), hook);
+                }
+                Err(error) => {
+                    hook.on_event(&LeaseEvent::RenewalFailed {
+                        key: &lease.key,
+                        fence: lease.fence,
+                        error: &error,
+                    });
+                    if let Some(valid_until) = lease.renewal_failed(now, hook) {
+                        let due = retry_due(now, lease.validity(), valid_until);
+                        self.schedule.track(lease, due);
+                    }
                 }
             }
         }

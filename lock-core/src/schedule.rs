@@ -1,6 +1,7 @@
-//! The renewal schedule: a pure data structure that decides which leases are due, and what
-//! follows from each renewal's outcome. It takes `now` as an argument and never reads a clock,
-//! so its timing is unit-tested without threads or sleeps.
+//! When the renewer must act: a queue of leases ordered by due time, and the pure rules that
+//! give those due times. Nothing here reads a clock or owns a lease's validity (the lease's
+//! state does): callers pass `now` and `valid_until` in, so the timing is unit-tested without
+//! threads or sleeps.
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -8,27 +9,9 @@ use std::time::{Duration, Instant};
 
 use crate::clock::saturating_add;
 
-/// The validity a TTL leaves once clock drift is allowed for: `ttl - (ttl / 100 + 2 ms)`, the
-/// Redlock formula. `None` when nothing is left.
-pub(crate) fn validity(ttl: Duration) -> Option<Duration> {
-    let drift = ttl / 100 + Duration::from_millis(2);
-    ttl.checked_sub(drift).filter(|left| !left.is_zero())
-}
-
-/// When a lease acquired with `ttl` by a request sent at `sent_at` is first due for renewal.
-pub(crate) fn first_renewal(renew_fraction: f64, sent_at: Instant, ttl: Duration) -> Instant {
-    let validity = validity(ttl).unwrap_or(Duration::ZERO);
-    renewal_time(
-        renew_fraction,
-        sent_at,
-        validity,
-        saturating_add(sent_at, validity),
-    )
-}
-
-/// The renewal time of a lease last renewed (or acquired) by a request sent at `sent_at`:
-/// after `fraction` of its validity, and never after the end of it.
-fn renewal_time(
+/// When a lease last renewed (or acquired) by a request sent at `sent_at` is next due: after
+/// `fraction` of its validity, and never after the end of it.
+pub(crate) fn renewal_due(
     fraction: f64,
     sent_at: Instant,
     validity: Duration,
@@ -42,13 +25,23 @@ const MAX_RETRY_INTERVAL: Duration = Duration::from_millis(500);
 /// The shortest pause between two attempts to renew a failing lease.
 const MIN_RETRY_INTERVAL: Duration = Duration::from_millis(1);
 
+/// When to retry a renewal that failed at `now`: a tenth of the validity later (1 to 500 ms),
+/// and never after `valid_until`, where the lease is lost.
+pub(crate) fn retry_due(now: Instant, validity: Duration, valid_until: Instant) -> Instant {
+    let interval = (validity / 10).clamp(MIN_RETRY_INTERVAL, MAX_RETRY_INTERVAL);
+    saturating_add(now, interval).min(valid_until)
+}
+
 /// A [`Slot`] whose lease is not on the schedule.
 const UNTRACKED: u64 = u64::MAX;
-/// A [`Slot`] whose lease's renewal is in flight: off the queue, still tracked.
-const IN_FLIGHT: u64 = u64::MAX - 1;
+/// The bit of a [`Slot`] that marks a lease whose renewal is in flight: its entry is due at the
+/// end of its validity, when its loss must be reported if no answer has come.
+const IN_FLIGHT: u64 = 1 << 63;
+/// The latest due time a slot can hold, in nanoseconds after the epoch (about 292 years).
+const MAX_TICKS: u64 = IN_FLIGHT - 1;
 
-/// Where a lease stands on the schedule: its due time (nanoseconds after the schedule's epoch),
-/// [`IN_FLIGHT`] or [`UNTRACKED`].
+/// Where a lease stands on the schedule: [`UNTRACKED`], or its due time in nanoseconds after
+/// the schedule's epoch, with [`IN_FLIGHT`] set while its renewal is in flight.
 ///
 /// It lives in the lease itself, so the schedule needs no table from leases to their places:
 /// the queue is its only collection. Only the renewer thread reads or writes it (the atomic
@@ -65,8 +58,8 @@ impl Slot {
         self.0.load(Ordering::Relaxed)
     }
 
-    fn set(&self, due: u64) {
-        self.0.store(due, Ordering::Relaxed);
+    fn set(&self, value: u64) {
+        self.0.store(value, Ordering::Relaxed);
     }
 }
 
@@ -74,196 +67,116 @@ impl Slot {
 pub(crate) trait Scheduled: Clone {
     /// Unique among the leases of one schedule: breaks ties between equal due times.
     fn id(&self) -> u64;
-    /// The TTL each renewal asks for.
-    fn ttl(&self) -> Duration;
     /// The lease's place on the schedule.
     fn slot(&self) -> &Slot;
 }
 
-/// A queued lease: the end of its validity travels with it.
-struct Queued<T> {
-    item: T,
-    /// Nanoseconds after the epoch.
-    valid_until: u64,
-}
-
-/// A lease taken off the schedule by [`Schedule::pop_due`] for renewal. Hand it back to
-/// [`Schedule::renewed`] or [`Schedule::failed`] with the outcome.
-#[derive(Debug)]
-pub(crate) struct InFlight<T> {
-    pub(crate) item: T,
-    /// The end of the lease's validity: the renewal must be answered by then.
-    pub(crate) valid_until: Instant,
-    valid_until_ticks: u64,
-}
-
-/// Leases taken off the schedule by [`Schedule::pop_due`].
+/// Leases taken off the schedule by [`Schedule::pop_due`]; none of them is tracked any more.
 #[derive(Debug)]
 pub(crate) struct DueLeases<T> {
-    /// Due for renewal.
-    pub(crate) renew: Vec<InFlight<T>>,
-    /// Past their validity before they could be renewed: lost, and removed from the schedule.
-    pub(crate) expired: Vec<T>,
-}
-
-/// What to do after a failed renewal.
-#[derive(Debug, PartialEq, Eq)]
-pub(crate) enum AfterFailure {
-    /// Still valid: retry at this time.
-    RetryAt(Instant),
-    /// The validity ran out: lost, and removed from the schedule.
-    Expired,
-    /// Not on the schedule (untracked meanwhile).
-    Unknown,
+    /// Due for renewal, in due order.
+    pub(crate) renew: Vec<T>,
+    /// In flight past the end of their validity: lost unless the answer came.
+    pub(crate) overdue: Vec<T>,
 }
 
 /// Tracked leases ordered by due time: O(log n) per tracked, untracked or due lease, and one
-/// queue entry per lease (the lease's [`Slot`] says where that entry is).
+/// entry per lease (the lease's [`Slot`] says where that entry is).
 pub(crate) struct Schedule<T> {
-    /// Every tracked lease that is not in flight, by `(due, id)`.
-    queue: BTreeMap<(u64, u64), Queued<T>>,
-    /// Renew after this fraction of the validity (default one third).
-    renew_fraction: f64,
+    queue: BTreeMap<(u64, u64), T>,
     /// Time zero of the slots' nanosecond times: no lease is acquired before it.
     epoch: Instant,
 }
 
 impl<T: Scheduled> Schedule<T> {
     /// An empty schedule whose leases are all acquired at `epoch` or later.
-    pub(crate) fn new(renew_fraction: f64, epoch: Instant) -> Schedule<T> {
+    pub(crate) fn new(epoch: Instant) -> Schedule<T> {
         Schedule {
             queue: BTreeMap::new(),
-            renew_fraction,
             epoch,
         }
     }
 
     fn ticks(&self, at: Instant) -> u64 {
-        // Below the slot markers, whatever the instant.
-        nanos(at.saturating_duration_since(self.epoch)).min(IN_FLIGHT - 1)
+        nanos(at.saturating_duration_since(self.epoch)).min(MAX_TICKS)
     }
 
     fn instant(&self, ticks: u64) -> Instant {
         saturating_add(self.epoch, Duration::from_nanos(ticks))
     }
 
-    /// The lease's validity, in nanoseconds.
-    fn validity_of(item: &T) -> u64 {
-        nanos(validity(item.ttl()).unwrap_or(Duration::ZERO))
-    }
-
-    /// Starts renewing a lease acquired by a request sent at `sent_at`.
-    pub(crate) fn track(&mut self, item: T, sent_at: Instant) {
+    fn insert(&mut self, item: T, at: Instant, flags: u64) {
         self.remove(&item);
-        let sent = self.ticks(sent_at);
-        let valid_until = sent.saturating_add(Self::validity_of(&item));
-        self.enqueue(item, sent, valid_until);
+        let ticks = self.ticks(at);
+        item.slot().set(ticks | flags);
+        self.queue.insert((ticks, item.id()), item);
     }
 
-    /// Queues `item` for renewal after the renew fraction of its validity, counted from
-    /// `sent` (and never after `valid_until`).
-    fn enqueue(&mut self, item: T, sent: u64, valid_until: u64) {
-        let due = self.ticks(renewal_time(
-            self.renew_fraction,
-            self.instant(sent),
-            Duration::from_nanos(Self::validity_of(&item)),
-            self.instant(valid_until),
-        ));
-        self.queue_at(item, due, valid_until);
+    /// Schedules `item`'s renewal at `due`, replacing its old place.
+    pub(crate) fn track(&mut self, item: T, due: Instant) {
+        self.insert(item, due, 0);
     }
 
-    fn queue_at(&mut self, item: T, due: u64, valid_until: u64) {
-        let due = due.min(IN_FLIGHT - 1);
-        item.slot().set(due);
-        self.queue
-            .insert((due, item.id()), Queued { item, valid_until });
+    /// Marks `item`'s renewal as sent: it is due again at `valid_until`, to be reported lost if
+    /// its answer has not come by then.
+    pub(crate) fn watch_in_flight(&mut self, item: T, valid_until: Instant) {
+        self.insert(item, valid_until, IN_FLIGHT);
     }
 
-    /// Stops renewing a lease; false if it was not tracked.
+    /// Whether `item`'s renewal is in flight (and it was neither untracked nor overdue since).
+    pub(crate) fn is_in_flight(&self, item: &T) -> bool {
+        in_flight(item.slot().get())
+    }
+
+    /// Stops tracking `item`; false if it was not tracked.
     pub(crate) fn remove(&mut self, item: &T) -> bool {
-        let slot = item.slot();
-        match slot.get() {
-            UNTRACKED => return false,
-            IN_FLIGHT => {}
-            due => {
-                self.queue.remove(&(due, item.id()));
-            }
+        let slot = item.slot().get();
+        if slot == UNTRACKED {
+            return false;
         }
-        slot.set(UNTRACKED);
+        self.queue.remove(&(slot & !IN_FLIGHT, item.id()));
+        item.slot().set(UNTRACKED);
         true
     }
 
-    /// The earliest due time, if any lease is scheduled.
+    /// The earliest due time, if any lease is tracked.
     pub(crate) fn next_due(&self) -> Option<Instant> {
         self.queue
             .first_key_value()
             .map(|((due, _), _)| self.instant(*due))
     }
 
-    /// Takes up to `limit` leases due at `now` off the schedule, in due order. Leases already
-    /// past their validity come back as expired (not counted in `limit`) and are removed.
+    /// Takes the leases due at `now` off the schedule, in due order: up to `limit` due for
+    /// renewal, and every overdue one met on the way.
     pub(crate) fn pop_due(&mut self, now: Instant, limit: usize) -> DueLeases<T> {
         let now = self.ticks(now);
         let mut due = DueLeases {
             renew: Vec::new(),
-            expired: Vec::new(),
+            overdue: Vec::new(),
         };
-        while due.renew.len() < limit {
-            let Some(entry) = self.queue.first_entry() else {
-                break;
-            };
+        while let Some(entry) = self.queue.first_entry() {
             if entry.key().0 > now {
                 break;
             }
-            let Queued { item, valid_until } = entry.remove();
-            if now >= valid_until {
-                item.slot().set(UNTRACKED);
-                due.expired.push(item);
+            let in_flight = in_flight(entry.get().slot().get());
+            if !in_flight && due.renew.len() >= limit {
+                break;
+            }
+            let item = entry.remove();
+            item.slot().set(UNTRACKED);
+            if in_flight {
+                due.overdue.push(item);
             } else {
-                item.slot().set(IN_FLIGHT);
-                due.renew.push(InFlight {
-                    item,
-                    valid_until: self.instant(valid_until),
-                    valid_until_ticks: valid_until,
-                });
+                due.renew.push(item);
             }
         }
         due
     }
+}
 
-    /// A renewal sent at `sent_at` succeeded: returns the new end of the lease's validity and
-    /// puts it back on the schedule. `None` if the lease was untracked meanwhile.
-    pub(crate) fn renewed(&mut self, lease: InFlight<T>, sent_at: Instant) -> Option<Instant> {
-        if lease.item.slot().get() != IN_FLIGHT {
-            return None;
-        }
-        let sent = self.ticks(sent_at);
-        let valid_until = lease
-            .valid_until_ticks
-            .max(sent.saturating_add(Self::validity_of(&lease.item)));
-        self.enqueue(lease.item, sent, valid_until);
-        Some(self.instant(valid_until))
-    }
-
-    /// A renewal failed transiently at `now`: retry soon if the lease is still valid.
-    pub(crate) fn failed(&mut self, lease: InFlight<T>, now: Instant) -> AfterFailure {
-        let slot = lease.item.slot();
-        if slot.get() != IN_FLIGHT {
-            return AfterFailure::Unknown;
-        }
-        let now = self.ticks(now);
-        let valid_until = lease.valid_until_ticks;
-        if now >= valid_until {
-            slot.set(UNTRACKED);
-            return AfterFailure::Expired;
-        }
-        let interval = (Duration::from_nanos(Self::validity_of(&lease.item)) / 10)
-            .clamp(MIN_RETRY_INTERVAL, MAX_RETRY_INTERVAL);
-        // Never later than the end of validity, where the lease is declared lost.
-        let at = now.saturating_add(nanos(interval)).min(valid_until);
-        self.queue_at(lease.item, at, valid_until);
-        AfterFailure::RetryAt(self.instant(at))
-    }
+/// Whether a slot's value marks a lease in flight.
+fn in_flight(slot: u64) -> bool {
+    slot != UNTRACKED && slot & IN_FLIGHT != 0
 }
 
 /// A duration in nanoseconds, saturating (at about 584 years).
@@ -283,7 +196,6 @@ mod tests {
     #[derive(Debug)]
     struct TestLease {
         id: u64,
-        ttl: Duration,
         slot: Slot,
     }
 
@@ -293,206 +205,143 @@ mod tests {
         fn id(&self) -> u64 {
             self.id
         }
-        fn ttl(&self) -> Duration {
-            self.ttl
-        }
         fn slot(&self) -> &Slot {
             &self.slot
         }
     }
 
-    fn lease(id: u64, ttl: Duration) -> Item {
+    fn lease(id: u64) -> Item {
         Arc::new(TestLease {
             id,
-            ttl,
             slot: Slot::new(),
         })
     }
 
-    fn schedule() -> (Schedule<Item>, Instant) {
+    fn ids(leases: &[Item]) -> Vec<u64> {
+        leases.iter().map(|lease| lease.id).collect()
+    }
+
+    #[test]
+    fn a_lease_is_due_after_a_fraction_of_its_validity_and_never_after_it() {
         let t0 = Instant::now();
-        (Schedule::new(1.0 / 3.0, t0), t0)
-    }
-
-    fn ids(leases: &[InFlight<Item>]) -> Vec<u64> {
-        leases.iter().map(|lease| lease.item.id).collect()
-    }
-
-    /// Takes exactly one lease due at `now` off the schedule.
-    fn pop_one(schedule: &mut Schedule<Item>, now: Instant) -> InFlight<Item> {
-        let mut due = schedule.pop_due(now, 10);
-        assert_eq!(due.renew.len(), 1, "{due:?}");
-        due.renew.remove(0)
-    }
-
-    #[test]
-    fn validity_subtracts_the_drift_allowance() {
-        assert_eq!(validity(30 * SEC), Some(30 * SEC - 300 * MS - 2 * MS));
-        assert_eq!(validity(2 * MS), None);
-        assert!(validity(3 * MS).is_some());
-    }
-
-    #[test]
-    fn a_lease_is_due_after_a_third_of_its_validity() {
-        let (mut schedule, t0) = schedule();
-        schedule.track(lease(1, 3 * SEC), t0);
-        let validity = validity(3 * SEC).unwrap();
-        assert_eq!(schedule.next_due(), Some(t0 + validity / 3));
+        assert_eq!(renewal_due(1.0 / 3.0, t0, 3 * SEC, t0 + 3 * SEC), t0 + SEC);
+        // A late answer: the validity counts from an earlier send, and ends sooner.
         assert_eq!(
-            first_renewal(1.0 / 3.0, t0, 3 * SEC),
-            t0 + validity / 3,
-            "the manager's wake-up hint agrees"
+            renewal_due(1.0 / 3.0, t0, 3 * SEC, t0 + 500 * MS),
+            t0 + 500 * MS
         );
-        let early = schedule.pop_due(t0 + validity / 3 - MS, 10);
-        assert!(early.renew.is_empty() && early.expired.is_empty());
-        let due = pop_one(&mut schedule, t0 + validity / 3);
-        assert_eq!((due.item.id, due.valid_until), (1, t0 + validity));
-        assert_eq!(schedule.next_due(), None, "in flight: not due again");
+    }
+
+    #[test]
+    fn retries_come_a_tenth_of_the_validity_later_within_bounds() {
+        let t0 = Instant::now();
+        let far = t0 + 3600 * SEC;
+        assert_eq!(retry_due(t0, SEC, far), t0 + 100 * MS);
+        assert_eq!(
+            retry_due(t0, 3600 * SEC, far),
+            t0 + 500 * MS,
+            "at most 500 ms"
+        );
+        assert_eq!(retry_due(t0, 3 * MS, far), t0 + MS, "at least 1 ms");
+        assert_eq!(
+            retry_due(t0, SEC, t0 + 20 * MS),
+            t0 + 20 * MS,
+            "never after the validity"
+        );
     }
 
     #[test]
     fn due_leases_come_in_due_order_and_in_batches() {
-        let (mut schedule, t0) = schedule();
-        let leases: Vec<Item> = (0..10).map(|id| lease(id, 3 * SEC)).collect();
+        let t0 = Instant::now();
+        let mut schedule = Schedule::new(t0);
+        let leases: Vec<Item> = (0..10).map(lease).collect();
         for lease in &leases {
             schedule.track(lease.clone(), t0 + (10 - lease.id as u32) * MS);
         }
-        let later = t0 + 1100 * MS;
+        assert_eq!(schedule.next_due(), Some(t0 + MS));
+        let later = t0 + SEC;
         assert_eq!(ids(&schedule.pop_due(later, 4).renew), vec![9, 8, 7, 6]);
         assert_eq!(ids(&schedule.pop_due(later, 4).renew), vec![5, 4, 3, 2]);
         assert_eq!(ids(&schedule.pop_due(later, 4).renew), vec![1, 0]);
-        assert!(
-            leases.iter().all(|lease| schedule.remove(lease)),
-            "in-flight leases stay tracked"
-        );
-    }
-
-    #[test]
-    fn equal_due_times_are_all_kept() {
-        let (mut schedule, t0) = schedule();
-        for id in 0..3 {
-            schedule.track(lease(id, SEC), t0);
-        }
-        assert_eq!(
-            ids(&schedule.pop_due(t0 + 500 * MS, 10).renew),
-            vec![0, 1, 2]
-        );
-    }
-
-    #[test]
-    fn leases_past_their_validity_expire_instead_of_renewing() {
-        let (mut schedule, t0) = schedule();
-        let leases: Vec<Item> = (0..3).map(|id| lease(id, SEC)).collect();
-        for lease in &leases {
-            schedule.track(lease.clone(), t0);
-        }
-        let due = schedule.pop_due(t0 + SEC, 1);
-        assert!(due.renew.is_empty());
-        assert_eq!(
-            due.expired.len(),
-            3,
-            "expired leases do not count against the batch"
-        );
+        assert_eq!(schedule.next_due(), None);
         assert!(
             leases.iter().all(|lease| !schedule.remove(lease)),
-            "expired leases are no longer tracked"
+            "popped leases are no longer tracked"
         );
     }
 
     #[test]
-    fn renewal_moves_validity_from_the_send_time() {
-        let (mut schedule, t0) = schedule();
-        schedule.track(lease(1, 3 * SEC), t0);
-        let validity = validity(3 * SEC).unwrap();
-        let sent = t0 + SEC;
-        let due = pop_one(&mut schedule, sent);
-        assert_eq!(schedule.renewed(due, sent), Some(sent + validity));
-        assert_eq!(schedule.next_due(), Some(sent + validity / 3));
-    }
-
-    #[test]
-    fn a_late_answer_never_shortens_the_validity() {
-        let (mut schedule, t0) = schedule();
-        schedule.track(lease(1, 3 * SEC), t0 + SEC);
-        let validity = validity(3 * SEC).unwrap();
-        let due = pop_one(&mut schedule, t0 + 2 * SEC);
-        // The renewal's request is dated before the acquisition's (a slow clock read).
-        assert_eq!(schedule.renewed(due, t0), Some(t0 + SEC + validity));
-    }
-
-    #[test]
-    fn failures_retry_until_the_validity_ends_then_expire_once() {
-        let (mut schedule, t0) = schedule();
-        let item = lease(1, SEC);
-        schedule.track(item.clone(), t0);
-        let validity = validity(SEC).unwrap();
-        let valid_until = t0 + validity;
-        let mut now = t0 + validity / 3;
-        let mut attempts = 0;
-        loop {
-            let mut due = schedule.pop_due(now, 10);
-            if !due.expired.is_empty() {
-                assert_eq!(due.expired.len(), 1);
-                break;
-            }
-            assert_eq!(due.renew.len(), 1);
-            attempts += 1;
-            match schedule.failed(due.renew.remove(0), now) {
-                AfterFailure::RetryAt(at) => {
-                    assert!(at <= valid_until, "a retry is never after the validity");
-                    assert!(at > now);
-                    now = at;
-                }
-                other => panic!("unexpected {other:?}"),
-            }
+    fn nothing_is_due_early_and_equal_due_times_are_all_kept() {
+        let t0 = Instant::now();
+        let mut schedule = Schedule::new(t0);
+        for id in 0..3 {
+            schedule.track(lease(id), t0 + SEC);
         }
-        assert!(now >= valid_until, "lost only once the validity ended");
-        assert!(attempts >= 5, "retried {attempts} times");
-        assert!(!schedule.remove(&item), "no longer tracked");
+        let early = schedule.pop_due(t0 + SEC - MS, 10);
+        assert!(early.renew.is_empty() && early.overdue.is_empty());
+        assert_eq!(ids(&schedule.pop_due(t0 + SEC, 10).renew), vec![0, 1, 2]);
+    }
+
+    #[test]
+    fn an_in_flight_lease_is_overdue_at_the_end_of_its_validity() {
+        let t0 = Instant::now();
+        let mut schedule = Schedule::new(t0);
+        let item = lease(1);
+        schedule.track(item.clone(), t0 + SEC);
+        let due = schedule.pop_due(t0 + SEC, 10);
+        assert_eq!(ids(&due.renew), vec![1]);
+        assert!(!schedule.is_in_flight(&item));
+        schedule.watch_in_flight(item.clone(), t0 + 3 * SEC);
+        assert!(schedule.is_in_flight(&item));
+        assert_eq!(schedule.next_due(), Some(t0 + 3 * SEC));
+        assert!(schedule.pop_due(t0 + 2 * SEC, 10).overdue.is_empty());
+        let due = schedule.pop_due(t0 + 3 * SEC, 0);
+        assert_eq!(
+            ids(&due.overdue),
+            vec![1],
+            "overdue leases do not count against the batch"
+        );
         assert!(
-            schedule.pop_due(now + SEC, 10).expired.is_empty(),
-            "lost exactly once"
+            !schedule.is_in_flight(&item),
+            "an answer after that is ignored"
         );
     }
 
     #[test]
-    fn a_failure_after_the_validity_expires_at_once() {
-        let (mut schedule, t0) = schedule();
-        let item = lease(1, SEC);
-        schedule.track(item.clone(), t0);
-        let due = pop_one(&mut schedule, t0 + 400 * MS);
-        assert_eq!(schedule.failed(due, t0 + SEC), AfterFailure::Expired);
-        assert!(!schedule.remove(&item));
-    }
-
-    #[test]
-    fn untracked_leases_are_never_due() {
-        let (mut schedule, t0) = schedule();
-        let (a, b) = (lease(1, SEC), lease(2, SEC));
+    fn untracked_leases_are_never_due_and_their_answers_are_ignored() {
+        let t0 = Instant::now();
+        let mut schedule = Schedule::new(t0);
+        let (a, b) = (lease(1), lease(2));
         schedule.track(a.clone(), t0);
-        schedule.track(b.clone(), t0);
+        schedule.watch_in_flight(b.clone(), t0 + SEC);
         assert!(schedule.remove(&a));
         assert!(!schedule.remove(&a), "removed once");
-        let due = pop_one(&mut schedule, t0 + 500 * MS);
-        assert_eq!(due.item.id, 2);
-        // Untracked while in flight: its outcome changes nothing.
         assert!(schedule.remove(&b));
-        assert_eq!(schedule.renewed(due, t0 + 500 * MS), None);
+        assert!(!schedule.is_in_flight(&b));
         assert_eq!(schedule.next_due(), None);
     }
 
     #[test]
     fn tracking_again_replaces_the_old_place() {
-        let (mut schedule, t0) = schedule();
-        let item = lease(1, 3 * SEC);
+        let t0 = Instant::now();
+        let mut schedule = Schedule::new(t0);
+        let item = lease(1);
         schedule.track(item.clone(), t0);
-        schedule.track(item, t0 + SEC);
-        let validity = validity(3 * SEC).unwrap();
-        assert_eq!(schedule.next_due(), Some(t0 + SEC + validity / 3));
-        assert_eq!(
-            schedule.pop_due(t0 + 10 * SEC, 10).expired.len(),
-            1,
-            "one entry"
-        );
+        schedule.track(item.clone(), t0 + SEC);
+        assert_eq!(schedule.next_due(), Some(t0 + SEC));
+        schedule.watch_in_flight(item, t0 + 2 * SEC);
+        let due = schedule.pop_due(t0 + 10 * SEC, 10);
+        assert_eq!((due.renew.len(), due.overdue.len()), (0, 1), "one entry");
+    }
+
+    #[test]
+    fn far_future_times_saturate_below_the_in_flight_bit() {
+        let t0 = Instant::now();
+        let mut schedule = Schedule::new(t0);
+        let item = lease(1);
+        let far = saturating_add(t0, Duration::MAX);
+        schedule.track(item.clone(), far);
+        assert!(!schedule.is_in_flight(&item));
+        assert!(schedule.remove(&item));
     }
 }

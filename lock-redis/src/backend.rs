@@ -599,7 +599,7 @@ mod tests {
             started.elapsed()
         );
         assert!(error.is_transient(), "{error}");
-        let message = error.to_string();
+        let message = crate::errors::tests::chain(&error);
         assert!(message.contains("release of lock \"k\""), "{message}");
     }
 

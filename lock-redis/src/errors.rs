@@ -265,7 +265,7 @@ pub(crate) fn is_connection_dropped(error: &RedisError) -> bool {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use std::io;
 
     use super::*;
@@ -360,6 +360,18 @@ mod tests {
         }
     }
 
+    /// An error and its sources, each once, as an error-chain printer shows them.
+    pub(crate) fn chain(error: &dyn std::error::Error) -> String {
+        let mut text = error.to_string();
+        let mut source = error.source();
+        while let Some(cause) = source {
+            text.push_str(": ");
+            text.push_str(&cause.to_string());
+            source = cause.source();
+        }
+        text
+    }
+
     #[test]
     fn failures_name_the_operation_and_key() {
         let failure = CallFailure::Redis(server_error(
@@ -367,10 +379,9 @@ mod tests {
         ));
         let error = failure.into_backend_error(RedisOperation::Renew, "jobs:42");
         assert!(!error.is_transient());
-        let message = error.to_string();
+        let message = chain(&error);
         assert!(
-            message
-                .starts_with("permanent backend error: redis renew of lock \"jobs:42\" failed: "),
+            message.starts_with("permanent backend error: redis renew of lock \"jobs:42\" failed"),
             "{message}"
         );
         assert!(message.contains("WRONGTYPE"), "{message}");
@@ -387,7 +398,7 @@ mod tests {
         .into_backend_error(RedisOperation::Acquire, "a");
         assert!(timeout.is_transient());
         assert_eq!(
-            timeout.to_string(),
+            chain(&timeout),
             "transient backend error: redis acquire of lock \"a\" timed out after 1.5s"
         );
     }

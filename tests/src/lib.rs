@@ -41,6 +41,18 @@ pub use server::{RedisServer, ServerOptions};
 
 use std::time::{Duration, Instant};
 
+/// An error and its sources, each once, joined by `": "`, as an error-chain printer shows them.
+pub fn error_chain(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
+}
+
 /// Polls `condition` every millisecond until it returns `true`.
 ///
 /// `what` describes the awaited state for the failure message, e.g. `"the proxy has 2

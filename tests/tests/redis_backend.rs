@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use lock_core::conformance::renew_one;
 use lock_core::{AcquireOutcome, BackendError, LeaseBackend, LeaseRequest, Ownership};
 use lock_redis::{RedisBackend, RedisBackendError, RedisOperation};
-use lock_tests::{wait_until, ProxyMode, RedisServer, ServerOptions, TcpProxy};
+use lock_tests::{error_chain, wait_until, ProxyMode, RedisServer, ServerOptions, TcpProxy};
 use parking_lot::Mutex;
 use redis::Commands;
 
@@ -1010,7 +1010,7 @@ fn a_wrong_password_is_a_permanent_error_that_never_shows_the_password() {
         !error.is_transient(),
         "a wrong password must be permanent: {error}"
     );
-    let shown = format!("{error} {error:?}");
+    let shown = format!("{} {error:?}", error_chain(&error));
     assert!(
         !shown.contains("wrong-password") && !shown.contains("right-password"),
         "{shown}"
@@ -1061,11 +1061,9 @@ fn a_lock_key_of_another_type_is_a_permanent_error_naming_the_operation_and_key(
         .try_acquire(&request("listy", "t", TTL), CALL)
         .unwrap_err();
     assert!(!error.is_transient(), "{error}");
-    assert!(
-        error.to_string().contains("acquire of lock \"listy\""),
-        "{error}"
-    );
-    assert!(error.to_string().contains("WRONGTYPE"), "{error}");
+    let shown = error_chain(&error);
+    assert!(shown.contains("acquire of lock \"listy\""), "{shown}");
+    assert!(shown.contains("WRONGTYPE"), "{shown}");
 
     let error = renew_one(&backend, &request("listy", "t", TTL), CALL).unwrap_err();
     assert!(!error.is_transient(), "{error}");

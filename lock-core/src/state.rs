@@ -1,0 +1,348 @@
+//! The raw state of a lease, shared by its guard and the renewer: the one owner of its phase and
+//! of its validity (the `lock_api` split: this is the raw lock, [`Lease`](crate::Lease) the
+//! guard).
+//!
+//! Every change happens under one mutex and reads the clock inside it, so `is_held` answers
+//! monotonically (once false, false for good), and every loss is reported exactly once, by
+//! whichever path finds it first: the renewer, an expiry check, or a release.
+
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::{Receiver, Sender};
+use parking_lot::Mutex;
+
+use crate::clock::saturating_add;
+use crate::event::{EventHook, LeaseEvent};
+use crate::schedule::{nanos, Scheduled, Slot};
+use crate::LostReason;
+
+/// What a holder can currently trust about its lease.
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub enum LeaseStatus {
+    /// Held, and the last renewal (or the acquisition) succeeded.
+    Held,
+    /// Still within its validity, but renewals are failing: it will be lost at
+    /// [`Lease::valid_until`](crate::Lease::valid_until) unless a retry succeeds first.
+    Suspect,
+    /// Lost; the holder must stop acting on it.
+    Lost(LostReason),
+}
+
+/// An owner token: a random (v4) UUID, kept as 16 bytes and sent as its 32 hex digits. Two
+/// `u64` halves rather than a `u128`, whose 16-byte alignment would pad every lease.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Token([u64; 2]);
+
+/// A token's text, as backends see it.
+pub(crate) struct TokenText([u8; 32]);
+
+impl Token {
+    pub(crate) fn random() -> Token {
+        let (high, low) = uuid::Uuid::new_v4().as_u64_pair();
+        Token([high, low])
+    }
+
+    pub(crate) fn text(&self) -> TokenText {
+        let mut hex = [0u8; 32];
+        let [high, low] = self.0;
+        uuid::Uuid::from_u64_pair(high, low)
+            .simple()
+            .encode_lower(&mut hex);
+        TokenText(hex)
+    }
+}
+
+impl TokenText {
+    pub(crate) fn as_str(&self) -> &str {
+        // Always valid: `encode_lower` writes ASCII hex digits only.
+        std::str::from_utf8(&self.0).unwrap_or_default()
+    }
+}
+
+enum Phase {
+    Held,
+    Suspect,
+    Lost(LostReason),
+    Released,
+}
+
+struct LeaseState {
+    valid_until: Instant,
+    phase: Phase,
+    /// Created on the first call to [`LeaseShared::lost_receiver`], so leases nobody watches
+    /// stay small.
+    lost_channel: Option<Box<(Sender<LostReason>, Receiver<LostReason>)>>,
+}
+
+/// What a lease was when its holder began to release it.
+pub(crate) enum BeforeRelease {
+    /// Held (or suspect): the release decides how it ends.
+    Held,
+    /// Lost already, and reported.
+    Lost(LostReason),
+    /// Released already: nothing left to do.
+    Released,
+}
+
+/// An event to report once the state's lock is dropped.
+#[must_use]
+enum Report {
+    Nothing,
+    Lost(LostReason),
+    Suspect(Instant),
+    Renewed(Instant),
+}
+
+/// The shared part of one lease.
+pub(crate) struct LeaseShared {
+    pub(crate) id: u64,
+    pub(crate) key: Box<str>,
+    pub(crate) token: Token,
+    pub(crate) fence: u64,
+    /// The TTL each renewal asks for, in nanoseconds (8 bytes rather than a `Duration`'s 16:
+    /// leases come by the hundred thousand).
+    ttl_nanos: u64,
+    /// How much of the TTL is trusted after each acquire or renewal: the backend's
+    /// [`DriftRule`](crate::DriftRule) applied once, at acquisition.
+    validity_nanos: u64,
+    /// The lease's place on the renewer's schedule.
+    slot: Slot,
+    state: Mutex<LeaseState>,
+}
+
+impl Scheduled for std::sync::Arc<LeaseShared> {
+    fn id(&self) -> u64 {
+        self.id
+    }
+
+    fn slot(&self) -> &Slot {
+        &self.slot
+    }
+}
+
+impl LeaseShared {
+    /// A held lease, granted by a request sent at `sent_at`, trusted for `validity` from then.
+    pub(crate) fn new(
+        id: u64,
+        key: &str,
+        token: Token,
+        fence: u64,
+        ttl: Duration,
+        validity: Duration,
+        sent_at: Instant,
+    ) -> LeaseShared {
+        LeaseShared {
+            id,
+            key: key.into(),
+            token,
+            fence,
+            ttl_nanos: nanos(ttl),
+            validity_nanos: nanos(validity),
+            slot: Slot::new(),
+            state: Mutex::new(LeaseState {
+                valid_until: saturating_add(sent_at, validity),
+                phase: Phase::Held,
+                lost_channel: None,
+            }),
+        }
+    }
+
+    pub(crate) fn ttl(&self) -> Duration {
+        Duration::from_nanos(self.ttl_nanos)
+    }
+
+    pub(crate) fn validity(&self) -> Duration {
+        Duration::from_nanos(self.validity_nanos)
+    }
+
+    pub(crate) fn valid_until(&self) -> Instant {
+        self.state.lock().valid_until
+    }
+
+    /// The status at `now`; a lease past its validity is lost now, whoever asks.
+    pub(crate) fn status(&self, now: Instant, hook: &dyn EventHook) -> LeaseStatus {
+        let (status, report) = {
+            let mut state = self.state.lock();
+            let report = expire_locked(&mut state, now);
+            let status = match &state.phase {
+                Phase::Held => LeaseStatus::Held,
+                Phase::Suspect => LeaseStatus::Suspect,
+                Phase::Lost(reason) => LeaseStatus::Lost(reason.clone()),
+                // No guard is left to ask; the renewer only needs "not held".
+                Phase::Released => LeaseStatus::Lost(LostReason::TakenOver),
+            };
+            (status, report)
+        };
+        self.report(report, hook);
+        status
+    }
+
+    /// The end of validity if the lease is still to be renewed at `now`; `None` once it is lost
+    /// (reported here if its validity has just run out) or released.
+    pub(crate) fn renewable_until(&self, now: Instant, hook: &dyn EventHook) -> Option<Instant> {
+        let (report, valid_until) = {
+            let mut state = self.state.lock();
+            let report = expire_locked(&mut state, now);
+            let valid_until =
+                matches!(state.phase, Phase::Held | Phase::Suspect).then_some(state.valid_until);
+            (report, valid_until)
+        };
+        self.report(report, hook);
+        valid_until
+    }
+
+    /// A renewal sent at `sent_at` succeeded, and its answer came at `now`. Returns the new
+    /// end of validity, or `None` if the lease was lost or released meanwhile (then it must not
+    /// be renewed again). A late answer never shortens the validity.
+    pub(crate) fn renewed(
+        &self,
+        sent_at: Instant,
+        now: Instant,
+        hook: &dyn EventHook,
+    ) -> Option<Instant> {
+        let report = {
+            let mut state = self.state.lock();
+            match expire_locked(&mut state, now) {
+                Report::Nothing => match state.phase {
+                    Phase::Held | Phase::Suspect => {
+                        state.phase = Phase::Held;
+                        let extended = saturating_add(sent_at, self.validity());
+                        state.valid_until = state.valid_until.max(extended);
+                        Report::Renewed(state.valid_until)
+                    }
+                    Phase::Lost(_) | Phase::Released => Report::Nothing,
+                },
+                lost => lost,
+            }
+        };
+        let valid_until = match &report {
+            Report::Renewed(valid_until) => Some(*valid_until),
+            _ => None,
+        };
+        self.report(report, hook);
+        valid_until
+    }
+
+    /// A renewal failed transiently, and its answer came at `now`. Returns the end of
+    /// validity if the lease is still held (then suspect, reported once per run of failures),
+    /// `None` if it is lost or released.
+    pub(crate) fn renewal_failed(&self, now: Instant, hook: &dyn EventHook) -> Option<Instant> {
+        let (report, valid_until) = {
+            let mut state = self.state.lock();
+            match expire_locked(&mut state, now) {
+                Report::Nothing => match state.phase {
+                    Phase::Held => {
+                        state.phase = Phase::Suspect;
+                        (Report::Suspect(state.valid_until), Some(state.valid_until))
+                    }
+                    Phase::Suspect => (Report::Nothing, Some(state.valid_until)),
+                    Phase::Lost(_) | Phase::Released => (Report::Nothing, None),
+                },
+                lost => (lost, None),
+            }
+        };
+        self.report(report, hook);
+        valid_until
+    }
+
+    /// Reports the loss if the validity has run out at `now`.
+    pub(crate) fn expire_if_due(&self, now: Instant, hook: &dyn EventHook) {
+        let report = expire_locked(&mut self.state.lock(), now);
+        self.report(report, hook);
+    }
+
+    /// The lease is lost for `reason` (reported only if it was neither lost nor released).
+    pub(crate) fn lose(&self, reason: LostReason, hook: &dyn EventHook) {
+        let report = lose_locked(&mut self.state.lock(), reason);
+        self.report(report, hook);
+    }
+
+    /// The holder begins to release: from now on the lease is released for the renewer and for
+    /// every other path. Returns what it was.
+    pub(crate) fn begin_release(&self, now: Instant, hook: &dyn EventHook) -> BeforeRelease {
+        let (report, before) = {
+            let mut state = self.state.lock();
+            let report = expire_locked(&mut state, now);
+            let before = match std::mem::replace(&mut state.phase, Phase::Released) {
+                Phase::Held | Phase::Suspect => BeforeRelease::Held,
+                Phase::Lost(reason) => BeforeRelease::Lost(reason),
+                Phase::Released => BeforeRelease::Released,
+            };
+            (report, before)
+        };
+        self.report(report, hook);
+        before
+    }
+
+    /// The release of a lease that was held found that the backend no longer had it: the loss
+    /// happened before the release, and is reported now. Called only after [`begin_release`]
+    /// answered [`BeforeRelease::Held`], so no other path has reported it.
+    ///
+    /// [`begin_release`]: LeaseShared::begin_release
+    pub(crate) fn lost_before_release(&self, reason: LostReason, hook: &dyn EventHook) {
+        if let Some(channel) = &self.state.lock().lost_channel {
+            let _ = channel.0.try_send(reason.clone());
+        }
+        self.report(Report::Lost(reason), hook);
+    }
+
+    /// The receiver of this lease's loss: one channel per lease, made on first use.
+    pub(crate) fn lost_receiver(&self) -> Receiver<LostReason> {
+        let mut state = self.state.lock();
+        let state = &mut *state;
+        if let Some(channel) = &state.lost_channel {
+            return channel.1.clone();
+        }
+        let (sender, receiver) = crossbeam_channel::bounded(1);
+        if let Phase::Lost(reason) = &state.phase {
+            let _ = sender.try_send(reason.clone());
+        }
+        state.lost_channel = Some(Box::new((sender, receiver.clone())));
+        receiver
+    }
+
+    fn report(&self, report: Report, hook: &dyn EventHook) {
+        let (key, fence) = (&*self.key, self.fence);
+        match report {
+            Report::Nothing => {}
+            Report::Lost(reason) => hook.on_event(&LeaseEvent::Lost {
+                key,
+                fence,
+                reason: &reason,
+            }),
+            Report::Suspect(valid_until) => hook.on_event(&LeaseEvent::Suspect {
+                key,
+                fence,
+                valid_until,
+            }),
+            Report::Renewed(valid_until) => hook.on_event(&LeaseEvent::Renewed {
+                key,
+                fence,
+                valid_until,
+            }),
+        }
+    }
+}
+
+/// Moves to `Lost` unless lost or released already, and sends on the lost channel.
+fn lose_locked(state: &mut LeaseState, reason: LostReason) -> Report {
+    if matches!(state.phase, Phase::Lost(_) | Phase::Released) {
+        return Report::Nothing;
+    }
+    state.phase = Phase::Lost(reason.clone());
+    if let Some(channel) = &state.lost_channel {
+        // Capacity one, sent once: never blocks, never full.
+        let _ = channel.0.try_send(reason.clone());
+    }
+    Report::Lost(reason)
+}
+
+/// A lease whose validity has run out at `now` is lost.
+fn expire_locked(state: &mut LeaseState, now: Instant) -> Report {
+    if now >= state.valid_until {
+        lose_locked(state, LostReason::Expired)
+    } else {
+        Report::Nothing
+    }
+}
