@@ -53,9 +53,12 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use crossbeam_channel::{Receiver, Sender};
+use parking_lot::Mutex;
+
 use crate::{
-    AcquireOutcome, LeaseBackend, LeaseEvent, LeaseRequest, LockManager, LockManagerBuilder,
-    LostReason, Ownership,
+    AcquireOutcome, BackendError, Clock, DriftRule, LeaseBackend, LeaseEvent, LeaseRequest,
+    LockManager, LockManagerBuilder, LostReason, Ownership, ReleaseWatch, CLEANUP_TIMEOUT,
 };
 
 /// A backend under test, with the means to move its time and to break it.
@@ -83,6 +86,12 @@ pub trait ConformanceTarget {
     /// How late after `valid_until` a loss may be reported: scheduling and round-trip slack.
     fn report_slack(&self) -> Duration {
         Duration::from_millis(100)
+    }
+
+    /// The clock the target's managers use (the one [`builder`](Self::builder) sets). Checks
+    /// that wrap the backend in fault injection build their managers on it.
+    fn clock(&self) -> Clock {
+        Clock::System
     }
 
     /// A key no other check uses.
@@ -452,6 +461,452 @@ pub fn no_renewal_after_release(target: &dyn ConformanceTarget) {
     assert!(fresh.is_some(), "a released key was held again");
 }
 
+/// Events of one manager, counted by kind.
+#[derive(Default)]
+struct EventCounts {
+    lost: AtomicUsize,
+    released: AtomicUsize,
+}
+
+/// A manager from `builder` whose hook counts `Lost` and `Released` events.
+fn counting(builder: LockManagerBuilder) -> (LockManager, Arc<EventCounts>) {
+    let counts = Arc::new(EventCounts::default());
+    let seen = counts.clone();
+    let manager = builder
+        .event_hook(move |event: &LeaseEvent<'_>| match event {
+            LeaseEvent::Lost { .. } => {
+                seen.lost.fetch_add(1, Ordering::SeqCst);
+            }
+            LeaseEvent::Released { .. } => {
+                seen.released.fetch_add(1, Ordering::SeqCst);
+            }
+            _ => {}
+        })
+        .build()
+        .unwrap();
+    (manager, counts)
+}
+
+impl EventCounts {
+    fn get(&self) -> (usize, usize) {
+        (
+            self.lost.load(Ordering::SeqCst),
+            self.released.load(Ordering::SeqCst),
+        )
+    }
+}
+
+/// Faults that checks inject around the backend under test, the same way on every backend.
+#[derive(Default)]
+struct Faults {
+    /// `try_acquire` is applied, then its reply is lost (a transient error).
+    lose_acquire_replies: bool,
+    /// `release` is applied, then its reply is lost (a transient error).
+    lose_release_replies: bool,
+    /// `renew_batch` calls that include this key say so on the sender, then hang until the
+    /// receiver's sender is dropped.
+    hang_renewals_of: Option<(String, Receiver<()>, Sender<()>)>,
+    /// `release` hangs for as long as its timeout allows (at most 10 s), then times out: a
+    /// server that stopped answering.
+    hang_releases: bool,
+}
+
+/// The backend under test, with [`Faults`] injected around it.
+struct Faulty {
+    inner: Arc<dyn LeaseBackend>,
+    faults: Mutex<Faults>,
+}
+
+/// The error a lost reply or a hung call turns into.
+#[derive(Debug)]
+struct InjectedFault(&'static str);
+
+impl std::fmt::Display for InjectedFault {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.0)
+    }
+}
+
+impl std::error::Error for InjectedFault {}
+
+impl Faulty {
+    fn wrap(target: &dyn ConformanceTarget, faults: Faults) -> Arc<Faulty> {
+        Arc::new(Faulty {
+            inner: target.backend(),
+            faults: Mutex::new(faults),
+        })
+    }
+
+    fn manager(
+        self: &Arc<Self>,
+        target: &dyn ConformanceTarget,
+    ) -> (LockManager, Arc<EventCounts>) {
+        counting(LockManager::builder(self.clone()).clock(target.clock()))
+    }
+}
+
+impl LeaseBackend for Faulty {
+    fn try_acquire(
+        &self,
+        request: &LeaseRequest<'_>,
+        timeout: Duration,
+    ) -> Result<AcquireOutcome, BackendError> {
+        let outcome = self.inner.try_acquire(request, timeout)?;
+        if self.faults.lock().lose_acquire_replies {
+            return Err(BackendError::transient(InjectedFault(
+                "the acquire's reply was lost",
+            )));
+        }
+        Ok(outcome)
+    }
+
+    fn renew_batch(
+        &self,
+        requests: &[LeaseRequest<'_>],
+        timeout: Duration,
+    ) -> Vec<Result<Ownership, BackendError>> {
+        let hang = match &self.faults.lock().hang_renewals_of {
+            Some((key, gate, entered)) if requests.iter().any(|request| request.key == key) => {
+                let _ = entered.send(());
+                Some(gate.clone())
+            }
+            _ => None,
+        };
+        if let Some(gate) = hang {
+            // Released by dropping the sender; a forgotten gate still ends the test.
+            let _ = gate.recv_timeout(Duration::from_secs(30));
+        }
+        self.inner.renew_batch(requests, timeout)
+    }
+
+    fn release(
+        &self,
+        key: &str,
+        token: &str,
+        timeout: Duration,
+    ) -> Result<Ownership, BackendError> {
+        let (lose_reply, hang) = {
+            let faults = self.faults.lock();
+            (faults.lose_release_replies, faults.hang_releases)
+        };
+        if hang {
+            std::thread::sleep(timeout.min(Duration::from_secs(10)));
+            return Err(BackendError::transient(InjectedFault(
+                "the server did not answer the release",
+            )));
+        }
+        let outcome = self.inner.release(key, token, timeout)?;
+        if lose_reply {
+            return Err(BackendError::transient(InjectedFault(
+                "the release's reply was lost",
+            )));
+        }
+        Ok(outcome)
+    }
+
+    fn watch_release(&self, key: &str) -> Option<ReleaseWatch> {
+        self.inner.watch_release(key)
+    }
+
+    fn drift(&self) -> DriftRule {
+        self.inner.drift()
+    }
+}
+
+/// Contract 9: the holder trusts its lease for what the backend's drift rule leaves of the TTL,
+/// counted from before each acquire or renewal was sent.
+pub fn validity_follows_the_backends_drift_rule(target: &dyn ConformanceTarget) {
+    let key = target.key("validity_follows_the_backends_drift_rule");
+    let ttl = target.ttl();
+    let manager = manager(target);
+    let validity = target
+        .backend()
+        .drift()
+        .validity(ttl)
+        .expect("the target's TTL leaves some validity");
+    let clock = manager.clock().clone();
+    let before = clock.now();
+    let lease = manager.acquire(&key, ttl).unwrap();
+    let after = clock.now();
+    let valid_until = lease.valid_until();
+    assert!(
+        valid_until >= before + validity && valid_until <= after + validity,
+        "valid_until is {:?} after the acquire began; the drift rule leaves {validity:?} of {ttl:?}",
+        valid_until - before
+    );
+    // After renewals, the validity counts from the last renewal's send, by the same rule.
+    for _ in 0..2 {
+        step(target, &[&manager], ttl / 2);
+    }
+    let now = clock.now();
+    let renewed = lease.valid_until();
+    assert!(renewed > valid_until, "the lease was not renewed");
+    assert!(
+        renewed <= now + validity,
+        "a renewal gave more validity than the drift rule leaves: {:?} > {validity:?}",
+        renewed - now
+    );
+    lease.release().unwrap();
+}
+
+/// Contract 10: a lost lease produces exactly one `Lost` event and one `lost()` message, and no
+/// `Released` event, whichever path finds the loss: the renewer, `ensure_held`, or `release`.
+pub fn a_loss_is_reported_once_whichever_path_finds_it(target: &dyn ConformanceTarget) {
+    let ttl = target.ttl();
+    let (manager, counts) = counting(target.builder());
+
+    // Found by the release: the key was deleted behind the holder's back, before any renewal.
+    let key = target.key("loss_found_by_release");
+    let lease = manager.acquire(&key, ttl).unwrap();
+    let lost = lease.lost();
+    target.delete_key(&key);
+    let error = lease.release().expect_err("the key was gone");
+    assert!(
+        matches!(error.lost_reason(), Some(LostReason::TakenOver)),
+        "{error}"
+    );
+    assert!(
+        matches!(lost.try_recv(), Ok(LostReason::TakenOver)),
+        "lost() did not hear of a loss found by release"
+    );
+    assert!(lost.try_recv().is_err(), "lost() heard twice");
+    assert_eq!(
+        counts.get(),
+        (1, 0),
+        "(Lost, Released) events after a loss found by release"
+    );
+
+    // Found by `ensure_held`: the backend stopped answering, and the holder looks first.
+    let key = target.key("loss_found_by_ensure_held");
+    let lease = manager.acquire(&key, ttl).unwrap();
+    let lost = lease.lost();
+    target.set_unreachable(true);
+    target.advance(ttl + ttl / 10);
+    let error = lease.ensure_held().expect_err("past its validity");
+    assert!(error.is_lost(), "{error}");
+    target.set_unreachable(false);
+    step(target, &[&manager], ttl / 4);
+    assert!(lost.try_recv().is_ok(), "lost() did not hear of an expiry");
+    assert!(lost.try_recv().is_err(), "lost() heard twice");
+    assert!(lease.release().unwrap_err().is_lost());
+    assert_eq!(counts.get(), (2, 0), "(Lost, Released) events after expiry");
+
+    // A normal release is a release, not a loss.
+    let key = target.key("normal_release");
+    let lease = manager.acquire(&key, ttl).unwrap();
+    let lost = lease.lost();
+    lease.release().unwrap();
+    assert!(lost.try_recv().is_err(), "a release was reported as a loss");
+    assert_eq!(
+        counts.get(),
+        (2, 1),
+        "(Lost, Released) events after a release"
+    );
+}
+
+/// Contract 11: a loss is reported no later than `valid_until` (plus the target's slack) even
+/// while a renewal call hangs: here one lease's renewal never returns, and the lease behind it
+/// in the renewer's queue cannot be renewed either. Both are reported lost on time.
+pub fn loss_is_reported_on_time_while_another_renewal_hangs(target: &dyn ConformanceTarget) {
+    let ttl = target.ttl();
+    let slack = target.report_slack();
+    let hung_key = target.key("hung_renewal");
+    let key = target.key("queued_behind_it");
+    let (gate, hang) = crossbeam_channel::bounded::<()>(0);
+    let (entered, hanging) = crossbeam_channel::unbounded();
+    let faulty = Faulty::wrap(
+        target,
+        Faults {
+            hang_renewals_of: Some((hung_key.clone(), hang, entered)),
+            ..Faults::default()
+        },
+    );
+    let clock = target.clock();
+    let reports = Arc::new(Mutex::new(Vec::new()));
+    let log = reports.clone();
+    let event_clock = clock.clone();
+    let manager = LockManager::builder(faulty)
+        .clock(clock.clone())
+        .event_hook(move |event: &LeaseEvent<'_>| {
+            if let LeaseEvent::Lost { key, .. } = event {
+                log.lock().push((key.to_string(), event_clock.now()));
+            }
+        })
+        .build()
+        .unwrap();
+    // Declared after the manager, so dropped first even when a check fails: the hung call
+    // returns before the manager's drop joins its threads.
+    let gate = gate;
+    let advance_to = |at: Instant| {
+        let now = clock.now();
+        if at > now {
+            target.advance(at - now);
+        }
+    };
+    let hung = manager.acquire(&hung_key, ttl).unwrap();
+    let queued = manager.acquire(&key, ttl * 2).unwrap();
+    // The first lease's renewal starts, and hangs.
+    // Step towards its renewal time, but never near its validity's end: from there, wait.
+    let step_limit = hung.valid_until() - ttl / 4;
+    while hanging.recv_timeout(Duration::from_millis(10)).is_err() {
+        if clock.now() + ttl / 50 < step_limit {
+            target.advance(ttl / 50);
+        } else {
+            hanging
+                .recv_timeout(Duration::from_secs(5))
+                .expect("the first lease's renewal never started");
+            break;
+        }
+    }
+    // The second lease falls due (at a third of its validity) behind it.
+    advance_to(hung.valid_until() - ttl / 10);
+    for (key, lease) in [(&hung_key, &hung), (&key, &queued)] {
+        let valid_until = lease.valid_until();
+        advance_to(valid_until);
+        let reason = lease
+            .lost()
+            .recv_timeout(Duration::from_secs(5))
+            .unwrap_or_else(|_| panic!("{key}: no loss reported while a renewal hung"));
+        assert!(matches!(reason, LostReason::Expired), "{key}: {reason:?}");
+        let reported_at = reports
+            .lock()
+            .iter()
+            .find(|(lost, _)| lost == key)
+            .map(|(_, at)| *at)
+            .expect("a Lost event");
+        assert!(
+            reported_at <= valid_until + slack,
+            "{key}: reported {:?} after valid_until while a renewal hung",
+            reported_at - valid_until
+        );
+        assert!(reported_at >= valid_until, "{key}: reported lost early");
+    }
+    drop(gate);
+}
+
+/// Contract 12: a release whose outcome is unknown (its reply was lost) is no loss.
+pub fn a_release_with_an_unknown_outcome_is_no_loss(target: &dyn ConformanceTarget) {
+    let key = target.key("release_unknown_outcome");
+    let ttl = target.ttl();
+    let faulty = Faulty::wrap(
+        target,
+        Faults {
+            lose_release_replies: true,
+            ..Faults::default()
+        },
+    );
+    let (manager, counts) = faulty.manager(target);
+    let value = manager.with_lease(&key, ttl, Duration::from_secs(1), |lease| {
+        assert!(lease.is_held());
+        42
+    });
+    assert_eq!(
+        value.unwrap(),
+        42,
+        "with_lease must keep the value of work done under a lease held to the end"
+    );
+    let lease = manager.acquire(&key, ttl).unwrap();
+    let lost = lease.lost();
+    let error = lease.release().expect_err("the reply was lost");
+    assert!(
+        !error.is_lost(),
+        "an unknown outcome was reported as a loss: {error}"
+    );
+    assert!(error.is_transient(), "{error}");
+    assert!(lost.try_recv().is_err(), "lost() heard of a release");
+    assert_eq!(counts.get().0, 0, "Lost events for releases");
+    let free = manager.try_acquire(&key, ttl).unwrap();
+    assert!(free.is_some(), "the applied release did not free the key");
+}
+
+/// Contract 13: a zero wait makes one real attempt (with the backend's own timeouts): a free key
+/// is granted, a held one times out at once and says another holder has it.
+pub fn a_zero_wait_makes_one_real_attempt(target: &dyn ConformanceTarget) {
+    let key = target.key("zero_wait");
+    let ttl = target.ttl();
+    let manager = manager(target);
+    let fence = manager
+        .with_lease(&key, ttl, Duration::ZERO, |lease| lease.fence())
+        .expect("a free key with a zero wait");
+    assert!(fence > 0);
+    let holder = manager.acquire_timeout(&key, ttl, Duration::ZERO).unwrap();
+    let started = Instant::now();
+    let error = manager
+        .acquire_timeout(&key, ttl, Duration::ZERO)
+        .expect_err("the key is held");
+    assert!(error.is_timeout(), "{error}");
+    assert!(
+        error.to_string().contains("another holder has it"),
+        "the timeout does not say why: {error}"
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "a zero wait waited {:?}",
+        started.elapsed()
+    );
+    drop(holder);
+}
+
+/// Contract 14: an acquire that gives up after an attempt whose outcome is unknown leaves no
+/// lock behind: it releases its token, best effort.
+pub fn an_acquire_that_gives_up_leaves_no_lock(target: &dyn ConformanceTarget) {
+    let ttl = target.ttl();
+    let faulty = Faulty::wrap(
+        target,
+        Faults {
+            lose_acquire_replies: true,
+            ..Faults::default()
+        },
+    );
+    let (manager, _) = faulty.manager(target);
+    let backend = target.backend();
+    let probe = |key: &str| {
+        let outcome = backend
+            .try_acquire(&request(key, "probe", ttl), NO_LIMIT)
+            .unwrap();
+        matches!(outcome, AcquireOutcome::Acquired { .. })
+    };
+
+    let key = target.key("orphan_try_acquire");
+    let error = manager
+        .try_acquire(&key, ttl)
+        .expect_err("the reply was lost");
+    assert!(error.is_transient(), "{error}");
+    assert!(probe(&key), "try_acquire left an orphan lock");
+
+    let key = target.key("orphan_acquire_timeout");
+    let error = manager
+        .acquire_timeout(&key, ttl, Duration::ZERO)
+        .expect_err("every reply was lost");
+    assert!(error.is_timeout(), "{error}");
+    assert!(
+        std::error::Error::source(&error).is_some(),
+        "the timeout hides the last attempt's error: {error}"
+    );
+    assert!(probe(&key), "acquire_timeout left an orphan lock");
+}
+
+/// Contract 15: releasing (or dropping) a lease that is already lost is best effort and returns
+/// within [`CLEANUP_TIMEOUT`] (plus the target's slack), even when the backend does not answer.
+pub fn releasing_a_lost_lease_returns_promptly(target: &dyn ConformanceTarget) {
+    let key = target.key("release_lost_promptly");
+    let ttl = target.ttl();
+    let faulty = Faulty::wrap(target, Faults::default());
+    let (manager, _) = faulty.manager(target);
+    let lease = manager.acquire(&key, ttl).unwrap();
+    target.delete_key(&key);
+    step(target, &[&manager], ttl / 2);
+    assert!(!lease.is_held(), "the deleted key was not reported lost");
+    faulty.faults.lock().hang_releases = true;
+    let started = Instant::now();
+    assert!(lease.release().unwrap_err().is_lost());
+    let took = started.elapsed();
+    assert!(
+        took <= CLEANUP_TIMEOUT + target.report_slack() + Duration::from_millis(200),
+        "releasing a lost lease took {took:?}"
+    );
+}
+
 /// Stamps one `#[test]` per conformance check, each calling `$target` for a fresh
 /// [`ConformanceTarget`].
 ///
@@ -472,6 +927,13 @@ macro_rules! conformance_tests {
             loss_is_reported_once,
             release_after_loss_is_safe,
             no_renewal_after_release,
+            validity_follows_the_backends_drift_rule,
+            a_loss_is_reported_once_whichever_path_finds_it,
+            loss_is_reported_on_time_while_another_renewal_hangs,
+            a_release_with_an_unknown_outcome_is_no_loss,
+            a_zero_wait_makes_one_real_attempt,
+            an_acquire_that_gives_up_leaves_no_lock,
+            releasing_a_lost_lease_returns_promptly,
         );
     };
     (@checks $target:expr; $($check:ident,)*) => {

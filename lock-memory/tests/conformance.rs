@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use lock_core::conformance::ConformanceTarget;
-use lock_core::{LeaseBackend, LockManager, LockManagerBuilder, ManualClock};
+use lock_core::{Clock, LeaseBackend, LockManager, LockManagerBuilder, ManualClock};
 use lock_memory::MemoryBackend;
 
 struct VirtualTime {
@@ -36,6 +36,10 @@ impl ConformanceTarget for VirtualTime {
 
     fn set_unreachable(&self, unreachable: bool) {
         self.backend.set_unreachable(unreachable);
+    }
+
+    fn clock(&self) -> Clock {
+        self.clock.clone().into()
     }
 
     fn report_slack(&self) -> Duration {
