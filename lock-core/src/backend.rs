@@ -34,7 +34,8 @@ pub enum AcquireOutcome {
     },
 }
 
-/// The answer to [`LeaseBackend::renew`] and [`LeaseBackend::release`] when the backend answered.
+/// The answer to [`LeaseBackend::renew_batch`] (per lease) and [`LeaseBackend::release`] when the
+/// backend answered.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Ownership {
     /// The token owned the key, and the operation was applied.
@@ -85,38 +86,60 @@ impl fmt::Debug for ReleaseWatch {
 /// manager validates every key and TTL before calling the backend. The trait is object safe:
 /// the manager holds an `Arc<dyn LeaseBackend>`.
 ///
-/// Every method takes a `timeout`: the longest the call may block (the caller's remaining wait,
-/// or the lease's remaining validity). A backend uses the smaller of it and its own configured
-/// timeouts, and returns a [transient](BackendError::transient) error when it runs out. It is
-/// `Duration::MAX` when the caller sets no limit.
+/// Every method that talks to the store takes a `timeout`: the longest the call may block.
+/// `Duration::MAX` means "use your own configured timeouts" (every acquire attempt and every
+/// release of a held lease); a shorter one is the remaining validity of the leases in a renewal
+/// batch, or [`CLEANUP_TIMEOUT`](crate::CLEANUP_TIMEOUT) for best-effort clean-ups. A backend
+/// uses the smaller of it and its own timeouts, and returns a
+/// [transient](BackendError::transient) error when it runs out.
 ///
 /// # Contract
 ///
-/// Numbered as the checks in [`conformance`](crate#conformance) that test each point.
+/// Numbered as the checks in [`conformance`](crate#conformance) that test each point; points 9
+/// to 15 are kept by the manager on top of any backend that keeps points 1 to 8 and states its
+/// drift rule, and are checked on every backend all the same.
 ///
 /// 1. **mutual_exclusion**: `try_acquire` grants a key to one token at a time; while that
 ///    token's TTL runs, every other token gets [`AcquireOutcome::Held`]. The holder's own token
 ///    gets [`AcquireOutcome::Acquired`] again, with a fresh TTL and a fence no lower than the one
-///    first issued (the same one, on a single store): the manager
-///    reuses one token for all attempts of an `acquire`, so an attempt whose answer was lost is
-///    picked up by the next one.
-/// 2. **only_owner_renews_or_releases**: `renew` and `release` change the key only when the
+///    first issued: the manager reuses one token for all attempts of an `acquire`, so an attempt
+///    whose answer was lost is picked up by the next one.
+/// 2. **only_owner_renews_or_releases**: `renew_batch` and `release` change a key only when the
 ///    token owns it; otherwise they return [`Ownership::NotOwned`] and change nothing.
 /// 3. **fences_strictly_increase**: each grant carries a fence strictly greater than every fence
-///    granted before for that key, across releases and expiries (and, for stores that can restart,
-///    across restarts).
+///    granted before for that key, across releases and expiries (and, for stores that can restart
+///    or fail over, across those: see each backend's docs for what it assumes).
 /// 4. **unrenewed_lease_expires_after_ttl**: a granted key stays held for its TTL, then frees
 ///    itself without any call.
-/// 5. **renewal_extends_lease**: `renew` replaces the remaining TTL with the request's TTL.
-/// 6. **loss_is_reported_once**: when the key is deleted, expires or is taken over, `renew`
+/// 5. **renewal_extends_lease**: a renewal replaces the remaining TTL with the request's TTL.
+/// 6. **loss_is_reported_once**: when the key is deleted, expires or is taken over, its renewal
 ///    says [`Ownership::NotOwned`] (the manager turns that into one loss report).
 /// 7. **release_after_loss_is_safe**: `release` with a stale token never deletes another
 ///    token's key.
-/// 8. **no_renewal_after_release**: `renew` never recreates a key that is gone: it only extends a
-///    key that holds the token.
+/// 8. **no_renewal_after_release**: a renewal never recreates a key that is gone: it only
+///    extends a key that holds the token.
+/// 9. **validity_follows_the_backends_drift_rule**: the holder trusts a lease for
+///    [`drift`](LeaseBackend::drift)`.validity(ttl)` from before each acquire or renewal was
+///    sent.
+/// 10. **a_loss_is_reported_once_whichever_path_finds_it**: one `Lost` event and one `lost()`
+///     message per lost lease, whether the renewer, `ensure_held` or `release` finds it, and no
+///     `Released` event for it.
+/// 11. **loss_is_reported_on_time_while_another_renewal_hangs**: a call that hangs delays no
+///     loss report past `valid_until`.
+/// 12. **a_release_with_an_unknown_outcome_is_no_loss**: `release` answers
+///     [`Ownership::NotOwned`] only when it knows the token did not own the key; when a retry
+///     cannot tell whether an earlier attempt deleted it, it returns a transient error, which
+///     the manager never reports as a loss.
+/// 13. **a_zero_wait_makes_one_real_attempt**: a wait bounds waiting, not an attempt.
+/// 14. **an_acquire_that_gives_up_leaves_no_lock**: after an attempt whose outcome is unknown,
+///     the manager releases its token, best effort.
+/// 15. **releasing_a_lost_lease_returns_promptly**: within
+///     [`CLEANUP_TIMEOUT`](crate::CLEANUP_TIMEOUT), whatever the store does.
 ///
-/// All operations are atomic per key. Errors must be classified: [transient](BackendError::transient)
-/// when retrying may help, [permanent](BackendError::permanent) when it cannot.
+/// All operations are atomic per key. An operation that fails must leave nothing behind (an
+/// acquire that errors has not taken the key). Errors must be classified:
+/// [transient](BackendError::transient) when retrying may help,
+/// [permanent](BackendError::permanent) when it cannot.
 pub trait LeaseBackend: Send + Sync + 'static {
     /// Takes `request.key` for `request.token` if it is free.
     ///

@@ -38,17 +38,30 @@
 //!
 //! # Guarantees, and what is not promised
 //!
-//! - **Validity** is local and monotonic: `valid_until = instant_before_sending + ttl - drift`,
-//!   with `drift = ttl / 100 + 2 ms`. Mutual exclusion holds while the backend's clock does not
-//!   run faster than ours by more than the drift, and while the holder's process is not paused
-//!   past `valid_until` between its check and its side effect. No lock can promise more: a GC
-//!   pause or a SIGSTOP right after [`Lease::ensure_held`] returns is invisible to the holder.
+//! - **Validity** is local and monotonic: `valid_until = instant_before_sending + validity`,
+//!   where the backend's [`DriftRule`] gives `validity = ttl - (ttl * factor + fixed)` (by
+//!   default 1% + 2 ms; Redlock uses its `drift_factor`). The same rule governs the acquisition
+//!   and every renewal. Mutual exclusion holds while the backend's clock does not run faster
+//!   than ours by more than the drift, and while the holder's process is not paused past
+//!   `valid_until` between its check and its side effect. No lock can promise more: a GC pause
+//!   or a SIGSTOP right after [`Lease::ensure_held`] returns is invisible to the holder.
 //!   **Fencing** closes that gap, if the resource checks the fence.
-//! - **Loss is reported on time**: [`Lease::is_held`] reads the clock, so it is right even while
-//!   the renewer is blocked; backend calls are bounded by the remaining validity, so the
-//!   renewer reports a loss no later than `valid_until` plus scheduling slack.
+//! - **Loss is reported once, and on time**: [`Lease::is_held`] reads the clock, so it is
+//!   right even while no thread runs; the renewer never blocks on the backend (its worker makes
+//!   the calls) and reports every loss no later than `valid_until` plus scheduling slack,
+//!   whatever other calls are doing. One `Lost` event and one [`Lease::lost`] message per lost
+//!   lease, whether the renewer, [`Lease::ensure_held`] or [`Lease::release`] finds it; a lost
+//!   lease is never also reported as released, and a release whose outcome is unknown is never
+//!   reported as a loss.
+//! - **Waits mean what they say**: a wait bounds the waiting, not an attempt. Every attempt
+//!   gets the backend's own timeouts, so a zero wait makes one real attempt; a timeout says why
+//!   the last attempt failed; an acquire that gives up after an attempt whose outcome is
+//!   unknown releases its token, best effort.
+//! - **A lost lease never holds its holder up**: releasing or dropping it is best effort within
+//!   [`CLEANUP_TIMEOUT`].
 //! - **Renewals never revive a key**: a renewal only extends a key that still holds our token,
 //!   and a lease is untracked before it is deleted.
+//! - **Not re-entrant**: a second acquire of a key the caller holds waits like any other.
 //!
 //! # Conformance
 //!
@@ -57,11 +70,13 @@
 //!
 //! # Threads
 //!
-//! Each manager has one thread named [`RENEWER_THREAD_NAME`]. It sleeps until the next lease
-//! falls due (with none, for at most a second) and renews every due lease in batches of
-//! [`LockManagerBuilder::batch_size`], one backend call per batch. It holds no handle that keeps
-//! the manager alive: when the last [`LockManager`] clone and the last [`Lease`] are dropped,
-//! the thread is told to stop and joined.
+//! Each manager has one thread named [`RENEWER_THREAD_NAME`] that keeps time, and one I/O
+//! worker (`lease-renew-io`) that makes its backend calls. The renewer sleeps until the next
+//! lease falls due (with none, for at most a second) and hands every due lease to the worker in
+//! batches of [`LockManagerBuilder::batch_size`], one backend call per batch; while a batch is
+//! in flight it watches the end of each of its leases' validity. Neither thread holds a handle
+//! that keeps the manager alive: when the last [`LockManager`] clone and the last [`Lease`] are
+//! dropped, both are told to stop and joined.
 
 mod backend;
 mod clock;

@@ -326,47 +326,6 @@ fn a_panic_in_with_lease_releases_and_propagates() {
     assert!(fence.is_ok(), "the manager is still usable");
 }
 
-fn renewer_threads() -> usize {
-    std::fs::read_dir("/proc/self/task")
-        .unwrap()
-        .filter_map(|task| std::fs::read_to_string(task.ok()?.path().join("comm")).ok())
-        .filter(|name| name.trim() == lock_core::RENEWER_THREAD_NAME)
-        .count()
-}
-
-#[test]
-fn the_last_handle_stops_and_joins_the_renewer() {
-    let before = renewer_threads();
-    let manager = LockManager::new(MemoryBackend::new());
-    let clone = manager.clone();
-    // The thread names itself once it runs: wait for that.
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while renewer_threads() == before {
-        assert!(Instant::now() < deadline, "no renewer thread appeared");
-        std::thread::yield_now();
-    }
-    assert_eq!(
-        renewer_threads(),
-        before + 1,
-        "one renewer per manager, shared by clones"
-    );
-    let lease = manager.acquire("a", TTL).unwrap();
-    drop(manager);
-    drop(clone);
-    assert_eq!(
-        renewer_threads(),
-        before + 1,
-        "a live lease keeps its manager"
-    );
-    assert!(lease.is_held());
-    drop(lease);
-    assert_eq!(
-        renewer_threads(),
-        before,
-        "joined when the last handle went"
-    );
-}
-
 #[test]
 fn public_types_cross_threads() {
     fn send_sync<T: Send + Sync + 'static>() {}
