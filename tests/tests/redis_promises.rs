@@ -44,21 +44,28 @@ fn manager(server: &RedisServer) -> (LockManager, Arc<Events>) {
     (manager, events)
 }
 
+fn sleep_until(at: Instant) {
+    std::thread::sleep(at.saturating_duration_since(Instant::now()));
+}
+
 #[test]
 fn a_loss_is_reported_on_time_while_another_renewal_waits_on_a_paused_server() {
     let mut server = RedisServer::start();
     let (manager, events) = manager(&server);
-    // A long lease whose renewal, once the server stops, blocks for up to its own validity
-    // (seconds), and a short one whose validity ends while that call is still waiting.
+    // A long lease whose first renewal, once the server stops, waits the whole command
+    // timeout (2 s), and a short lease that falls due just after that renewal started and
+    // whose validity ends while it still waits.
     let long = manager.acquire("long", Duration::from_secs(6)).unwrap();
+    // The long lease is due a third of its validity (5.938 s) after it was acquired: 1.979 s.
+    let acquired = long.valid_until() - Duration::from_millis(5_938);
+    let at = |millis: u64| acquired + Duration::from_millis(millis);
+    sleep_until(at(1_750));
+    // Due at 1.750 + 0.296 = 2.046 s, valid until 1.750 + 0.889 = 2.639 s.
     let short = manager
-        .acquire("short", Duration::from_millis(300))
+        .acquire("short", Duration::from_millis(900))
         .unwrap();
     let short_lost = short.lost();
-    // Stop the server just before the long lease's first renewal is due (a third of its
-    // validity, about 1.98 s after it was acquired).
-    let due = long.valid_until() - Duration::from_millis(5_938 * 2 / 3);
-    std::thread::sleep(due.saturating_duration_since(Instant::now() + Duration::from_millis(50)));
+    sleep_until(at(1_850));
     server.pause();
     let reason = short_lost
         .recv_timeout(Duration::from_secs(10))
