@@ -13,7 +13,7 @@ use parking_lot::Mutex;
 
 /// How late after `valid_until` a loss may be reported on a real clock: the renewer's wake-up
 /// and the hook call.
-const REPORT_SLACK: Duration = Duration::from_millis(100);
+const REPORT_SLACK: Duration = Duration::from_millis(200);
 
 /// Every `Lost` event with the time it was reported, and the count of `Released` events.
 #[derive(Default)]
