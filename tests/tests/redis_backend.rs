@@ -12,12 +12,13 @@ use std::time::{Duration, Instant};
 use lock_core::conformance::renew_one;
 use lock_core::{AcquireOutcome, BackendError, LeaseBackend, LeaseRequest, Ownership};
 use lock_redis::{RedisBackend, RedisBackendError, RedisOperation};
-use lock_tests::{wait_until, ProxyMode, RedisServer, ServerOptions, TcpProxy};
+use lock_tests::direct::{
+    acquire, backend_at, fence_of, redis_cause, request, wait_for_wakeup, CALL,
+};
+use lock_tests::{error_chain, wait_until, ProxyMode, RedisServer, ServerOptions, TcpProxy};
 use parking_lot::Mutex;
 use redis::Commands;
 
-/// The timeout given to calls that are expected to answer.
-const CALL: Duration = Duration::from_secs(5);
 /// The timeout given to calls that are expected to fail for lack of an answer.
 const SHORT: Duration = Duration::from_millis(300);
 /// How much later than its timeout a failing call may return.
@@ -27,44 +28,11 @@ const WAIT: Duration = Duration::from_secs(10);
 /// The TTL of most leases in these tests.
 const TTL: Duration = Duration::from_secs(30);
 
-fn backend_at(url: &str) -> RedisBackend {
-    RedisBackend::builder(url)
-        .connect_timeout(Duration::from_secs(1))
-        .checkout_timeout(Duration::from_secs(1))
-        .command_timeout(Duration::from_secs(1))
-        .build()
-        .unwrap()
-}
-
-fn request<'a>(key: &'a str, token: &'a str, ttl: Duration) -> LeaseRequest<'a> {
-    LeaseRequest { key, token, ttl }
-}
-
-fn acquire(backend: &RedisBackend, key: &str, token: &str, ttl: Duration) -> AcquireOutcome {
-    backend
-        .try_acquire(&request(key, token, ttl), CALL)
-        .unwrap_or_else(|e| panic!("acquire {key} for {token}: {e}"))
-}
-
-fn fence_of(outcome: AcquireOutcome) -> u64 {
-    match outcome {
-        AcquireOutcome::Acquired { fence } => fence,
-        AcquireOutcome::Held { .. } => panic!("expected the lock to be free, got {outcome:?}"),
-    }
-}
-
 fn pttl(server: &RedisServer, key: &str) -> i64 {
     redis::cmd("PTTL")
         .arg(key)
         .query(&mut server.connection())
         .unwrap()
-}
-
-fn redis_cause(error: &BackendError) -> &RedisBackendError {
-    error
-        .cause()
-        .downcast_ref::<RedisBackendError>()
-        .unwrap_or_else(|| panic!("the cause is not a RedisBackendError: {error:?}"))
 }
 
 /// Asserts a transient failure of `operation` on `key`, returned within `limit` + [`SLACK`].
@@ -106,14 +74,6 @@ fn subscribed_clients(server: &RedisServer) -> usize {
         .lines()
         .filter(|line| !line.contains(" sub=0 "))
         .count()
-}
-
-/// Waits for the wake-up a watch gets when the subscriber has (re)subscribed.
-fn wait_for_wakeup(watch: &lock_core::ReleaseWatch, what: &str) {
-    watch
-        .receiver()
-        .recv_timeout(WAIT)
-        .unwrap_or_else(|e| panic!("no wake-up ({what}) within {WAIT:?}: {e}"));
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1065,7 +1025,7 @@ fn a_lock_key_of_another_type_is_a_permanent_error_naming_the_operation_and_key(
         error.to_string().contains("acquire of lock \"listy\""),
         "{error}"
     );
-    assert!(error.to_string().contains("WRONGTYPE"), "{error}");
+    assert!(error_chain(&error).contains("WRONGTYPE"), "{error:?}");
 
     let error = renew_one(&backend, &request("listy", "t", TTL), CALL).unwrap_err();
     assert!(!error.is_transient(), "{error}");
