@@ -48,12 +48,15 @@
 //! so both keys of a lock share one slot. The backend itself speaks to one server, not to a
 //! Cluster: a renewal batch renews keys of many slots in one script call.
 //!
-//! - **acquire** sets the key if it is free and increments the fence counter in the same script.
-//!   A missing counter is first seeded with the server's `TIME` in microseconds, so fences keep
-//!   increasing across restarts of a server without persistence (as long as its clock does not
-//!   step back, and fewer than one lock per microsecond is taken on average). When another
-//!   token holds the key, the holder's remaining TTL comes back, so waiters sleep no longer
-//!   than useful.
+//! - **acquire** sets the key if it is free and issues its fence in the same script: every
+//!   grant issues `max(counter + 1, server TIME in microseconds)` and stores it in the counter.
+//!   So fences keep increasing when the counter comes back missing or stale: a restart without
+//!   persistence, a restore from an older snapshot, a failover to a replica that had not received
+//!   the last grants (as long as the server's clock does not step back, and fewer than one lock
+//!   per microsecond is taken on average). A counter that is not a whole number below 2^53 (fences
+//!   are exact in Lua's doubles only up to there), or not a string at all, fails the acquire with a
+//!   permanent error naming it, before anything is written. When another token holds the key, the
+//!   holder's remaining TTL comes back, so waiters sleep no longer than useful.
 //! - **renew** sets the TTL only if the key holds the token; it never recreates a missing key.
 //!   The manager's renewer sends all due renewals in one pipelined round trip, one script call
 //!   per 128 leases (the script's fixed cost is paid per call, not per lease).
