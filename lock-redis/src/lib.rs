@@ -73,7 +73,11 @@
 //! its round trips; new connections must connect within the
 //! [connect timeout](RedisBackendBuilder::connect_timeout). With the defaults (2 s each) an
 //! unreachable, paused or refusing server is reported within 4 seconds. A pooled connection
-//! found closed (the server restarted) is replaced and the call retried while time is left.
+//! found closed (the server restarted), or a read interrupted by a signal (`EINTR`), makes the
+//! call retry on another connection while time is left. A connection left with replies due by
+//! a timed-out call is drained (up to a `PING`) before its next use, with one more command
+//! timeout of its own, so a slow server (one that answers within the command timeout) is served
+//! again as soon as the latency spike has passed.
 //!
 //! # Errors
 //!
@@ -84,7 +88,12 @@
 //! [permanent](lock_core::BackendError::permanent) when it cannot (`WRONGTYPE` on a lock key,
 //! missing ACL permissions, a wrong password, a script error). Its
 //! [`cause`](lock_core::BackendError::cause) is a [`RedisBackendError`] naming the operation
-//! and the key.
+//! and the key; what Redis said is that error's [`source`](std::error::Error::source) (messages
+//! do not repeat their source: print the chain).
+//!
+//! A release whose reply is lost with its connection is retried; if the retry finds the key
+//! gone, the first attempt may have deleted it, so the release fails with the transient
+//! [`RedisBackendError::ReleaseOutcomeUnknown`] rather than reporting a loss.
 //!
 //! # Waking waiters
 //!

@@ -394,6 +394,19 @@ fn scripts_survive_a_restart() {
         );
     }
     server.restart();
+    // The release goes out on the pooled connection the restart closed, and is retried on a new
+    // one, which finds the key gone: whether the first attempt deleted it, the backend cannot
+    // know, so it does not say `NotOwned` (that would report a loss).
+    let error = backend.release("a", "t2", CALL).unwrap_err();
+    assert!(error.is_transient(), "{error}");
+    assert!(
+        matches!(
+            redis_cause(&error),
+            RedisBackendError::ReleaseOutcomeUnknown { .. }
+        ),
+        "{error:?}"
+    );
+    // With no attempt unanswered, the script's answer stands.
     assert_eq!(
         backend.release("a", "t2", CALL).unwrap(),
         Ownership::NotOwned

@@ -1,18 +1,28 @@
 //! Faults that used to break a promise of `RedisBackend`, each against real `redis-server`
 //! processes: fence counters that come back stale (a failover to a lagging replica, a restore
-//! from an old snapshot) or corrupt.
+//! from an old snapshot) or corrupt, a latency spike, reads interrupted by `SIGSTOP`/`SIGCONT`,
+//! and a release whose reply is lost with its connection.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // a failed step is a failed test
 
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
+use crossbeam_channel::Receiver;
+use lock_core::conformance::renew_one;
 use lock_core::{LeaseBackend, Ownership};
 use lock_redis::{RedisBackend, RedisBackendError, RedisOperation};
 use lock_tests::direct::{acquire, backend_at, fence_of, redis_cause, request, CALL};
-use lock_tests::{error_chain, fenced_write, ProxyMode, RedisServer, TcpProxy};
+use lock_tests::{error_chain, fenced_write, wait_until, ProxyMode, RedisServer, TcpProxy};
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
 use redis::Commands;
 
+const HOLDER: &str = env!("CARGO_BIN_EXE_lease-holder");
 /// The TTL of the leases in these tests.
 const TTL: Duration = Duration::from_secs(30);
+/// Deadline of `wait_until`, and of waiting for a child process to make progress.
+const WAIT: Duration = Duration::from_secs(10);
 
 // ---------------------------------------------------------------------------------------------
 // Fences
@@ -165,5 +175,148 @@ fn a_corrupt_fence_counter_fails_the_acquire_and_leaves_no_lock() {
     assert_eq!(
         fence_of(acquire(&backend, "edge", "t", TTL)),
         9_007_199_254_740_991
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// Latency, interruptions, lost replies
+// ---------------------------------------------------------------------------------------------
+
+#[test]
+fn a_latency_spike_leaves_no_connection_failing_at_a_latency_it_can_serve() {
+    let timeout = Duration::from_millis(400);
+    let server = RedisServer::start();
+    let proxy = TcpProxy::start(server.addr());
+    let backend = RedisBackend::builder(&proxy.url())
+        .pool_size(1) // every call on the connection the spike hit
+        .connect_timeout(Duration::from_secs(1))
+        .checkout_timeout(timeout)
+        .command_timeout(timeout)
+        .build()
+        .unwrap();
+    fence_of(acquire(&backend, "k", "t", TTL));
+    // Loads the renewal script: its first call costs two more round trips.
+    renew_one(&backend, &request("k", "t", TTL), CALL).unwrap();
+
+    // A spike: the round trip takes 1.5 times the command timeout.
+    proxy.set_mode(ProxyMode::Delay(timeout * 3 / 4));
+    let error = renew_one(&backend, &request("k", "t", TTL), CALL).unwrap_err();
+    assert!(redis_cause(&error).is_timeout(), "{error}");
+
+    // Back to a round trip of 0.7 times the command timeout: slow, but served.
+    proxy.set_mode(ProxyMode::Delay(timeout * 7 / 20));
+    for call in 0..10 {
+        let answer = renew_one(&backend, &request("k", "t", TTL), CALL);
+        assert_eq!(
+            answer.unwrap_or_else(|e| panic!("call {call} after the spike: {}", error_chain(&e))),
+            Ownership::Owned
+        );
+    }
+}
+
+/// A `lease-holder calls` child process, killed on drop.
+struct Caller {
+    child: Child,
+    lines: Receiver<String>,
+}
+
+impl Caller {
+    fn spawn(url: &str) -> Caller {
+        let mut child = Command::new(HOLDER)
+            .args(["calls", url])
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("start lease-holder");
+        let stdout = child.stdout.take().unwrap();
+        let (sender, lines) = crossbeam_channel::unbounded();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines() {
+                let Ok(line) = line else { return };
+                if sender.send(line).is_err() {
+                    return;
+                }
+            }
+        });
+        Caller { child, lines }
+    }
+
+    fn pid(&self) -> Pid {
+        Pid::from_raw(i32::try_from(self.child.id()).unwrap())
+    }
+
+    /// Waits for the child's next finished round.
+    fn next_round(&self) {
+        match self.lines.recv_timeout(WAIT) {
+            Ok(line) if line == "ok" => {}
+            Ok(line) => panic!("the calling process failed: {line}"),
+            Err(e) => panic!("the calling process made no progress within {WAIT:?}: {e}"),
+        }
+    }
+
+    /// Whether the process is stopped (`T` in `/proc/PID/stat`).
+    fn is_stopped(&self) -> bool {
+        let stat = std::fs::read_to_string(format!("/proc/{}/stat", self.child.id())).unwrap();
+        stat.rsplit_once(')')
+            .is_some_and(|(_, fields)| fields.trim_start().starts_with('T'))
+    }
+}
+
+impl Drop for Caller {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Linux fails a blocking `recv` on a socket with a timeout with `EINTR` when the process is
+/// stopped and continued, even without a signal handler: the child is stopped and continued
+/// while it waits for replies (the proxy makes every round trip slow), and must see no error.
+#[test]
+fn a_read_interrupted_by_stop_and_continue_is_retried_within_the_call() {
+    let server = RedisServer::start();
+    let proxy = TcpProxy::start(server.addr());
+    proxy.set_mode(ProxyMode::Delay(Duration::from_millis(20)));
+    let caller = Caller::spawn(&proxy.url());
+    for _ in 0..20 {
+        caller.next_round();
+        kill(caller.pid(), Signal::SIGSTOP).unwrap();
+        wait_until("the calling process is stopped", WAIT, || {
+            caller.is_stopped()
+        });
+        kill(caller.pid(), Signal::SIGCONT).unwrap();
+        wait_until("the calling process runs again", WAIT, || {
+            !caller.is_stopped()
+        });
+    }
+    caller.next_round();
+}
+
+#[test]
+fn a_release_whose_reply_is_lost_is_not_reported_as_a_loss() {
+    let server = RedisServer::start();
+    let proxy = TcpProxy::start(server.addr());
+    let backend = backend_at(&proxy.url());
+    // Loads the release script, so that the release below runs on the first attempt.
+    fence_of(acquire(&backend, "warm-up", "t", TTL));
+    backend.release("warm-up", "t", CALL).unwrap();
+    fence_of(acquire(&backend, "k", "owner", TTL));
+
+    // The release runs on the server, and its connection is reset before the reply: the
+    // retry finds the key gone, as it would had the lease been lost before.
+    proxy.set_mode(ProxyMode::ResetOnNextReply);
+    let error = backend.release("k", "owner", CALL).unwrap_err();
+    assert!(error.is_transient(), "{error}");
+    assert!(
+        matches!(redis_cause(&error), RedisBackendError::ReleaseOutcomeUnknown { key } if key == "k"),
+        "{error:?}"
+    );
+    let held: bool = server.connection().exists(backend.lock_key("k")).unwrap();
+    assert!(!held, "the release did not run: the test proves nothing");
+
+    // With every reply received, the backend knows the token no longer owns the key.
+    assert_eq!(
+        backend.release("k", "owner", CALL).unwrap(),
+        Ownership::NotOwned
     );
 }
