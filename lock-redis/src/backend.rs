@@ -11,6 +11,7 @@ use redis::{Cmd, Value};
 
 use crate::builder::Config;
 use crate::errors::{is_retryable_elsewhere, CallFailure, RedisOperation};
+use crate::eviction::{read_eviction_policy, EvictionCheck};
 use crate::keys::{fence_key, lock_key, release_channel, ttl_millis};
 use crate::pool::{
     pipeline_round_trip, round_trip, ConnectionPool, Deadline, PoolSettings, PooledConnection,
@@ -61,6 +62,8 @@ struct Inner {
     /// `None` for a pool given to `from_pool`: the backend has no URL to open a dedicated
     /// connection with.
     subscriber: Option<Subscriber>,
+    /// Whether the server's eviction policy has been looked at (and warned about).
+    eviction: EvictionCheck,
 }
 
 impl fmt::Debug for RedisBackend {
@@ -190,6 +193,39 @@ impl RedisBackend {
         fence_key(&self.inner.config.key_prefix, key)
     }
 
+    /// The server's `maxmemory-policy`, read now: `Some("noeviction")` is what a lock server
+    /// should say. `None` when the server does not tell (the user may run neither `INFO` nor
+    /// `CONFIG GET`, or the server is not Redis).
+    ///
+    /// Under any other policy, a server that reaches its `maxmemory` evicts keys, and held lock
+    /// keys are among the candidates (`volatile-*` policies evict keys with a TTL, as lock keys
+    /// are; `allkeys-*` any key, fence counters included). The backend also reads the policy
+    /// once by itself, after its first successful call, and logs a warning (`tracing`) if it
+    /// is not `noeviction`.
+    ///
+    /// ```no_run
+    /// use lock_redis::RedisBackend;
+    ///
+    /// let backend = RedisBackend::connect("redis://localhost:6379")?;
+    /// if backend.eviction_policy()?.is_some_and(|policy| policy != "noeviction") {
+    ///     eprintln!("this server may evict held locks: set maxmemory-policy noeviction");
+    /// }
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
+    ///
+    /// # Errors
+    ///
+    /// A [`RedisBackendError`] about [`RedisOperation::EvictionPolicy`] when the server cannot
+    /// be reached or does not answer within the configured timeouts.
+    pub fn eviction_policy(&self) -> Result<Option<String>, RedisBackendError> {
+        let operation = RedisOperation::EvictionPolicy;
+        let answer = self
+            .call(operation, "", Duration::MAX, read_eviction_policy)
+            .map_err(|failure| failure.into_error(operation, ""))?;
+        self.inner.eviction.record(answer.value.as_deref());
+        Ok(answer.value)
+    }
+
     /// Raises the fence counter of `key` to at least `fence` (Redlock's write-back).
     pub(crate) fn raise_fence(
         &self,
@@ -268,6 +304,7 @@ impl RedisBackend {
                 channel: release_channel(&config.key_prefix),
                 config,
                 scripts: Scripts::new(),
+                eviction: EvictionCheck::new(target.clone()),
                 target,
                 subscriber,
             }),
@@ -338,10 +375,13 @@ impl RedisBackend {
             let commands = deadline.narrowed(config.command_timeout);
             let failure = match result.and_then(|()| run(&mut connection, &commands)) {
                 Ok(value) => {
+                    if operation != RedisOperation::EvictionPolicy {
+                        self.inner.eviction.check_once(&mut connection, &commands);
+                    }
                     return Ok(Answer {
                         value,
                         after_unanswered_attempt,
-                    })
+                    });
                 }
                 Err(failure) => failure,
             };

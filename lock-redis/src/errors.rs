@@ -23,6 +23,16 @@ pub enum RedisOperation {
     Release,
     /// The write-back of a Redlock fence to one node.
     RaiseFence,
+    /// [`RedisBackend::eviction_policy`](crate::RedisBackend::eviction_policy): reading the
+    /// server's `maxmemory-policy`. Not about a lock key.
+    EvictionPolicy,
+}
+
+impl RedisOperation {
+    /// Whether the call is about one lock key (all but the eviction policy check).
+    fn has_key(self) -> bool {
+        self != RedisOperation::EvictionPolicy
+    }
 }
 
 impl fmt::Display for RedisOperation {
@@ -32,7 +42,18 @@ impl fmt::Display for RedisOperation {
             RedisOperation::Renew => "renew",
             RedisOperation::Release => "release",
             RedisOperation::RaiseFence => "raise fence",
+            RedisOperation::EvictionPolicy => "eviction policy check",
         })
+    }
+}
+
+/// What an error message says the call was: `acquire of lock "jobs:42"`, or just the
+/// operation when it is not about a lock key.
+fn subject(operation: &RedisOperation, key: &str) -> String {
+    if operation.has_key() {
+        format!("{operation} of lock {key:?}")
+    } else {
+        operation.to_string()
     }
 }
 
@@ -79,22 +100,22 @@ pub enum RedisBackendError {
         reason: String,
     },
     /// The call ran out of time: the caller's timeout or the configured command timeout.
-    #[error("redis {operation} of lock {key:?} timed out after {waited:?}")]
+    #[error("redis {} timed out after {waited:?}", subject(.operation, .key))]
     Timeout {
         /// The call.
         operation: RedisOperation,
-        /// The user's lock key.
+        /// The user's lock key (empty for a call about no key).
         key: String,
         /// How long the call ran.
         waited: Duration,
     },
     /// No pooled connection could be had in time: the server is unreachable, refuses or
     /// rejects connections, or every connection is busy.
-    #[error("redis {operation} of lock {key:?}: no connection within {waited:?}: {reason}")]
+    #[error("redis {}: no connection within {waited:?}: {reason}", subject(.operation, .key))]
     NoConnection {
         /// The call.
         operation: RedisOperation,
-        /// The user's lock key.
+        /// The user's lock key (empty for a call about no key).
         key: String,
         /// How long the call waited for a connection.
         waited: Duration,
@@ -102,22 +123,22 @@ pub enum RedisBackendError {
         reason: String,
     },
     /// Redis, or the connection to it, failed the command. What Redis said is the source.
-    #[error("redis {operation} of lock {key:?} failed")]
+    #[error("redis {} failed", subject(.operation, .key))]
     Command {
         /// The call.
         operation: RedisOperation,
-        /// The user's lock key.
+        /// The user's lock key (empty for a call about no key).
         key: String,
         /// The error from the `redis` crate.
         #[source]
         source: RedisError,
     },
     /// Redis answered something the lease scripts never return.
-    #[error("redis {operation} of lock {key:?}: unexpected reply {reply}")]
+    #[error("redis {}: unexpected reply {reply}", subject(.operation, .key))]
     UnexpectedReply {
         /// The call.
         operation: RedisOperation,
-        /// The user's lock key.
+        /// The user's lock key (empty for a call about no key).
         key: String,
         /// The reply, abbreviated.
         reply: String,
@@ -148,13 +169,15 @@ impl RedisBackendError {
         }
     }
 
-    /// The user's lock key this error is about, if it is about a call.
+    /// The user's lock key this error is about, if it is about a call on a lock.
     pub fn key(&self) -> Option<&str> {
         match self {
-            RedisBackendError::Timeout { key, .. }
-            | RedisBackendError::NoConnection { key, .. }
-            | RedisBackendError::Command { key, .. }
-            | RedisBackendError::UnexpectedReply { key, .. } => Some(key),
+            RedisBackendError::Timeout { operation, key, .. }
+            | RedisBackendError::NoConnection { operation, key, .. }
+            | RedisBackendError::Command { operation, key, .. }
+            | RedisBackendError::UnexpectedReply { operation, key, .. } => {
+                operation.has_key().then_some(key.as_str())
+            }
             RedisBackendError::ReleaseOutcomeUnknown { key } => Some(key),
             _ => None,
         }
@@ -426,6 +449,20 @@ mod tests {
         assert_eq!(cause.operation(), Some(RedisOperation::Release));
         assert_eq!(cause.key(), Some("r"));
         assert!(cause.to_string().contains("outcome unknown"), "{cause}");
+    }
+
+    #[test]
+    fn calls_about_no_lock_key_do_not_name_one() {
+        let error = CallFailure::Timeout {
+            waited: Duration::from_secs(1),
+        }
+        .into_error(RedisOperation::EvictionPolicy, "");
+        assert_eq!(
+            error.to_string(),
+            "redis eviction policy check timed out after 1s"
+        );
+        assert_eq!(error.operation(), Some(RedisOperation::EvictionPolicy));
+        assert_eq!(error.key(), None);
     }
 
     /// Every error of this crate, with the causes it can carry.

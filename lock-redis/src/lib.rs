@@ -60,7 +60,8 @@
 //! - **renew** sets the TTL only if the key holds the token; it never recreates a missing key.
 //!   The manager's renewer sends all due renewals in one pipelined round trip, one script call
 //!   per 128 leases (the script's fixed cost is paid per call, not per lease).
-//! - **release** deletes the key only if it holds the token, and publishes the release.
+//! - **release** deletes the key only if it holds the token, and publishes the release (a
+//!   publish the server refuses does not fail the release).
 //!
 //! Calls send `EVALSHA`, falling back to `EVAL` when the server's script cache is empty (after
 //! a restart).
@@ -103,6 +104,47 @@
 //! and stops when the backend is dropped. Waiters also retry on the manager's backoff, so a
 //! missed message only costs latency.
 //!
+//! # ACL
+//!
+//! A Redis user needs these rules to hold leases under the default key prefix `lock:`, and no
+//! more ([`acl_rules`] gives them for any prefix):
+//!
+//! ```text
+//! ACL SETUSER locker on >PASSWORD resetkeys ~lock:* resetchannels &lock:released -@all +evalsha +eval +script|load +get +set +pexpire +pttl +del +publish +time +ping +subscribe +unsubscribe +punsubscribe +info
+//! ```
+//!
+//! - `~lock:*`: the lock keys `lock:{KEY}` and the fence counters `lock:{KEY}:fence`.
+//! - `&lock:released`: the release channel. Redis 7 gives new users no channel
+//!   (`acl-pubsub-default resetchannels`); without it, releases still work (the script ignores a
+//!   refused `PUBLISH`), but waiters are not woken early: the subscriber logs one warning and
+//!   tries again every minute, and waiters rely on the manager's backoff.
+//! - `+evalsha +eval +script|load`: the scripts (`EVAL` and `SCRIPT LOAD` when the server's
+//!   script cache is empty).
+//! - `+get +set +pexpire +pttl +del +publish +time`: what the scripts run. Scripts run with the
+//!   caller's permissions.
+//! - `+ping`: draining a connection after a timeout, and the subscriber's health check.
+//! - `+subscribe +unsubscribe +punsubscribe`: the release subscriber (the `redis` crate
+//!   unsubscribes before it closes the connection).
+//! - `+info`: the eviction policy check (`INFO memory`); without it the check is skipped, with a
+//!   debug log. `CONFIG GET` is tried after a refused `INFO`; it is not in the rules because it
+//!   also shows secrets such as `requirepass`.
+//! - Add `+select` when the URL names a database other than 0, and on Redis 7.2 or later
+//!   `+client|setinfo` (the connection handshake sends it; a refusal is ignored, but shows in
+//!   `ACL LOG`).
+//!
+//! A missing key or command permission fails calls with a permanent error whose source is what
+//! Redis said (`NOPERM ...`).
+//!
+//! # Eviction
+//!
+//! Set `maxmemory-policy noeviction` on lock servers. Under any other policy, a server that
+//! reaches its `maxmemory` evicts keys: `volatile-*` policies evict keys with a TTL, which lock
+//! keys are, so a held lock can vanish and a second holder get it; `allkeys-*` policies evict
+//! fence counters too. A backend reads the policy once, after its first successful call
+//! (`INFO memory`, else `CONFIG GET maxmemory-policy`), and logs a warning (`tracing`) if it is
+//! not `noeviction`; a user who may not read it gets a debug log instead.
+//! [`RedisBackend::eviction_policy`] reads it on demand.
+//!
 //! # What it does not promise
 //!
 //! - One Redis server is a single point of failure, and Redis replication is asynchronous: a
@@ -114,9 +156,11 @@
 //!
 //! [r2d2]: https://docs.rs/r2d2
 
+mod acl;
 mod backend;
 mod builder;
 mod errors;
+mod eviction;
 mod keys;
 mod pool;
 mod redlock;
@@ -124,6 +168,7 @@ mod scripts;
 mod subscriber;
 mod url;
 
+pub use acl::acl_rules;
 pub use backend::RedisBackend;
 pub use builder::RedisBackendBuilder;
 pub use errors::{RedisBackendError, RedisOperation};

@@ -1,7 +1,7 @@
 //! Faults that used to break a promise of `RedisBackend`, each against real `redis-server`
 //! processes: fence counters that come back stale (a failover to a lagging replica, a restore
-//! from an old snapshot) or corrupt, a latency spike, reads interrupted by `SIGSTOP`/`SIGCONT`,
-//! and a release whose reply is lost with its connection.
+//! from an old snapshot) or corrupt, ACL users, eviction policies, a latency spike, reads
+//! interrupted by `SIGSTOP`/`SIGCONT`, and a release whose reply is lost with its connection.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // a failed step is a failed test
 
 use std::io::{BufRead, BufReader};
@@ -11,18 +11,24 @@ use std::time::Duration;
 use crossbeam_channel::Receiver;
 use lock_core::conformance::renew_one;
 use lock_core::{LeaseBackend, Ownership};
-use lock_redis::{RedisBackend, RedisBackendError, RedisOperation};
-use lock_tests::direct::{acquire, backend_at, fence_of, redis_cause, request, CALL};
-use lock_tests::{error_chain, fenced_write, wait_until, ProxyMode, RedisServer, TcpProxy};
+use lock_redis::{acl_rules, RedisBackend, RedisBackendError, RedisOperation};
+use lock_tests::direct::{
+    acquire, backend_at, fence_of, redis_cause, request, wait_for_wakeup, CALL,
+};
+use lock_tests::{
+    captured_logs, error_chain, fenced_write, wait_until, ProxyMode, RedisServer, TcpProxy,
+};
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
-use redis::Commands;
+use redis::{Commands, Value};
 
 const HOLDER: &str = env!("CARGO_BIN_EXE_lease-holder");
 /// The TTL of the leases in these tests.
 const TTL: Duration = Duration::from_secs(30);
 /// Deadline of `wait_until`, and of waiting for a child process to make progress.
 const WAIT: Duration = Duration::from_secs(10);
+/// How long a test watches for something that must not happen (a wake-up, a reconnection).
+const QUIET: Duration = Duration::from_millis(700);
 
 // ---------------------------------------------------------------------------------------------
 // Fences
@@ -176,6 +182,228 @@ fn a_corrupt_fence_counter_fails_the_acquire_and_leaves_no_lock() {
         fence_of(acquire(&backend, "edge", "t", TTL)),
         9_007_199_254_740_991
     );
+}
+
+// ---------------------------------------------------------------------------------------------
+// ACL users
+// ---------------------------------------------------------------------------------------------
+
+/// `ACL LOG` entries of `user`: (reason, context, object, count), newest first. The context is
+/// `toplevel` for a command the client sent, `lua` for one a script ran.
+fn acl_denials(server: &RedisServer, user: &str) -> Vec<(String, String, String, i64)> {
+    let entries: Vec<Value> = redis::cmd("ACL")
+        .arg("LOG")
+        .query(&mut server.connection())
+        .unwrap();
+    entries
+        .into_iter()
+        .filter_map(|entry| {
+            let fields: Vec<(String, Value)> = redis::from_redis_value(entry).ok()?;
+            let text = |name: &str| {
+                fields
+                    .iter()
+                    .find(|(field, _)| field == name)
+                    .and_then(|(_, value)| redis::from_redis_value::<String>(value.clone()).ok())
+            };
+            let count = fields
+                .iter()
+                .find(|(field, _)| field == "count")
+                .and_then(|(_, value)| redis::from_redis_value::<i64>(value.clone()).ok())?;
+            if text("username")? != user {
+                return None;
+            }
+            Some((text("reason")?, text("context")?, text("object")?, count))
+        })
+        .collect()
+}
+
+/// How many connections of `user` the server has.
+fn connections_of(server: &RedisServer, user: &str) -> usize {
+    let clients: String = redis::cmd("CLIENT")
+        .arg("LIST")
+        .query(&mut server.connection())
+        .unwrap();
+    clients
+        .lines()
+        .filter(|line| line.contains(&format!(" user={user} ")))
+        .count()
+}
+
+#[test]
+fn a_user_with_the_documented_acl_rules_can_do_everything_and_is_refused_nothing() {
+    let server = RedisServer::start();
+    let url = server.add_acl_user("locker", "locker-pw", &acl_rules("lock:"));
+    let backend = backend_at(&url);
+
+    let watch = backend.watch_release("k").unwrap();
+    wait_for_wakeup(&watch, "the subscriber subscribed");
+    fence_of(acquire(&backend, "k", "t", TTL));
+    assert_eq!(
+        renew_one(&backend, &request("k", "t", TTL), CALL).unwrap(),
+        Ownership::Owned
+    );
+    assert_eq!(backend.release("k", "t", CALL).unwrap(), Ownership::Owned);
+    wait_for_wakeup(&watch, "the release");
+    assert_eq!(
+        backend.eviction_policy().unwrap().as_deref(),
+        Some("noeviction")
+    );
+
+    // Closing every connection (the subscriber unsubscribes first) is refused nothing either.
+    drop((backend, watch));
+    wait_until("the user's connections are closed", WAIT, || {
+        connections_of(&server, "locker") == 0
+    });
+    assert_eq!(acl_denials(&server, "locker"), Vec::new());
+}
+
+#[test]
+fn a_user_without_the_channel_right_releases_and_is_not_woken_by_a_retry_loop() {
+    let logs = captured_logs();
+    let server = RedisServer::start();
+    let rules = acl_rules("lock:").replace(" &lock:released", "");
+    let url = server.add_acl_user("no-channel", "pw", &rules);
+    let backend = backend_at(&url);
+
+    let watch = backend.watch_release("k").unwrap();
+    wait_until("the subscriber is refused its channel", WAIT, || {
+        !acl_denials(&server, "no-channel").is_empty()
+    });
+    fence_of(acquire(&backend, "k", "t", TTL));
+    assert_eq!(
+        backend.release("k", "t", CALL).unwrap(),
+        Ownership::Owned,
+        "the release deleted the key, then failed on PUBLISH"
+    );
+    let held: bool = server.connection().exists(backend.lock_key("k")).unwrap();
+    assert!(!held);
+
+    // No wake-up: neither a (failed) subscription nor the release announces anything, and the
+    // subscriber does not try again at once.
+    assert!(
+        watch.receiver().recv_timeout(QUIET).is_err(),
+        "a watch was woken without a subscription"
+    );
+    let denial = |context: &str| {
+        (
+            "channel".to_owned(),
+            context.to_owned(),
+            "lock:released".to_owned(),
+            1,
+        )
+    };
+    assert_eq!(
+        acl_denials(&server, "no-channel"),
+        [denial("lua"), denial("toplevel")],
+        "one refused PUBLISH (the release), one refused SUBSCRIBE (not retried at once)"
+    );
+    let warnings: Vec<String> = logs
+        .lines_containing(&format!(":{}", server.port()))
+        .into_iter()
+        .filter(|line| line.contains("WARN") && line.contains("refuses the lock-redis subscriber"))
+        .collect();
+    assert_eq!(warnings.len(), 1, "{warnings:#?}");
+}
+
+#[test]
+fn a_user_without_a_key_or_command_right_gets_a_permanent_error_naming_it() {
+    let server = RedisServer::start();
+    let rules = acl_rules("lock:");
+    let cases = [
+        (
+            "keys outside its pattern",
+            rules.replace("~lock:*", "~other:*"),
+            "no permissions to access one of the keys",
+        ),
+        (
+            "no EVALSHA",
+            rules.replace(" +evalsha", ""),
+            "no permissions to run the 'evalsha' command",
+        ),
+        (
+            "no PEXPIRE, which the scripts run",
+            rules.replace(" +pexpire", ""),
+            "can't run this command or subcommand",
+        ),
+    ];
+    for (index, (what, rules, said)) in cases.iter().enumerate() {
+        let url = server.add_acl_user(&format!("user-{index}"), "pw", rules);
+        let backend = backend_at(&url);
+        // Acquiring needs no PEXPIRE; renewing does.
+        let error = match backend.try_acquire(&request("k", "t", TTL), CALL) {
+            Ok(_) => renew_one(&backend, &request("k", "t", TTL), CALL).unwrap_err(),
+            Err(error) => error,
+        };
+        assert!(!error.is_transient(), "{what}: {error}");
+        let text = error_chain(&error);
+        assert!(text.contains(said), "{what}: {text}");
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Eviction
+// ---------------------------------------------------------------------------------------------
+
+/// The warnings about `server`'s eviction policy logged so far.
+fn eviction_warnings(server: &RedisServer) -> usize {
+    captured_logs()
+        .lines_containing(&format!(":{}", server.port()))
+        .iter()
+        .filter(|line| line.contains("WARN") && line.contains("maxmemory-policy is"))
+        .count()
+}
+
+/// A few calls of every kind, through `backend` and a clone of it.
+fn use_backend(backend: &RedisBackend) {
+    for (round, backend) in [backend.clone(), backend.clone()].iter().enumerate() {
+        let (key, token) = (format!("k{round}"), format!("t{round}"));
+        fence_of(acquire(backend, &key, &token, TTL));
+        renew_one(backend, &request(&key, &token, TTL), CALL).unwrap();
+        backend.release(&key, &token, CALL).unwrap();
+    }
+}
+
+#[test]
+fn a_server_that_may_evict_held_locks_is_warned_about_once_per_backend() {
+    captured_logs();
+    let evicting = RedisServer::start();
+    let () = redis::cmd("CONFIG")
+        .arg("SET")
+        .arg("maxmemory-policy")
+        .arg("volatile-lru")
+        .query(&mut evicting.connection())
+        .unwrap();
+    let backend = backend_at(&evicting.url());
+    use_backend(&backend);
+    assert_eq!(eviction_warnings(&evicting), 1);
+    assert_eq!(
+        backend.eviction_policy().unwrap().as_deref(),
+        Some("volatile-lru")
+    );
+    use_backend(&backend_at(&evicting.url()));
+    assert_eq!(eviction_warnings(&evicting), 2, "one warning per backend");
+
+    let safe = RedisServer::start();
+    let backend = backend_at(&safe.url());
+    use_backend(&backend);
+    assert_eq!(
+        backend.eviction_policy().unwrap().as_deref(),
+        Some("noeviction")
+    );
+    assert_eq!(eviction_warnings(&safe), 0);
+
+    // A user who may read neither INFO nor CONFIG: no policy, no warning, no failed call.
+    let () = redis::cmd("CONFIG")
+        .arg("SET")
+        .arg("maxmemory-policy")
+        .arg("allkeys-lru")
+        .query(&mut safe.connection())
+        .unwrap();
+    let url = safe.add_acl_user("no-info", "pw", &acl_rules("lock:").replace(" +info", ""));
+    let backend = backend_at(&url);
+    use_backend(&backend);
+    assert_eq!(backend.eviction_policy().unwrap(), None);
+    assert_eq!(eviction_warnings(&safe), 0);
 }
 
 // ---------------------------------------------------------------------------------------------
