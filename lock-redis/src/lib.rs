@@ -76,9 +76,10 @@
 //! unreachable, paused or refusing server is reported within 4 seconds. A pooled connection
 //! found closed (the server restarted), or a read interrupted by a signal (`EINTR`), makes the
 //! call retry on another connection while time is left. A connection left with replies due by
-//! a timed-out call is drained (up to a `PING`) before its next use, with one more command
-//! timeout of its own, so a slow server (one that answers within the command timeout) is served
-//! again as soon as the latency spike has passed.
+//! a timed-out call is drained (up to a `PING`) before its next use, within one more command
+//! timeout of its own (so such a call may take up to 6 s with the defaults), and socket
+//! timeouts never end a read before the call's deadline: a server that answers within the
+//! command timeout is served again as soon as a latency spike has passed.
 //!
 //! # Errors
 //!
@@ -133,7 +134,8 @@
 //!   `ACL LOG`).
 //!
 //! A missing key or command permission fails calls with a permanent error whose source is what
-//! Redis said (`NOPERM ...`).
+//! Redis said (`NOPERM ...`; for a command a script runs, Redis 7.0 only says `The user
+//! executing the script can't run this command or subcommand`, and `ACL LOG` names it).
 //!
 //! # Eviction
 //!

@@ -457,16 +457,23 @@ impl DerefMut for PooledConnection {
 /// The read and write timeout last set on a pooled connection's socket.
 struct SocketTimeout(Duration);
 
+/// How much longer than what is left of a deadline a socket timeout may be and still be kept.
+const SOCKET_TIMEOUT_SLACK: Duration = Duration::from_millis(10);
+
+/// Whether a socket whose timeout is `current` can be used as it is when `left` is what is left
+/// of the deadline: never shorter (a read would time out before the deadline, and a round trip
+/// the call has time for would fail), at most [`SOCKET_TIMEOUT_SLACK`] longer.
+fn socket_timeout_fits(current: Duration, left: Duration) -> bool {
+    current >= left && current <= left.saturating_add(SOCKET_TIMEOUT_SLACK)
+}
+
 /// Bounds the socket reads and writes of `connection` by what is left before `deadline`.
 ///
-/// The socket keeps the timeout it has when that is no longer than what is left and at least
-/// half of it: a call may then fail early, never late, and most calls (which run under the same
-/// command timeout) cost no system call here. No time left is a timeout failure, never a zero
-/// socket timeout (which `std` rejects).
-pub(crate) fn set_timeouts(
-    connection: &mut PooledConnection,
-    deadline: &Deadline,
-) -> Result<(), CallFailure> {
+/// The socket keeps the timeout it has when that [fits](socket_timeout_fits): a read or write
+/// may end up to 10 ms after the deadline, never before it, and most calls (which start with
+/// the same command timeout left) cost no system call here. No time left is a timeout failure,
+/// never a zero socket timeout (which `std` rejects).
+fn set_timeouts(connection: &mut PooledConnection, deadline: &Deadline) -> Result<(), CallFailure> {
     let left = match deadline.remaining() {
         Some(left) if left.is_zero() => return Err(deadline.timed_out()),
         Some(left) => left,
@@ -477,7 +484,7 @@ pub(crate) fn set_timeouts(
         .extensions_mut()
         .get::<SocketTimeout>()
         .map(|set| set.0);
-    if current.is_some_and(|current| current <= left && current >= left / 2) {
+    if current.is_some_and(|current| socket_timeout_fits(current, left)) {
         return Ok(());
     }
     connection
@@ -535,6 +542,28 @@ pub(crate) fn pipeline_round_trip(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A socket timeout shorter than what is left would fail a read the call has time for:
+    /// kept, say, at 300 ms from an earlier call, it would fail every call of a 400 ms budget
+    /// while the round trip lies between the two.
+    #[test]
+    fn a_socket_timeout_is_kept_only_if_no_read_can_end_before_the_deadline() {
+        let ms = Duration::from_millis;
+        assert!(socket_timeout_fits(ms(400), ms(400)));
+        assert!(
+            socket_timeout_fits(ms(400), ms(395)),
+            "the usual start of a call"
+        );
+        assert!(
+            !socket_timeout_fits(ms(300), ms(400)),
+            "it would end 100 ms early"
+        );
+        assert!(!socket_timeout_fits(ms(399), ms(400)));
+        assert!(
+            !socket_timeout_fits(ms(400), ms(100)),
+            "it would end 300 ms late"
+        );
+    }
 
     #[test]
     fn deadline_without_limit_never_overflows() {
