@@ -10,7 +10,8 @@ use lock_core::{
 use redis::{Cmd, Value};
 
 use crate::builder::Config;
-use crate::errors::{is_connection_dropped, CallFailure, RedisOperation};
+use crate::errors::{is_retryable_elsewhere, CallFailure, RedisOperation};
+use crate::eviction::{read_eviction_policy, EvictionCheck};
 use crate::keys::{fence_key, lock_key, release_channel, ttl_millis};
 use crate::pool::{
     pipeline_round_trip, round_trip, ConnectionPool, Deadline, PoolSettings, PooledConnection,
@@ -61,6 +62,8 @@ struct Inner {
     /// `None` for a pool given to `from_pool`: the backend has no URL to open a dedicated
     /// connection with.
     subscriber: Option<Subscriber>,
+    /// Whether the server's eviction policy has been looked at (and warned about).
+    eviction: EvictionCheck,
 }
 
 impl fmt::Debug for RedisBackend {
@@ -190,6 +193,39 @@ impl RedisBackend {
         fence_key(&self.inner.config.key_prefix, key)
     }
 
+    /// The server's `maxmemory-policy`, read now: `Some("noeviction")` is what a lock server
+    /// should say. `None` when the server does not tell (the user may run neither `INFO` nor
+    /// `CONFIG GET`, or the server is not Redis).
+    ///
+    /// Under any other policy, a server that reaches its `maxmemory` evicts keys, and held lock
+    /// keys are among the candidates (`volatile-*` policies evict keys with a TTL, as lock keys
+    /// are; `allkeys-*` any key, fence counters included). The backend also reads the policy
+    /// once by itself, after its first successful call, and logs a warning (`tracing`) if it
+    /// is not `noeviction`.
+    ///
+    /// ```no_run
+    /// use lock_redis::RedisBackend;
+    ///
+    /// let backend = RedisBackend::connect("redis://localhost:6379")?;
+    /// if backend.eviction_policy()?.is_some_and(|policy| policy != "noeviction") {
+    ///     eprintln!("this server may evict held locks: set maxmemory-policy noeviction");
+    /// }
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
+    ///
+    /// # Errors
+    ///
+    /// A [`RedisBackendError`] about [`RedisOperation::EvictionPolicy`] when the server cannot
+    /// be reached or does not answer within the configured timeouts.
+    pub fn eviction_policy(&self) -> Result<Option<String>, RedisBackendError> {
+        let operation = RedisOperation::EvictionPolicy;
+        let answer = self
+            .call(operation, "", Duration::MAX, read_eviction_policy)
+            .map_err(|failure| failure.into_error(operation, ""))?;
+        self.inner.eviction.record(answer.value.as_deref());
+        Ok(answer.value)
+    }
+
     /// Raises the fence counter of `key` to at least `fence` (Redlock's write-back).
     pub(crate) fn raise_fence(
         &self,
@@ -210,6 +246,7 @@ impl RedisBackend {
             args: &[&fence],
         };
         self.run_script(call, timeout, parse)
+            .map(|answer| answer.value)
     }
 
     /// Runs one script as one call (see [`call`](Self::call)), and names the operation and the
@@ -219,7 +256,7 @@ impl RedisBackend {
         call: ScriptCall<'_>,
         timeout: Duration,
         parse: impl Fn(Value) -> Result<T, CallFailure>,
-    ) -> Result<T, BackendError> {
+    ) -> Result<Answer<T>, BackendError> {
         let ScriptCall {
             operation,
             key,
@@ -267,6 +304,7 @@ impl RedisBackend {
                 channel: release_channel(&config.key_prefix),
                 config,
                 scripts: Scripts::new(),
+                eviction: EvictionCheck::new(target.clone()),
                 target,
                 subscriber,
             }),
@@ -277,28 +315,40 @@ impl RedisBackend {
     /// the checkout timeout for a connection, at most the command timeout for the commands, and
     /// at most their sum in all.
     ///
+    /// A connection that an earlier call left with replies due (it timed out, or a read was
+    /// interrupted) is first drained (see [`PooledConnection::resync`]), once per call with a
+    /// budget of its own: up to one more command timeout, never past `timeout`. That is the
+    /// earlier call's debt, and charging it to this one would fail every call on the connection
+    /// while the round trip lies between half the command timeout and the command timeout.
+    ///
     /// An idle pooled connection may have been closed by the server since it was opened (a
-    /// restart, a proxy, an idle timeout): when `run` finds its connection dropped, the call is
-    /// retried on another one (at most once per pooled connection, and while time is left).
-    /// The scripts are safe to run twice: a retried acquire finds its own token and returns the
-    /// fence it issued, a retried renewal renews again, and a retried release finds the key
-    /// gone and says [`Ownership::NotOwned`].
+    /// restart, a proxy, an idle timeout), and a blocking read returns `EINTR` when the process
+    /// is resumed after `SIGSTOP`: then the call is retried on another connection (at most once
+    /// per pooled connection, and while time is left). The scripts are safe to run twice: a
+    /// retried acquire finds its own token and returns the fence it issued, and a retried
+    /// renewal renews again. A retried release cannot tell whether it was the first attempt
+    /// that deleted the key: the answer says whether an attempt went unanswered
+    /// ([`Answer::after_unanswered_attempt`]).
     fn call<T>(
         &self,
         operation: RedisOperation,
         key: &str,
         timeout: Duration,
         mut run: impl FnMut(&mut PooledConnection, &Deadline) -> Result<T, CallFailure>,
-    ) -> Result<T, CallFailure> {
+    ) -> Result<Answer<T>, CallFailure> {
         let config = &self.inner.config;
-        // Retries on other connections share one budget: a call never outlasts one checkout
-        // and one command timeout, whatever the caller allows.
-        let own_limit = config
-            .checkout_timeout
-            .saturating_add(config.command_timeout);
-        let deadline = Deadline::after(timeout.min(own_limit));
+        let caller = Deadline::after(timeout);
+        // Retries on other connections share one budget: apart from one resync, a call never
+        // outlasts one checkout and one command timeout, whatever the caller allows.
+        let mut deadline = caller.narrowed(
+            config
+                .checkout_timeout
+                .saturating_add(config.command_timeout),
+        );
         let attempts = self.inner.pool.max_size().saturating_add(1);
         let mut attempt = 0;
+        let mut resync_budget_left = true;
+        let mut after_unanswered_attempt = false;
         loop {
             attempt += 1;
             if deadline.remaining().is_some_and(|left| left.is_zero()) {
@@ -308,30 +358,39 @@ impl RedisBackend {
                 .inner
                 .pool
                 .checkout(&deadline, config.checkout_timeout)?;
+            let mut result = Ok(());
+            if connection.needs_resync() {
+                if resync_budget_left {
+                    resync_budget_left = false;
+                    let left = deadline.remaining();
+                    result = connection.resync(&caller.narrowed(config.command_timeout));
+                    // The time the drain took is not this call's.
+                    if let Some(left) = left {
+                        deadline = caller.narrowed(left);
+                    }
+                } else {
+                    result = connection.resync(&deadline.narrowed(config.command_timeout));
+                }
+            }
             let commands = deadline.narrowed(config.command_timeout);
-            let result = connection
-                .resync_if_needed(&commands)
-                .and_then(|()| run(&mut connection, &commands));
-            let failure = match result {
-                Ok(value) => return Ok(value),
+            let failure = match result.and_then(|()| run(&mut connection, &commands)) {
+                Ok(value) => {
+                    if operation != RedisOperation::EvictionPolicy {
+                        self.inner.eviction.check_once(&mut connection, &commands);
+                    }
+                    return Ok(Answer {
+                        value,
+                        after_unanswered_attempt,
+                    });
+                }
                 Err(failure) => failure,
             };
-            let dropped = match &failure {
-                CallFailure::Timeout { .. } => {
-                    connection.mark_needs_resync();
-                    false
-                }
-                CallFailure::Redis(error) => {
-                    if error.is_io_error() {
-                        connection.mark_needs_resync();
-                    }
-                    is_connection_dropped(error)
-                }
-                _ => false,
-            };
+            after_unanswered_attempt |= connection.request_sent();
+            let retry_elsewhere =
+                matches!(&failure, CallFailure::Redis(error) if is_retryable_elsewhere(error));
             let time_left = deadline.remaining().map_or(true, |left| !left.is_zero());
-            if dropped && attempt < attempts && time_left {
-                tracing::debug!(%operation, key, error = ?failure, "pooled Redis connection was closed; retrying on another");
+            if retry_elsewhere && attempt < attempts && time_left {
+                tracing::debug!(%operation, key, error = ?failure, "pooled Redis connection was closed or interrupted; retrying on another");
                 continue;
             }
             return Err(failure);
@@ -443,6 +502,14 @@ fn fill(
         .collect()
 }
 
+/// What a successful [`RedisBackend::call`] brought back.
+struct Answer<T> {
+    value: T,
+    /// An earlier attempt of the call wrote its request, then lost its connection before the
+    /// reply: the server may have run it.
+    after_unanswered_attempt: bool,
+}
+
 /// One script run: what it is for, on which user key, and its keys and arguments.
 struct ScriptCall<'a> {
     operation: RedisOperation,
@@ -470,10 +537,11 @@ impl LeaseBackend for RedisBackend {
             args: &[request.token, &ttl],
         };
         self.run_script(call, timeout, parse_acquire)
+            .map(|answer| answer.value)
     }
 
-    /// Sends every renewal in one pipelined round trip: one script call per chunk of
-    /// [`RENEW_CHUNK`] leases.
+    /// Sends every renewal in one pipelined round trip: one script call per chunk of 128
+    /// leases.
     fn renew_batch(
         &self,
         requests: &[LeaseRequest<'_>],
@@ -488,7 +556,7 @@ impl LeaseBackend for RedisBackend {
             timeout,
             |connection, deadline| self.renew_pipeline(connection, deadline, requests),
         );
-        match outcome {
+        match outcome.map(|answer| answer.value) {
             Ok(results) => requests
                 .iter()
                 .zip(results)
@@ -523,7 +591,18 @@ impl LeaseBackend for RedisBackend {
             keys: &[&lock],
             args: &[token, &self.inner.channel, key],
         };
-        self.run_script(call, timeout, parse_ownership)
+        match self.run_script(call, timeout, parse_ownership)? {
+            // The key is gone, and the attempt whose reply was lost may be what deleted it:
+            // saying `NotOwned` would report a successful release as a loss.
+            Answer {
+                value: Ownership::NotOwned,
+                after_unanswered_attempt: true,
+            } => {
+                Err(CallFailure::ReleaseOutcomeUnknown
+                    .into_backend_error(RedisOperation::Release, key))
+            }
+            answer => Ok(answer.value),
+        }
     }
 
     /// A watch woken when `key` is released through any backend with the same key prefix on the

@@ -1,5 +1,8 @@
 //! [`RedisBackendError`], and the classification of Redis failures into transient and permanent
 //! [`BackendError`]s.
+//!
+//! Errors print once: a message never repeats its [`source`](std::error::Error::source), so a
+//! printer that walks the chain shows each cause one time.
 
 use std::fmt;
 use std::time::Duration;
@@ -13,12 +16,23 @@ use redis::{ErrorKind, RedisError, ServerErrorKind};
 pub enum RedisOperation {
     /// [`LeaseBackend::try_acquire`](lock_core::LeaseBackend::try_acquire).
     Acquire,
-    /// [`LeaseBackend::renew`](lock_core::LeaseBackend::renew), alone or in a batch.
+    /// [`LeaseBackend::renew_batch`](lock_core::LeaseBackend::renew_batch), for one of its
+    /// leases.
     Renew,
     /// [`LeaseBackend::release`](lock_core::LeaseBackend::release).
     Release,
     /// The write-back of a Redlock fence to one node.
     RaiseFence,
+    /// [`RedisBackend::eviction_policy`](crate::RedisBackend::eviction_policy): reading the
+    /// server's `maxmemory-policy`. Not about a lock key.
+    EvictionPolicy,
+}
+
+impl RedisOperation {
+    /// Whether the call is about one lock key (all but the eviction policy check).
+    fn has_key(self) -> bool {
+        self != RedisOperation::EvictionPolicy
+    }
 }
 
 impl fmt::Display for RedisOperation {
@@ -28,7 +42,18 @@ impl fmt::Display for RedisOperation {
             RedisOperation::Renew => "renew",
             RedisOperation::Release => "release",
             RedisOperation::RaiseFence => "raise fence",
+            RedisOperation::EvictionPolicy => "eviction policy check",
         })
+    }
+}
+
+/// What an error message says the call was: `acquire of lock "jobs:42"`, or just the
+/// operation when it is not about a lock key.
+fn subject(operation: &RedisOperation, key: &str) -> String {
+    if operation.has_key() {
+        format!("{operation} of lock {key:?}")
+    } else {
+        operation.to_string()
     }
 }
 
@@ -39,6 +64,10 @@ impl fmt::Display for RedisOperation {
 /// through [`LeaseBackend`](lock_core::LeaseBackend) return a [`BackendError`] whose
 /// [`cause`](BackendError::cause) is a `RedisBackendError`, so it can be downcast. Messages name
 /// the operation and the lock key, and never contain a password.
+///
+/// A message does not repeat its [`source`](std::error::Error::source): what Redis said (say,
+/// `WRONGTYPE` or `NOPERM`) is in the source of [`Command`](RedisBackendError::Command), so print
+/// the whole chain to see it.
 ///
 /// ```
 /// use lock_redis::{RedisBackend, RedisBackendError};
@@ -71,48 +100,59 @@ pub enum RedisBackendError {
         reason: String,
     },
     /// The call ran out of time: the caller's timeout or the configured command timeout.
-    #[error("redis {operation} of lock {key:?} timed out after {waited:?}")]
+    #[error("redis {} timed out after {waited:?}", subject(.operation, .key))]
     Timeout {
         /// The call.
         operation: RedisOperation,
-        /// The user's lock key.
+        /// The user's lock key (empty for a call about no key).
         key: String,
         /// How long the call ran.
         waited: Duration,
     },
     /// No pooled connection could be had in time: the server is unreachable, refuses or
     /// rejects connections, or every connection is busy.
-    #[error("redis {operation} of lock {key:?}: no connection within {waited:?}: {reason}")]
+    #[error("redis {}: no connection within {waited:?}: {reason}", subject(.operation, .key))]
     NoConnection {
         /// The call.
         operation: RedisOperation,
-        /// The user's lock key.
+        /// The user's lock key (empty for a call about no key).
         key: String,
         /// How long the call waited for a connection.
         waited: Duration,
         /// Why, as far as the pool knows (the last failed connection attempt).
         reason: String,
     },
-    /// Redis, or the connection to it, failed the command.
-    #[error("redis {operation} of lock {key:?} failed: {source}")]
+    /// Redis, or the connection to it, failed the command. What Redis said is the source.
+    #[error("redis {} failed", subject(.operation, .key))]
     Command {
         /// The call.
         operation: RedisOperation,
-        /// The user's lock key.
+        /// The user's lock key (empty for a call about no key).
         key: String,
         /// The error from the `redis` crate.
         #[source]
         source: RedisError,
     },
     /// Redis answered something the lease scripts never return.
-    #[error("redis {operation} of lock {key:?}: unexpected reply {reply}")]
+    #[error("redis {}: unexpected reply {reply}", subject(.operation, .key))]
     UnexpectedReply {
         /// The call.
         operation: RedisOperation,
-        /// The user's lock key.
+        /// The user's lock key (empty for a call about no key).
         key: String,
         /// The reply, abbreviated.
         reply: String,
+    },
+    /// A release was sent, its connection dropped before the reply came, and the retry found
+    /// the key no longer held by the token: the first attempt may have deleted it, or the lease
+    /// may have been lost before. Transient; the key is not held by the token either way.
+    #[error(
+        "redis release of lock {key:?}: outcome unknown: the first attempt may have deleted \
+         the key (its reply was lost with its connection), and the retry found it gone"
+    )]
+    ReleaseOutcomeUnknown {
+        /// The user's lock key.
+        key: String,
     },
 }
 
@@ -124,17 +164,21 @@ impl RedisBackendError {
             | RedisBackendError::NoConnection { operation, .. }
             | RedisBackendError::Command { operation, .. }
             | RedisBackendError::UnexpectedReply { operation, .. } => Some(*operation),
+            RedisBackendError::ReleaseOutcomeUnknown { .. } => Some(RedisOperation::Release),
             _ => None,
         }
     }
 
-    /// The user's lock key this error is about, if it is about a call.
+    /// The user's lock key this error is about, if it is about a call on a lock.
     pub fn key(&self) -> Option<&str> {
         match self {
-            RedisBackendError::Timeout { key, .. }
-            | RedisBackendError::NoConnection { key, .. }
-            | RedisBackendError::Command { key, .. }
-            | RedisBackendError::UnexpectedReply { key, .. } => Some(key),
+            RedisBackendError::Timeout { operation, key, .. }
+            | RedisBackendError::NoConnection { operation, key, .. }
+            | RedisBackendError::Command { operation, key, .. }
+            | RedisBackendError::UnexpectedReply { operation, key, .. } => {
+                operation.has_key().then_some(key.as_str())
+            }
+            RedisBackendError::ReleaseOutcomeUnknown { key } => Some(key),
             _ => None,
         }
     }
@@ -164,6 +208,8 @@ pub(crate) enum CallFailure {
     Redis(RedisError),
     /// A reply of the wrong shape.
     UnexpectedReply(String),
+    /// A release retried after a lost reply found the key gone.
+    ReleaseOutcomeUnknown,
 }
 
 impl CallFailure {
@@ -174,6 +220,7 @@ impl CallFailure {
             CallFailure::NoConnection { kind, .. } => *kind,
             CallFailure::Redis(error) => classify(error),
             CallFailure::UnexpectedReply(_) => BackendErrorKind::Permanent,
+            CallFailure::ReleaseOutcomeUnknown => BackendErrorKind::Transient,
         }
     }
 
@@ -202,6 +249,7 @@ impl CallFailure {
                 key,
                 reply,
             },
+            CallFailure::ReleaseOutcomeUnknown => RedisBackendError::ReleaseOutcomeUnknown { key },
         }
     }
 
@@ -259,9 +307,15 @@ fn is_too_many_clients(error: &RedisError) -> bool {
         .is_some_and(|detail| detail.contains("max number of clients"))
 }
 
-/// Whether `error` says the connection is gone (closed, reset), as opposed to slow or refusing.
-pub(crate) fn is_connection_dropped(error: &RedisError) -> bool {
-    error.is_connection_dropped() || error.is_connection_refusal()
+/// Whether a call that failed with `error` may be retried at once on another connection: the
+/// connection is gone (closed, reset, refused), or any other I/O failure but a timeout broke the
+/// round trip, such as a read interrupted by a signal (`EINTR`, which a blocking socket call
+/// returns when the process is resumed after `SIGSTOP`). Not a timeout: a slow server is slow on
+/// every connection.
+pub(crate) fn is_retryable_elsewhere(error: &RedisError) -> bool {
+    error.is_connection_dropped()
+        || error.is_connection_refusal()
+        || (error.is_io_error() && !error.is_timeout())
 }
 
 #[cfg(test)]
@@ -389,6 +443,10 @@ pub(crate) mod tests {
             .cause()
             .downcast_ref::<RedisBackendError>()
             .expect("the cause is a RedisBackendError");
+        assert_eq!(cause.to_string(), "redis renew of lock \"jobs:42\" failed");
+        // What Redis said is the source, not part of the message.
+        let source = std::error::Error::source(cause).expect("a command error has a source");
+        assert!(source.to_string().contains("WRONGTYPE"), "{source}");
         assert_eq!(cause.operation(), Some(RedisOperation::Renew));
         assert_eq!(cause.key(), Some("jobs:42"));
 
@@ -401,18 +459,104 @@ pub(crate) mod tests {
             chain(&timeout),
             "transient backend error: redis acquire of lock \"a\" timed out after 1.5s"
         );
+
+        let unknown =
+            CallFailure::ReleaseOutcomeUnknown.into_backend_error(RedisOperation::Release, "r");
+        assert!(unknown.is_transient());
+        let cause = unknown.cause().downcast_ref::<RedisBackendError>().unwrap();
+        assert_eq!(cause.operation(), Some(RedisOperation::Release));
+        assert_eq!(cause.key(), Some("r"));
+        assert!(cause.to_string().contains("outcome unknown"), "{cause}");
     }
 
     #[test]
-    fn connection_drops_are_recognised() {
-        assert!(is_connection_dropped(&io_error(
-            io::ErrorKind::UnexpectedEof
-        )));
-        assert!(is_connection_dropped(&io_error(
-            io::ErrorKind::ConnectionReset
-        )));
-        assert!(is_connection_dropped(&io_error(io::ErrorKind::BrokenPipe)));
-        assert!(!is_connection_dropped(&io_error(io::ErrorKind::TimedOut)));
-        assert!(!is_connection_dropped(&server_error("LOADING x")));
+    fn calls_about_no_lock_key_do_not_name_one() {
+        let error = CallFailure::Timeout {
+            waited: Duration::from_secs(1),
+        }
+        .into_error(RedisOperation::EvictionPolicy, "");
+        assert_eq!(
+            error.to_string(),
+            "redis eviction policy check timed out after 1s"
+        );
+        assert_eq!(error.operation(), Some(RedisOperation::EvictionPolicy));
+        assert_eq!(error.key(), None);
+    }
+
+    /// Every error of this crate, with the causes it can carry.
+    fn every_error() -> Vec<RedisBackendError> {
+        let failures = [
+            CallFailure::Timeout {
+                waited: Duration::from_millis(20),
+            },
+            CallFailure::NoConnection {
+                waited: Duration::from_millis(20),
+                reason: "the last connection attempt failed: refused".into(),
+                kind: BackendErrorKind::Transient,
+            },
+            CallFailure::Redis(server_error("NOPERM this user has no permissions")),
+            CallFailure::Redis(io_error(io::ErrorKind::ConnectionReset)),
+            CallFailure::UnexpectedReply("Okay".into()),
+            CallFailure::ReleaseOutcomeUnknown,
+        ];
+        let mut errors: Vec<RedisBackendError> = failures
+            .into_iter()
+            .map(|failure| failure.into_error(RedisOperation::Release, "k"))
+            .collect();
+        errors.extend([
+            RedisBackendError::InvalidUrl {
+                url: "x".into(),
+                reason: "bad".into(),
+            },
+            RedisBackendError::Unsupported { what: "TLS" },
+            RedisBackendError::InvalidConfig {
+                reason: "pool_size".into(),
+            },
+        ]);
+        errors
+    }
+
+    /// Per the Rust API guidelines, a message either includes its cause or `source()` returns
+    /// it, never both; this crate's errors leave the cause to `source()`. (The `redis` crate's
+    /// own `RedisError` repeats its inner error, which is out of our hands: only the links
+    /// from an error of this crate are checked.)
+    #[test]
+    fn errors_print_each_cause_once() {
+        for error in every_error() {
+            let mut current: &(dyn std::error::Error + 'static) = &error;
+            while let Some(source) = current.source() {
+                if current.is::<RedisBackendError>() {
+                    let (message, cause) = (current.to_string(), source.to_string());
+                    assert!(
+                        !message.contains(&cause),
+                        "{message:?} repeats its source {cause:?}"
+                    );
+                }
+                current = source;
+            }
+        }
+    }
+
+    #[test]
+    fn interrupted_and_dropped_connections_are_retried_elsewhere_but_timeouts_are_not() {
+        for kind in [
+            io::ErrorKind::Interrupted,
+            io::ErrorKind::UnexpectedEof,
+            io::ErrorKind::ConnectionReset,
+            io::ErrorKind::BrokenPipe,
+            io::ErrorKind::ConnectionRefused,
+        ] {
+            assert!(is_retryable_elsewhere(&io_error(kind)), "{kind:?}");
+        }
+        for kind in [io::ErrorKind::TimedOut, io::ErrorKind::WouldBlock] {
+            assert!(!is_retryable_elsewhere(&io_error(kind)), "{kind:?}");
+        }
+        assert!(!is_retryable_elsewhere(&server_error("LOADING x")));
+        assert!(!is_retryable_elsewhere(&server_error("NOPERM y")));
+        // An interruption is transient, like the dropped connections.
+        assert_eq!(
+            classify(&io_error(io::ErrorKind::Interrupted)),
+            BackendErrorKind::Transient
+        );
     }
 }

@@ -48,16 +48,20 @@
 //! so both keys of a lock share one slot. The backend itself speaks to one server, not to a
 //! Cluster: a renewal batch renews keys of many slots in one script call.
 //!
-//! - **acquire** sets the key if it is free and increments the fence counter in the same script.
-//!   A missing counter is first seeded with the server's `TIME` in microseconds, so fences keep
-//!   increasing across restarts of a server without persistence (as long as its clock does not
-//!   step back, and fewer than one lock per microsecond is taken on average). When another
-//!   token holds the key, the holder's remaining TTL comes back, so waiters sleep no longer
-//!   than useful.
+//! - **acquire** sets the key if it is free and issues its fence in the same script: every
+//!   grant issues `max(counter + 1, server TIME in microseconds)` and stores it in the counter.
+//!   So fences keep increasing when the counter comes back missing or stale: a restart without
+//!   persistence, a restore from an older snapshot, a failover to a replica that had not received
+//!   the last grants (as long as the server's clock does not step back, and fewer than one lock
+//!   per microsecond is taken on average). A counter that is not a whole number below 2^53 (fences
+//!   are exact in Lua's doubles only up to there), or not a string at all, fails the acquire with a
+//!   permanent error naming it, before anything is written. When another token holds the key, the
+//!   holder's remaining TTL comes back, so waiters sleep no longer than useful.
 //! - **renew** sets the TTL only if the key holds the token; it never recreates a missing key.
 //!   The manager's renewer sends all due renewals in one pipelined round trip, one script call
 //!   per 128 leases (the script's fixed cost is paid per call, not per lease).
-//! - **release** deletes the key only if it holds the token, and publishes the release.
+//! - **release** deletes the key only if it holds the token, and publishes the release (a
+//!   publish the server refuses does not fail the release).
 //!
 //! Calls send `EVALSHA`, falling back to `EVAL` when the server's script cache is empty (after
 //! a restart).
@@ -70,7 +74,12 @@
 //! its round trips; new connections must connect within the
 //! [connect timeout](RedisBackendBuilder::connect_timeout). With the defaults (2 s each) an
 //! unreachable, paused or refusing server is reported within 4 seconds. A pooled connection
-//! found closed (the server restarted) is replaced and the call retried while time is left.
+//! found closed (the server restarted), or a read interrupted by a signal (`EINTR`), makes the
+//! call retry on another connection while time is left. A connection left with replies due by
+//! a timed-out call is drained (up to a `PING`) before its next use, within one more command
+//! timeout of its own (so such a call may take up to 6 s with the defaults), and socket
+//! timeouts never end a read before the call's deadline: a server that answers within the
+//! command timeout is served again as soon as a latency spike has passed.
 //!
 //! # Errors
 //!
@@ -81,7 +90,12 @@
 //! [permanent](lock_core::BackendError::permanent) when it cannot (`WRONGTYPE` on a lock key,
 //! missing ACL permissions, a wrong password, a script error). Its
 //! [`cause`](lock_core::BackendError::cause) is a [`RedisBackendError`] naming the operation
-//! and the key.
+//! and the key; what Redis said is that error's [`source`](std::error::Error::source) (messages
+//! do not repeat their source: print the chain).
+//!
+//! A release whose reply is lost with its connection is retried; if the retry finds the key
+//! gone, the first attempt may have deleted it, so the release fails with the transient
+//! [`RedisBackendError::ReleaseOutcomeUnknown`] rather than reporting a loss.
 //!
 //! # Waking waiters
 //!
@@ -90,6 +104,48 @@
 //! released. It starts with the first wait, reconnects with backoff when its connection dies,
 //! and stops when the backend is dropped. Waiters also retry on the manager's backoff, so a
 //! missed message only costs latency.
+//!
+//! # ACL
+//!
+//! A Redis user needs these rules to hold leases under the default key prefix `lock:`, and no
+//! more ([`acl_rules`] gives them for any prefix):
+//!
+//! ```text
+//! ACL SETUSER locker on >PASSWORD resetkeys ~lock:* resetchannels &lock:released -@all +evalsha +eval +script|load +get +set +pexpire +pttl +del +publish +time +ping +subscribe +unsubscribe +punsubscribe +info
+//! ```
+//!
+//! - `~lock:*`: the lock keys `lock:{KEY}` and the fence counters `lock:{KEY}:fence`.
+//! - `&lock:released`: the release channel. Redis 7 gives new users no channel
+//!   (`acl-pubsub-default resetchannels`); without it, releases still work (the script ignores a
+//!   refused `PUBLISH`), but waiters are not woken early: the subscriber logs one warning and
+//!   tries again every minute, and waiters rely on the manager's backoff.
+//! - `+evalsha +eval +script|load`: the scripts (`EVAL` and `SCRIPT LOAD` when the server's
+//!   script cache is empty).
+//! - `+get +set +pexpire +pttl +del +publish +time`: what the scripts run. Scripts run with the
+//!   caller's permissions.
+//! - `+ping`: draining a connection after a timeout, and the subscriber's health check.
+//! - `+subscribe +unsubscribe +punsubscribe`: the release subscriber (the `redis` crate
+//!   unsubscribes before it closes the connection).
+//! - `+info`: the eviction policy check (`INFO memory`); without it the check is skipped, with a
+//!   debug log. `CONFIG GET` is tried after a refused `INFO`; it is not in the rules because it
+//!   also shows secrets such as `requirepass`.
+//! - Add `+select` when the URL names a database other than 0, and on Redis 7.2 or later
+//!   `+client|setinfo` (the connection handshake sends it; a refusal is ignored, but shows in
+//!   `ACL LOG`).
+//!
+//! A missing key or command permission fails calls with a permanent error whose source is what
+//! Redis said (`NOPERM ...`; for a command a script runs, Redis 7.0 only says `The user
+//! executing the script can't run this command or subcommand`, and `ACL LOG` names it).
+//!
+//! # Eviction
+//!
+//! Set `maxmemory-policy noeviction` on lock servers. Under any other policy, a server that
+//! reaches its `maxmemory` evicts keys: `volatile-*` policies evict keys with a TTL, which lock
+//! keys are, so a held lock can vanish and a second holder get it; `allkeys-*` policies evict
+//! fence counters too. A backend reads the policy once, after its first successful call
+//! (`INFO memory`, else `CONFIG GET maxmemory-policy`), and logs a warning (`tracing`) if it is
+//! not `noeviction`; a user who may not read it gets a debug log instead.
+//! [`RedisBackend::eviction_policy`] reads it on demand.
 //!
 //! # What it does not promise
 //!
@@ -102,9 +158,11 @@
 //!
 //! [r2d2]: https://docs.rs/r2d2
 
+mod acl;
 mod backend;
 mod builder;
 mod errors;
+mod eviction;
 mod keys;
 mod pool;
 mod redlock;
@@ -112,6 +170,7 @@ mod scripts;
 mod subscriber;
 mod url;
 
+pub use acl::acl_rules;
 pub use backend::RedisBackend;
 pub use builder::RedisBackendBuilder;
 pub use errors::{RedisBackendError, RedisOperation};

@@ -7,9 +7,11 @@
 //!
 //! Every round trip sets the socket's read and write timeouts to what is left of the call's
 //! [`Deadline`], so no call outlives its budget. A connection whose round trip failed half-way
-//! (a timeout, with replies still due) is marked [`NeedsResync`] and, before its next use,
-//! drained up to a `PING` with a unique payload, so a late reply is never taken for the answer
-//! to another command.
+//! (a timeout, an interrupted read, with replies still due) is marked [`NeedsResync`] and, before
+//! its next use, drained up to a `PING` with a unique payload, so a late reply is never taken for
+//! the answer to another command. The drain has a budget of its own (see
+//! [`PooledConnection::resync`]): it pays for an earlier call's failure, not for the next
+//! call's command.
 
 use std::fmt;
 use std::ops::{Deref, DerefMut};
@@ -236,10 +238,14 @@ impl ConnectionPool {
             let slice = left.min(CHECKOUT_SLICE);
             let result = match self {
                 ConnectionPool::Bounded { pool, .. } => {
-                    pool.get_timeout(slice).map(PooledConnection::Bounded)
+                    pool.get_timeout(slice).map(Pooled::Bounded)
                 }
-                ConnectionPool::Given(pool) => pool.get_timeout(slice).map(PooledConnection::Given),
+                ConnectionPool::Given(pool) => pool.get_timeout(slice).map(Pooled::Given),
             };
+            let result = result.map(|pooled| PooledConnection {
+                pooled,
+                request_sent: false,
+            });
             match result {
                 Ok(connection) => return Ok(connection),
                 Err(error) => {
@@ -323,8 +329,17 @@ impl ConnectionPool {
     }
 }
 
-/// A connection checked out of a [`ConnectionPool`]; back to the pool on drop.
-pub(crate) enum PooledConnection {
+/// A connection checked out of a [`ConnectionPool`] for one attempt of a call; back to the pool
+/// on drop.
+pub(crate) struct PooledConnection {
+    pooled: Pooled,
+    /// Whether a request of this attempt was written in full: the server may have run it,
+    /// whatever became of its reply.
+    request_sent: bool,
+}
+
+/// The r2d2 connection, from either kind of pool.
+enum Pooled {
     Bounded(r2d2::PooledConnection<BoundedClient>),
     Given(r2d2::PooledConnection<redis::Client>),
 }
@@ -334,28 +349,39 @@ struct NeedsResync;
 
 impl PooledConnection {
     fn extensions_mut(&mut self) -> &mut r2d2::Extensions {
-        match self {
-            PooledConnection::Bounded(connection) => {
-                r2d2::PooledConnection::extensions_mut(connection)
-            }
-            PooledConnection::Given(connection) => {
-                r2d2::PooledConnection::extensions_mut(connection)
-            }
+        match &mut self.pooled {
+            Pooled::Bounded(connection) => r2d2::PooledConnection::extensions_mut(connection),
+            Pooled::Given(connection) => r2d2::PooledConnection::extensions_mut(connection),
         }
     }
 
+    /// Whether a request was written in full on this checkout, so the server may have run it
+    /// even if its reply never came.
+    pub(crate) fn request_sent(&self) -> bool {
+        self.request_sent
+    }
+
     /// Records that replies may still be due on this connection, if it is still open.
-    pub(crate) fn mark_needs_resync(&mut self) {
+    fn mark_needs_resync(&mut self) {
         if self.is_open() {
             self.extensions_mut().insert(NeedsResync);
         }
     }
 
-    /// Drains replies still due from an earlier, failed call, if any.
-    pub(crate) fn resync_if_needed(&mut self, deadline: &Deadline) -> Result<(), CallFailure> {
-        if self.extensions_mut().get::<NeedsResync>().is_none() {
-            return Ok(());
-        }
+    /// Whether an earlier call left replies due on this connection.
+    pub(crate) fn needs_resync(&mut self) -> bool {
+        self.extensions_mut().get::<NeedsResync>().is_some()
+    }
+
+    /// Drains the replies an earlier, failed call left due, within `deadline`: sends a `PING`
+    /// with a unique payload and reads until its answer. Nothing else is sent, so a failure
+    /// here never leaves a request of this call half-done.
+    ///
+    /// The caller gives the drain a budget of its own, not a share of the next command's: the
+    /// late reply and the `PING` take up to two round trips, and charging them to the command
+    /// would fail every call on this connection while the round trip lies between half the
+    /// command timeout and the command timeout.
+    pub(crate) fn resync(&mut self, deadline: &Deadline) -> Result<(), CallFailure> {
         static NEXT_NONCE: AtomicU64 = AtomicU64::new(0);
         let nonce = format!(
             "lock-redis-resync-{}-{}",
@@ -377,24 +403,53 @@ impl PooledConnection {
         self.extensions_mut().remove::<NeedsResync>();
         Ok(())
     }
+
+    /// Writes a request (one command or a pipeline) within `deadline`. On failure, part of it
+    /// may have gone out: the connection is marked for a resync.
+    fn send(&mut self, packed: &[u8], deadline: &Deadline) -> Result<(), CallFailure> {
+        set_timeouts(self, deadline)?;
+        match self.send_packed_command(packed) {
+            Ok(()) => {
+                self.request_sent = true;
+                Ok(())
+            }
+            Err(error) => {
+                self.mark_needs_resync();
+                Err(deadline.failure(error))
+            }
+        }
+    }
+
+    /// Reads one reply within `deadline`. On failure, replies may still be due: the connection
+    /// is marked for a resync.
+    fn receive(&mut self, deadline: &Deadline) -> Result<Value, CallFailure> {
+        let reply = set_timeouts(self, deadline).and_then(|()| {
+            self.recv_response()
+                .map_err(|error| deadline.failure(error))
+        });
+        if reply.is_err() {
+            self.mark_needs_resync();
+        }
+        reply
+    }
 }
 
 impl Deref for PooledConnection {
     type Target = Connection;
 
     fn deref(&self) -> &Connection {
-        match self {
-            PooledConnection::Bounded(connection) => connection,
-            PooledConnection::Given(connection) => connection,
+        match &self.pooled {
+            Pooled::Bounded(connection) => connection,
+            Pooled::Given(connection) => connection,
         }
     }
 }
 
 impl DerefMut for PooledConnection {
     fn deref_mut(&mut self) -> &mut Connection {
-        match self {
-            PooledConnection::Bounded(connection) => connection,
-            PooledConnection::Given(connection) => connection,
+        match &mut self.pooled {
+            Pooled::Bounded(connection) => connection,
+            Pooled::Given(connection) => connection,
         }
     }
 }
@@ -402,16 +457,23 @@ impl DerefMut for PooledConnection {
 /// The read and write timeout last set on a pooled connection's socket.
 struct SocketTimeout(Duration);
 
+/// How much longer than what is left of a deadline a socket timeout may be and still be kept.
+const SOCKET_TIMEOUT_SLACK: Duration = Duration::from_millis(10);
+
+/// Whether a socket whose timeout is `current` can be used as it is when `left` is what is left
+/// of the deadline: never shorter (a read would time out before the deadline, and a round trip
+/// the call has time for would fail), at most [`SOCKET_TIMEOUT_SLACK`] longer.
+fn socket_timeout_fits(current: Duration, left: Duration) -> bool {
+    current >= left && current <= left.saturating_add(SOCKET_TIMEOUT_SLACK)
+}
+
 /// Bounds the socket reads and writes of `connection` by what is left before `deadline`.
 ///
-/// The socket keeps the timeout it has when that is no longer than what is left and at least
-/// half of it: a call may then fail early, never late, and most calls (which run under the same
-/// command timeout) cost no system call here. No time left is a timeout failure, never a zero
-/// socket timeout (which `std` rejects).
-pub(crate) fn set_timeouts(
-    connection: &mut PooledConnection,
-    deadline: &Deadline,
-) -> Result<(), CallFailure> {
+/// The socket keeps the timeout it has when that [fits](socket_timeout_fits): a read or write
+/// may end up to 10 ms after the deadline, never before it, and most calls (which start with
+/// the same command timeout left) cost no system call here. No time left is a timeout failure,
+/// never a zero socket timeout (which `std` rejects).
+fn set_timeouts(connection: &mut PooledConnection, deadline: &Deadline) -> Result<(), CallFailure> {
     let left = match deadline.remaining() {
         Some(left) if left.is_zero() => return Err(deadline.timed_out()),
         Some(left) => left,
@@ -422,7 +484,7 @@ pub(crate) fn set_timeouts(
         .extensions_mut()
         .get::<SocketTimeout>()
         .map(|set| set.0);
-    if current.is_some_and(|current| current <= left && current >= left / 2) {
+    if current.is_some_and(|current| socket_timeout_fits(current, left)) {
         return Ok(());
     }
     connection
@@ -440,10 +502,8 @@ pub(crate) fn round_trip(
     cmd: &Cmd,
     deadline: &Deadline,
 ) -> Result<Value, CallFailure> {
-    set_timeouts(connection, deadline)?;
-    connection
-        .req_command(cmd)
-        .map_err(|error| deadline.failure(error))
+    connection.send(&cmd.get_packed_command(), deadline)?;
+    connection.receive(deadline)
 }
 
 /// What a pipelined round trip brought back.
@@ -463,40 +523,47 @@ pub(crate) fn pipeline_round_trip(
     deadline: &Deadline,
 ) -> PipelineReplies {
     let mut replies = Vec::with_capacity(cmds.len());
-    if let Err(failure) = set_timeouts(connection, deadline) {
-        // Nothing was sent: the connection is as good as it was.
-        return PipelineReplies {
-            replies,
-            failure: Some(failure),
-        };
-    }
     let mut pipeline = redis::pipe();
     for cmd in cmds {
         pipeline.add_command(cmd.clone());
     }
-    let sent = connection
-        .send_packed_command(&pipeline.get_packed_pipeline())
-        .map_err(|error| deadline.failure(error));
-    let mut outcome = sent;
+    let mut outcome = connection.send(&pipeline.get_packed_pipeline(), deadline);
     while outcome.is_ok() && replies.len() < cmds.len() {
-        outcome = set_timeouts(connection, deadline).and_then(|()| {
-            let reply = connection
-                .recv_response()
-                .map_err(|error| deadline.failure(error))?;
-            replies.push(reply);
-            Ok(())
-        });
+        outcome = connection
+            .receive(deadline)
+            .map(|reply| replies.push(reply));
     }
-    let failure = outcome.err();
-    if failure.is_some() {
-        connection.mark_needs_resync();
+    PipelineReplies {
+        replies,
+        failure: outcome.err(),
     }
-    PipelineReplies { replies, failure }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A socket timeout shorter than what is left would fail a read the call has time for:
+    /// kept, say, at 300 ms from an earlier call, it would fail every call of a 400 ms budget
+    /// while the round trip lies between the two.
+    #[test]
+    fn a_socket_timeout_is_kept_only_if_no_read_can_end_before_the_deadline() {
+        let ms = Duration::from_millis;
+        assert!(socket_timeout_fits(ms(400), ms(400)));
+        assert!(
+            socket_timeout_fits(ms(400), ms(395)),
+            "the usual start of a call"
+        );
+        assert!(
+            !socket_timeout_fits(ms(300), ms(400)),
+            "it would end 100 ms early"
+        );
+        assert!(!socket_timeout_fits(ms(399), ms(400)));
+        assert!(
+            !socket_timeout_fits(ms(400), ms(100)),
+            "it would end 300 ms late"
+        );
+    }
 
     #[test]
     fn deadline_without_limit_never_overflows() {

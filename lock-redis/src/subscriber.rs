@@ -9,6 +9,10 @@
 //! releases may have been missed meanwhile; waiters fall back on the manager's backoff until
 //! then.
 //!
+//! A refusal that retrying cannot cure (the user may not subscribe to the channel: `NOPERM`, a
+//! wrong password) means no wake-ups: the thread warns once, wakes nobody, and tries again only
+//! every [`REFUSED_RETRY`], in case the server's configuration changes.
+//!
 //! The thread holds only a weak handle ([`WeakReleaseWaiters`]) to the registry. It stops when the backend is
 //! dropped: the backend drops the shutdown sender, and the thread notices within one poll
 //! interval (or at once, when it is sleeping between reconnections).
@@ -18,9 +22,11 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender, TryRecvError};
-use lock_core::{ReleaseWaiters, ReleaseWatch, WeakReleaseWaiters};
+use lock_core::{BackendErrorKind, ReleaseWaiters, ReleaseWatch, WeakReleaseWaiters};
 use parking_lot::Mutex;
 use redis::{PubSub, RedisError, Value};
+
+use crate::errors::classify;
 
 /// How long the subscriber blocks on a read before it checks whether to stop.
 const POLL_INTERVAL: Duration = Duration::from_millis(200);
@@ -32,6 +38,9 @@ const HEALTH_CHECK_INTERVAL: Duration = Duration::from_secs(5);
 /// The first and the longest pause between reconnection attempts.
 const RECONNECT_BACKOFF: (Duration, Duration) =
     (Duration::from_millis(100), Duration::from_secs(5));
+
+/// The pause before subscribing again after a refusal that retrying cannot cure.
+const REFUSED_RETRY: Duration = Duration::from_secs(60);
 
 /// How long dropping the backend waits for the thread to finish before leaving it to end on
 /// its own (it holds nothing but weak references, so it cannot keep the backend alive).
@@ -148,7 +157,7 @@ impl Drop for Subscriber {
 enum Left {
     /// Time to stop.
     Shutdown,
-    /// The connection failed.
+    /// The connection failed, or the server refused it for a reason retrying cannot cure.
     Lost(RedisError),
 }
 
@@ -156,47 +165,62 @@ enum Left {
 fn run(settings: &SubscriberSettings, registry: &WeakReleaseWaiters, shutdown: &Receiver<()>) {
     let mut backoff = Backoff::new(RECONNECT_BACKOFF.0, RECONNECT_BACKOFF.1);
     let mut failures = 0_u32;
+    let mut refusal_reported = false;
     loop {
         if should_stop(registry, shutdown) {
             return;
         }
-        let left = match connect(settings) {
+        let left = match connect(settings).and_then(|mut connection| {
+            subscribe(&mut connection, &settings.channel).map(|()| connection)
+        }) {
             Ok(mut connection) => {
-                let mut pubsub = connection.as_pubsub();
-                match pubsub.subscribe(&settings.channel) {
-                    Ok(()) => {
-                        if failures > 0 {
-                            tracing::info!(redis = %settings.target, "lock-redis subscriber reconnected");
-                        }
-                        failures = 0;
-                        backoff.reset();
-                        // Releases may have been published while nobody listened.
-                        if let Some(registry) = registry.upgrade() {
-                            registry.wake_all();
-                        }
-                        listen(&mut pubsub, settings, registry, shutdown)
-                    }
-                    Err(error) => Left::Lost(error),
+                if failures > 0 {
+                    tracing::info!(redis = %settings.target, "lock-redis subscriber reconnected");
                 }
+                failures = 0;
+                backoff.reset();
+                // Releases may have been published while nobody listened.
+                if let Some(registry) = registry.upgrade() {
+                    registry.wake_all();
+                }
+                listen(&mut connection.as_pubsub(), settings, registry, shutdown)
             }
             Err(error) => Left::Lost(error),
         };
-        match left {
+        let error = match left {
             Left::Shutdown => return,
-            Left::Lost(error) => {
-                failures = failures.saturating_add(1);
-                if failures == 1 {
-                    tracing::warn!(redis = %settings.target, %error, "lock-redis subscriber lost its connection; reconnecting");
-                } else {
-                    tracing::debug!(redis = %settings.target, %error, failures, "lock-redis subscriber could not reconnect");
-                }
+            Left::Lost(error) => error,
+        };
+        failures = failures.saturating_add(1);
+        let pause = if classify(&error) == BackendErrorKind::Permanent {
+            if !refusal_reported {
+                refusal_reported = true;
+                tracing::warn!(redis = %settings.target, channel = %settings.channel, %error, "Redis refuses the lock-redis subscriber (a missing ACL permission on the release channel?): waiters are not woken on release and rely on backoff; retrying every {REFUSED_RETRY:?}");
+            } else {
+                tracing::debug!(redis = %settings.target, %error, failures, "Redis still refuses the lock-redis subscriber");
             }
-        }
-        match shutdown.recv_timeout(backoff.next_delay()) {
+            REFUSED_RETRY
+        } else {
+            if failures == 1 {
+                tracing::warn!(redis = %settings.target, %error, "lock-redis subscriber lost its connection; reconnecting");
+            } else {
+                tracing::debug!(redis = %settings.target, %error, failures, "lock-redis subscriber could not reconnect");
+            }
+            backoff.next_delay()
+        };
+        match shutdown.recv_timeout(pause) {
             Err(RecvTimeoutError::Timeout) => {}
             Ok(()) | Err(RecvTimeoutError::Disconnected) => return,
         }
     }
+}
+
+/// `SUBSCRIBE channel`, reading the confirmation: a refusal (`NOPERM`) is an error here, where
+/// `redis`' own `PubSub::subscribe` would ignore it and leave a connection that never hears a
+/// release.
+fn subscribe(connection: &mut redis::Connection, channel: &str) -> Result<(), RedisError> {
+    connection.send_packed_command(&redis::cmd("SUBSCRIBE").arg(channel).get_packed_command())?;
+    connection.recv_response()?.extract_error().map(drop)
 }
 
 /// True when the backend is gone.

@@ -9,6 +9,8 @@
 //! - [`TcpProxy`] sits between a client and a server and can pass, delay, blackhole or reset the
 //!   traffic ([`ProxyMode`]), for existing and new connections alike.
 //! - [`wait_until`] polls a condition with a deadline, so tests never rely on fixed sleeps.
+//! - [`captured_logs`] captures what the libraries log, for tests of their warnings.
+//! - [`error_chain`] prints an error with all its sources, as a user's error reporter would.
 //! - The `lease-holder` binary of this crate is a separate process that holds a lease (to be
 //!   paused with `SIGSTOP` as a *holder*) or races on a counter; [`CountingRun`] starts and
 //!   checks such races, and [`fenced_write`] is the fenced store they write to.
@@ -30,25 +32,31 @@
 #![allow(clippy::expect_used, clippy::unwrap_used, clippy::panic)]
 
 pub mod counting;
+pub mod direct;
 pub mod fenced;
+pub mod logs;
 pub mod proxy;
 pub mod server;
 
 pub use counting::CountingRun;
 pub use fenced::fenced_write;
+pub use logs::{captured_logs, CapturedLogs};
 pub use proxy::{ProxyMode, TcpProxy};
 pub use server::{RedisServer, ServerOptions};
 
+use std::error::Error;
 use std::time::{Duration, Instant};
 
-/// An error and its sources, each once, joined by `": "`, as an error-chain printer shows them.
-pub fn error_chain(error: &dyn std::error::Error) -> String {
+/// `error`'s message and those of its sources, joined by `": "`: what an error reporter
+/// prints, for assertions on what a user would read (a message does not repeat its source, so
+/// what Redis said is only in the chain).
+pub fn error_chain(error: &(dyn Error + 'static)) -> String {
     let mut text = error.to_string();
-    let mut source = error.source();
-    while let Some(cause) = source {
+    let mut current = error.source();
+    while let Some(source) = current {
         text.push_str(": ");
-        text.push_str(&cause.to_string());
-        source = cause.source();
+        text.push_str(&source.to_string());
+        current = source.source();
     }
     text
 }

@@ -50,6 +50,20 @@ pub enum ProxyMode {
     /// Reset every existing connection now (both sides, with `SO_LINGER` 0 so the peers get an
     /// `RST`), and every new connection as soon as it is accepted.
     Reset,
+    /// Forward requests, but reset (as [`Reset`](ProxyMode::Reset) does) the first connection on
+    /// which a reply comes back, instead of forwarding the reply; then switch to
+    /// [`Pass`](ProxyMode::Pass). The server has run the request, and the client only sees its
+    /// connection reset: a reply lost with its connection.
+    ResetOnNextReply,
+}
+
+/// Which way a forwarding thread copies bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Direction {
+    /// Client to target.
+    Requests,
+    /// Target to client.
+    Replies,
 }
 
 /// A thread-based TCP proxy on `127.0.0.1` in front of one target address.
@@ -201,6 +215,17 @@ impl Shared {
         self.stopped.load(Ordering::SeqCst)
     }
 
+    /// In [`ProxyMode::ResetOnNextReply`], switches to [`ProxyMode::Pass`] and returns true:
+    /// the caller resets its connection. False in any other mode.
+    fn take_reset_on_next_reply(&self) -> bool {
+        let mut mode = self.mode.lock();
+        let armed = *mode == ProxyMode::ResetOnNextReply;
+        if armed {
+            *mode = ProxyMode::Pass;
+        }
+        armed
+    }
+
     fn spawn(&self, name: String, body: impl FnOnce() + Send + 'static) {
         let handle = thread::Builder::new()
             .name(name)
@@ -293,20 +318,30 @@ fn open_connection(id: u64, port: u16, client: TcpStream, shared: &Arc<Shared>) 
         let thread_shared = Arc::clone(shared);
         shared.spawn(format!("tcp-proxy-{port}-conn-{id}-down"), move || {
             forward(
-                &connection.upstream,
-                &client_writer,
+                (&connection.upstream, &client_writer),
+                Direction::Replies,
                 &connection,
                 &thread_shared,
             );
         });
     }
-    forward(&connection.client, &upstream_writer, &connection, shared);
+    forward(
+        (&connection.client, &upstream_writer),
+        Direction::Requests,
+        &connection,
+        shared,
+    );
 }
 
 /// Forwards one direction of `connection`, `from` → `to`, following the proxy's mode, until
 /// `from` ends, a socket fails, the mode is [`ProxyMode::Reset`] or the proxy stops.
-fn forward(from: &TcpStream, to: &TcpStream, connection: &Connection, shared: &Shared) {
-    match forward_until_done(from, to, shared) {
+fn forward(
+    (from, to): (&TcpStream, &TcpStream),
+    direction: Direction,
+    connection: &Connection,
+    shared: &Shared,
+) {
+    match forward_until_done(from, to, direction, shared) {
         Ok(Ending::Eof) => {
             // Half-close: tell the other side this one is finished; the other direction goes
             // on until its own end.
@@ -324,13 +359,19 @@ fn forward(from: &TcpStream, to: &TcpStream, connection: &Connection, shared: &S
 enum Ending {
     /// The sending side closed its end and everything was forwarded.
     Eof,
-    /// The mode became [`ProxyMode::Reset`].
+    /// The mode became [`ProxyMode::Reset`], or a reply came in
+    /// [`ProxyMode::ResetOnNextReply`].
     Reset,
     /// The proxy is being dropped.
     Stopped,
 }
 
-fn forward_until_done(from: &TcpStream, to: &TcpStream, shared: &Shared) -> io::Result<Ending> {
+fn forward_until_done(
+    from: &TcpStream,
+    to: &TcpStream,
+    direction: Direction,
+    shared: &Shared,
+) -> io::Result<Ending> {
     let mut from = from;
     let mut buffer = vec![0; BUFFER_SIZE];
     // Chunks read but not yet written, with the instant each one is due.
@@ -347,7 +388,7 @@ fn forward_until_done(from: &TcpStream, to: &TcpStream, shared: &Shared) -> io::
                 thread::sleep(BLACKHOLE_POLL);
                 continue;
             }
-            ProxyMode::Pass | ProxyMode::Delay(_) => {}
+            ProxyMode::Pass | ProxyMode::Delay(_) | ProxyMode::ResetOnNextReply => {}
         }
 
         let now = Instant::now();
@@ -378,10 +419,13 @@ fn forward_until_done(from: &TcpStream, to: &TcpStream, shared: &Shared) -> io::
             Ok(0) => reading = false,
             Ok(read) => {
                 let chunk = buffer[..read].to_vec();
+                if direction == Direction::Replies && shared.take_reset_on_next_reply() {
+                    return Ok(Ending::Reset);
+                }
                 // The mode may have changed while this thread was blocked in `read`: bytes a peer
                 // sent after `set_mode` returned must obey the new mode, so look again.
                 match shared.mode() {
-                    ProxyMode::Pass if pending.is_empty() => {
+                    ProxyMode::Pass | ProxyMode::ResetOnNextReply if pending.is_empty() => {
                         if !write_chunk(to, &chunk, shared)? {
                             return Ok(Ending::Stopped);
                         }

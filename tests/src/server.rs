@@ -5,6 +5,11 @@
 //! controlled with real signals: [`RedisServer::pause`] (`SIGSTOP`) makes the server silent while
 //! its sockets stay open, [`RedisServer::kill`] (`SIGKILL`) makes it vanish, and
 //! [`RedisServer::restart`] brings it back on the same port.
+//!
+//! Servers can also be made replicas of another ([`RedisServer::replicate`], possibly through a
+//! [`TcpProxy`](crate::TcpProxy) that can cut the link) and promoted
+//! ([`RedisServer::promote`]); take an RDB snapshot that the next restart loads
+//! ([`RedisServer::save_snapshot`]); and get ACL users ([`RedisServer::add_acl_user`]).
 
 use std::fmt;
 use std::fs::{self, File};
@@ -30,6 +35,8 @@ const POLL_INTERVAL: Duration = Duration::from_millis(5);
 const PROBE_TIMEOUT: Duration = Duration::from_millis(250);
 /// Read and write timeouts of [`RedisServer::connection`].
 const CONNECTION_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long [`RedisServer::replicate`] waits for the initial synchronisation.
+const SYNC_TIMEOUT: Duration = Duration::from_secs(10);
 /// How much of the end of the server's log goes into a panic message.
 const LOG_TAIL_BYTES: u64 = 4096;
 /// Name of the server's log file (stdout and stderr) inside its directory.
@@ -46,7 +53,8 @@ static NEXT_SERVER_ID: AtomicUsize = AtomicUsize::new(0);
 pub struct ServerOptions {
     /// Keep the data across [`RedisServer::kill`] and [`RedisServer::restart`]: the server writes
     /// an append-only file, synced on every write (`--appendonly yes --appendfsync always`).
-    /// Without it (`--save "" --appendonly no`), a restarted server starts empty.
+    /// Without it (`--save "" --appendonly no`), a restarted server starts empty, or with the
+    /// data of the last [`RedisServer::save_snapshot`].
     pub persistence: bool,
     /// Require this password (`--requirepass`). [`RedisServer::url`] then carries it, so
     /// [`RedisServer::client`] authenticates; a client built from [`RedisServer::addr`] alone
@@ -290,6 +298,128 @@ impl RedisServer {
         connection
     }
 
+    /// Makes this server a replica of the server at `master` (the master's
+    /// [`addr`](RedisServer::addr), or that of a [`TcpProxy`](crate::TcpProxy) in front of it, so
+    /// a test can cut the link), and waits until the initial synchronisation is done. The master
+    /// must not require a password.
+    ///
+    /// # Panics
+    ///
+    /// If the server refuses, or the link is not up within 10 seconds.
+    pub fn replicate(&self, master: SocketAddr) {
+        let mut connection = self.connection();
+        redis::cmd("REPLICAOF")
+            .arg(master.ip().to_string())
+            .arg(master.port())
+            .exec(&mut connection)
+            .unwrap_or_else(|e| panic!("REPLICAOF {master} on port {}: {e}", self.port));
+        let deadline = Instant::now() + SYNC_TIMEOUT;
+        loop {
+            let info: String = redis::cmd("INFO")
+                .arg("replication")
+                .query(&mut connection)
+                .unwrap_or_else(|e| panic!("INFO replication on port {}: {e}", self.port));
+            let up = info
+                .lines()
+                .any(|line| line.trim() == "master_link_status:up");
+            let syncing = info
+                .lines()
+                .any(|line| line.trim() == "master_sync_in_progress:1");
+            if up && !syncing {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the replica on port {} did not sync with {master} within {SYNC_TIMEOUT:?}; \
+                 INFO replication:\n{info}\nlast log lines:\n{}",
+                self.port,
+                log_tail(&self.dir)
+            );
+            std::thread::sleep(POLL_INTERVAL);
+        }
+    }
+
+    /// Waits until this replica has received everything `master` has written so far (its
+    /// replication offset reaches the master's).
+    ///
+    /// # Panics
+    ///
+    /// If it does not within 10 seconds.
+    pub fn wait_caught_up_with(&self, master: &RedisServer) {
+        let target = replication_field(master, "master_repl_offset");
+        let deadline = Instant::now() + SYNC_TIMEOUT;
+        loop {
+            let offset = replication_field(self, "slave_repl_offset");
+            if offset >= target {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the replica on port {} is at offset {offset} after {SYNC_TIMEOUT:?}, its master \
+                 on port {} at {target}",
+                self.port,
+                master.port
+            );
+            std::thread::sleep(POLL_INTERVAL);
+        }
+    }
+
+    /// Promotes a replica to a master (`REPLICAOF NO ONE`): it keeps the data it has and accepts
+    /// writes.
+    ///
+    /// # Panics
+    ///
+    /// If the server refuses.
+    pub fn promote(&self) {
+        redis::cmd("REPLICAOF")
+            .arg("NO")
+            .arg("ONE")
+            .exec(&mut self.connection())
+            .unwrap_or_else(|e| panic!("REPLICAOF NO ONE on port {}: {e}", self.port));
+    }
+
+    /// Writes an RDB snapshot of the data now (`SAVE`). Without
+    /// [`ServerOptions::persistence`], the next [`RedisServer::restart`] starts with this data,
+    /// as a server restored from an old backup would.
+    ///
+    /// # Panics
+    ///
+    /// If the server refuses or cannot write the file.
+    pub fn save_snapshot(&self) {
+        redis::cmd("SAVE")
+            .exec(&mut self.connection())
+            .unwrap_or_else(|e| panic!("SAVE on port {}: {e}", self.port));
+    }
+
+    /// Adds the ACL user `name` with `password` and exactly the ACL `rules` (space-separated, as
+    /// after `ACL SETUSER name`: `~keys:* +get ...`), starting from nothing (`reset`), and
+    /// returns a URL that logs in as that user.
+    ///
+    /// # Panics
+    ///
+    /// If the server refuses the rules.
+    pub fn add_acl_user(&self, name: &str, password: &str, rules: &str) -> String {
+        let mut command = redis::cmd("ACL");
+        command
+            .arg("SETUSER")
+            .arg(name)
+            .arg("reset")
+            .arg("on")
+            .arg(format!(">{password}"));
+        for rule in rules.split_whitespace() {
+            command.arg(rule);
+        }
+        command
+            .exec(&mut self.connection())
+            .unwrap_or_else(|e| panic!("ACL SETUSER {name} {rules} on port {}: {e}", self.port));
+        format!(
+            "redis://{}:{}@127.0.0.1:{}",
+            percent_encode(name),
+            percent_encode(password),
+            self.port
+        )
+    }
+
     fn socket_path(&self) -> PathBuf {
         self.dir.join(SOCKET_FILE)
     }
@@ -347,7 +477,9 @@ impl RedisServer {
             .args(["--bind", "127.0.0.1"])
             .arg("--dir")
             .arg(&self.dir)
-            .args(["--daemonize", "no", "--loglevel", "warning"]);
+            .args(["--daemonize", "no", "--loglevel", "warning"])
+            // Replicas sync at once instead of waiting for more to join.
+            .args(["--repl-diskless-sync-delay", "0"]);
         if self.options.persistence {
             command.args([
                 "--save",
@@ -439,6 +571,23 @@ impl Drop for RedisServer {
         }
         let _ = fs::remove_dir_all(&self.dir);
     }
+}
+
+/// A numeric field of `server`'s `INFO replication`.
+fn replication_field(server: &RedisServer, name: &str) -> i64 {
+    let info: String = redis::cmd("INFO")
+        .arg("replication")
+        .query(&mut server.connection())
+        .unwrap_or_else(|e| panic!("INFO replication on port {}: {e}", server.port));
+    info.lines()
+        .find_map(|line| line.strip_prefix(name)?.strip_prefix(':'))
+        .and_then(|value| value.trim().parse().ok())
+        .unwrap_or_else(|| {
+            panic!(
+                "no {name} in INFO replication of port {}:\n{info}",
+                server.port
+            )
+        })
 }
 
 /// One readiness probe: `PING`, then the pid of the process that answered.

@@ -123,6 +123,87 @@ fn kill_then_restart_answers_on_the_same_port_without_the_old_data() {
 }
 
 #[test]
+fn restart_loads_the_last_snapshot() {
+    let mut server = RedisServer::start();
+    let set = |key: &str| {
+        redis::cmd("SET")
+            .arg(key)
+            .arg("1")
+            .exec(&mut server.connection())
+            .unwrap();
+    };
+    set("before");
+    server.save_snapshot();
+    set("after");
+    server.restart();
+    let keys: Vec<String> = redis::cmd("KEYS")
+        .arg("*")
+        .query(&mut server.connection())
+        .unwrap();
+    assert_eq!(keys, ["before"]);
+}
+
+#[test]
+fn a_replica_follows_its_master_until_cut_off_and_promoted() {
+    let master = RedisServer::start();
+    let link = TcpProxy::start(master.addr());
+    let replica = RedisServer::start();
+    replica.replicate(link.addr());
+    let get = |server: &RedisServer, key: &str| -> Option<String> {
+        redis::cmd("GET")
+            .arg(key)
+            .query(&mut server.connection())
+            .unwrap()
+    };
+    redis::cmd("SET")
+        .arg("early")
+        .arg("1")
+        .exec(&mut master.connection())
+        .unwrap();
+    replica.wait_caught_up_with(&master);
+    assert_eq!(get(&replica, "early").as_deref(), Some("1"));
+
+    link.set_mode(ProxyMode::Blackhole);
+    redis::cmd("SET")
+        .arg("late")
+        .arg("1")
+        .exec(&mut master.connection())
+        .unwrap();
+    replica.promote();
+    assert_eq!(
+        get(&replica, "late"),
+        None,
+        "the cut-off replica got the late write"
+    );
+    redis::cmd("SET")
+        .arg("own")
+        .arg("1")
+        .exec(&mut replica.connection())
+        .expect("a promoted replica accepts writes");
+}
+
+#[test]
+fn an_acl_user_has_exactly_its_rules() {
+    let server = RedisServer::start();
+    let url = server.add_acl_user("reader", "p@ss word", "~allowed:* +get");
+    let mut connection = connect(&url);
+    let value: Option<String> = redis::cmd("GET")
+        .arg("allowed:x")
+        .query(&mut connection)
+        .unwrap();
+    assert_eq!(value, None);
+    let refused = redis::cmd("GET")
+        .arg("other")
+        .query::<Option<String>>(&mut connection);
+    assert!(refused.is_err(), "a key outside the pattern was readable");
+    let refused = redis::cmd("SET")
+        .arg("allowed:x")
+        .arg("1")
+        .exec(&mut connection);
+    assert!(refused.is_err(), "a command outside the rules ran");
+}
+
+#[test]
 fn restart_with_persistence_keeps_the_data() {
     let mut server = RedisServer::start_with(ServerOptions {
         persistence: true,
@@ -279,6 +360,30 @@ fn proxy_reset_breaks_connections_until_pass() {
     );
 
     proxy.set_mode(ProxyMode::Pass);
+    let mut fresh = connect(&proxy.url());
+    assert_eq!(ping(&mut fresh).unwrap(), "PONG");
+}
+
+#[test]
+fn proxy_reset_on_next_reply_runs_the_request_but_loses_its_reply_once() {
+    let server = RedisServer::start();
+    let proxy = TcpProxy::start(server.addr());
+    let mut connection = connect(&proxy.url());
+    assert_eq!(ping(&mut connection).unwrap(), "PONG");
+
+    proxy.set_mode(ProxyMode::ResetOnNextReply);
+    let error = redis::cmd("SET")
+        .arg("k")
+        .arg("v")
+        .query::<()>(&mut connection)
+        .expect_err("the reply must be lost");
+    assert!(error.is_io_error(), "expected an I/O error, got {error:?}");
+    let value: String = redis::cmd("GET")
+        .arg("k")
+        .query(&mut server.connection())
+        .unwrap();
+    assert_eq!(value, "v", "the request did not reach the server");
+    assert_eq!(proxy.mode(), ProxyMode::Pass, "the mode is one-shot");
     let mut fresh = connect(&proxy.url());
     assert_eq!(ping(&mut fresh).unwrap(), "PONG");
 }

@@ -8,7 +8,9 @@
 -- Returns 1 when the lock was deleted, 0 when the token does not hold it.
 if redis.call('GET', KEYS[1]) == ARGV[1] then
   redis.call('DEL', KEYS[1])
-  redis.call('PUBLISH', ARGV[2], ARGV[3])
+  -- Waking waiters early is a courtesy: once the key is deleted, a failed PUBLISH (a user
+  -- without permission on the channel) must not turn the release into an error.
+  redis.pcall('PUBLISH', ARGV[2], ARGV[3])
   return 1
 end
 return 0

@@ -9,6 +9,10 @@
 //!     acquires KEY, prints `acquired FENCE`, then obeys one command per stdin line:
 //!     `check` prints `held` or `lost`; `write RESOURCE VALUE` does a fenced write and prints
 //!     `accepted` or `rejected`; `release` releases, prints `released` or `release-error`, exits.
+//! lease-holder calls URL
+//!     until killed, acquires a fresh key with a fresh token straight from a RedisBackend (no
+//!     manager, so no retry hides an error) and renews it; prints `ok` after each round, or
+//!     `error: …` (the error and its sources) and exits with status 1 on the first error.
 //! lease-holder count LOCKS DATA KEY THREADS ITERATIONS COUNTER LOG
 //!     THREADS threads each do ITERATIONS guarded increments of the Redis key COUNTER (a GET then
 //!     a SET), appending each critical section's fence to the list LOG; prints `done`.
@@ -17,7 +21,8 @@
 use std::io::BufRead;
 use std::time::Duration;
 
-use lock_core::LockManager;
+use lock_core::conformance::renew_one;
+use lock_core::{AcquireOutcome, LeaseBackend, LeaseRequest, LockManager, Ownership};
 use lock_redis::{RedisBackend, RedlockBackend};
 use redis::Commands;
 
@@ -34,6 +39,7 @@ fn main() -> Result {
         ["hold", locks, data, key, ttl_ms] => {
             hold(locks, data, key, Duration::from_millis(ttl_ms.parse()?))
         }
+        ["calls", url] => calls(url),
         ["count", locks, data, key, threads, iterations, counter, log] => count(
             locks,
             data,
@@ -93,6 +99,37 @@ fn hold(locks: &str, data: &str, key: &str, ttl: Duration) -> Result {
         }
     }
     Ok(())
+}
+
+fn calls(url: &str) -> Result {
+    let backend = RedisBackend::connect(url)?;
+    let ttl = Duration::from_secs(30);
+    let timeout = Duration::from_secs(5);
+    for round in 0_u64.. {
+        let (key, token) = (format!("calls-{round}"), format!("token-{round}"));
+        let request = LeaseRequest {
+            key: &key,
+            token: &token,
+            ttl,
+        };
+        let outcome = backend
+            .try_acquire(&request, timeout)
+            .unwrap_or_else(|error| exit_with(&error));
+        if !matches!(outcome, AcquireOutcome::Acquired { .. }) {
+            return Err(format!("{key} was not granted: {outcome:?}").into());
+        }
+        match renew_one(&backend, &request, timeout).unwrap_or_else(|error| exit_with(&error)) {
+            Ownership::Owned => println!("ok"),
+            other => return Err(format!("{key} renewed as {other:?}").into()),
+        }
+    }
+    Ok(())
+}
+
+/// Prints `error: ` and the chain of `error`, and exits with status 1.
+fn exit_with(error: &(dyn std::error::Error + 'static)) -> ! {
+    println!("error: {}", lock_tests::error_chain(error));
+    std::process::exit(1)
 }
 
 fn count(

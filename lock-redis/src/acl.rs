@@ -1,0 +1,65 @@
+//! The ACL rules a Redis user needs to hold leases, and nothing more.
+
+use crate::keys::release_channel;
+
+/// Every command the backend sends, directly or from its scripts:
+///
+/// - `EVALSHA`, `EVAL` (when the server's script cache is empty), `SCRIPT LOAD` (renewals);
+/// - inside the scripts: `GET`, `SET`, `PEXPIRE`, `PTTL`, `DEL`, `PUBLISH`, `TIME`;
+/// - `PING`: draining a connection after a timeout, and the subscriber's health check;
+/// - `SUBSCRIBE` (release notifications), and `UNSUBSCRIBE`, `PUNSUBSCRIBE` (sent by the `redis`
+///   crate when the subscriber's connection is closed);
+/// - `INFO` (`INFO memory`, the eviction policy check; without it the check is skipped).
+const COMMANDS: &str = "+evalsha +eval +script|load +get +set +pexpire +pttl +del +publish +time \
+                        +ping +subscribe +unsubscribe +punsubscribe +info";
+
+/// The ACL rules of a Redis user that may use a backend whose key prefix is `key_prefix`, and
+/// nothing else: its keys (`~<prefix>*`), its release channel (`&<prefix>released`) and the
+/// commands it sends. Append them to `ACL SETUSER <name> on ><password>`, or to a `user` line
+/// of an ACL file. See the [crate documentation](crate#acl) for what each rule is for.
+///
+/// Glob characters in the prefix (`*?[]\`) are escaped. The rules start with `resetkeys`,
+/// `resetchannels` and `-@all`, so they replace whatever the user could do before.
+///
+/// ```
+/// assert_eq!(
+///     lock_redis::acl_rules("lock:"),
+///     "resetkeys ~lock:* resetchannels &lock:released -@all +evalsha +eval +script|load \
+///      +get +set +pexpire +pttl +del +publish +time +ping +subscribe +unsubscribe \
+///      +punsubscribe +info"
+/// );
+/// assert!(lock_redis::acl_rules("jobs[1]:").starts_with(r"resetkeys ~jobs\[1\]:* "));
+/// ```
+pub fn acl_rules(key_prefix: &str) -> String {
+    let keys = escape_glob(key_prefix);
+    let channel = escape_glob(&release_channel(key_prefix));
+    format!("resetkeys ~{keys}* resetchannels &{channel} -@all {COMMANDS}")
+}
+
+/// `text` with the characters that Redis glob patterns treat specially escaped.
+fn escape_glob(text: &str) -> String {
+    let mut escaped = String::with_capacity(text.len());
+    for character in text.chars() {
+        if matches!(character, '*' | '?' | '[' | ']' | '\\') {
+            escaped.push('\\');
+        }
+        escaped.push(character);
+    }
+    escaped
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn glob_characters_are_escaped() {
+        assert_eq!(escape_glob(r"a*b?c[d]e\f"), r"a\*b\?c\[d\]e\\f");
+        assert_eq!(escape_glob("lock:"), "lock:");
+        let rules = acl_rules("");
+        assert!(
+            rules.starts_with("resetkeys ~* resetchannels &released -@all +evalsha"),
+            "{rules}"
+        );
+    }
+}
