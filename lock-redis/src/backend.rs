@@ -10,9 +10,9 @@ use lock_core::{
 use redis::{Cmd, Value};
 
 use crate::builder::Config;
-use crate::errors::{is_retryable_elsewhere, CallFailure, RedisOperation};
+use crate::errors::{closed_unread, is_retryable_elsewhere, CallFailure, RedisOperation};
 use crate::eviction::{read_eviction_policy, EvictionCheck};
-use crate::keys::{fence_key, lock_key, release_channel, ttl_millis};
+use crate::keys::{fence_key, lock_key, release_channel, release_marker_key, ttl_millis};
 use crate::pool::{
     pipeline_round_trip, round_trip, ConnectionPool, Deadline, PoolSettings, PooledConnection,
 };
@@ -385,7 +385,7 @@ impl RedisBackend {
                 }
                 Err(failure) => failure,
             };
-            after_unanswered_attempt |= connection.request_sent();
+            after_unanswered_attempt |= connection.request_sent() && !closed_unread(&failure);
             let retry_elsewhere =
                 matches!(&failure, CallFailure::Redis(error) if is_retryable_elsewhere(error));
             let time_left = deadline.remaining().map_or(true, |left| !left.is_zero());
@@ -583,16 +583,20 @@ impl LeaseBackend for RedisBackend {
         token: &str,
         timeout: Duration,
     ) -> Result<Ownership, BackendError> {
-        let lock = lock_key(&self.inner.config.key_prefix, key);
+        let prefix = &self.inner.config.key_prefix;
+        let lock = lock_key(prefix, key);
+        let marker = release_marker_key(prefix, key);
+        let marker_ttl = ttl_millis(self.inner.config.release_marker_ttl()).to_string();
         let call = ScriptCall {
             operation: RedisOperation::Release,
             key,
             script: &self.inner.scripts.release,
-            keys: &[&lock],
-            args: &[token, &self.inner.channel, key],
+            keys: &[&lock, &marker],
+            args: &[token, &self.inner.channel, key, &marker_ttl],
         };
         match self.run_script(call, timeout, parse_ownership)? {
-            // The key is gone, and the attempt whose reply was lost may be what deleted it:
+            // The key is gone and no marker says our token deleted it, yet an attempt whose
+            // reply was lost may have (the marker was overwritten by a later holder's release):
             // saying `NotOwned` would report a successful release as a loss.
             Answer {
                 value: Ownership::NotOwned,

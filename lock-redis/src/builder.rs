@@ -30,6 +30,18 @@ pub(crate) struct Config {
     pub(crate) key_prefix: String,
 }
 
+impl Config {
+    /// How long a release marker lives: longer than any call's retries can last (a checkout,
+    /// a resync and a command, twice over), and at least ten seconds.
+    pub(crate) fn release_marker_ttl(&self) -> Duration {
+        let call = self
+            .checkout_timeout
+            .saturating_add(self.command_timeout.saturating_mul(2));
+        call.saturating_mul(2)
+            .clamp(Duration::from_secs(10), lock_core::MAX_TTL)
+    }
+}
+
 /// The defaults, documented on [`RedisBackendBuilder`]: keep the two in step.
 impl Default for Config {
     fn default() -> Config {

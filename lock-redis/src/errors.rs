@@ -312,6 +312,24 @@ fn is_too_many_clients(error: &RedisError) -> bool {
 /// round trip, such as a read interrupted by a signal (`EINTR`, which a blocking socket call
 /// returns when the process is resumed after `SIGSTOP`). Not a timeout: a slow server is slow on
 /// every connection.
+/// Whether a call failed because the server had closed the connection cleanly (end of file)
+/// before any reply: what a pooled connection shows after the server restarted, or closed it
+/// while idle. A Redis server answers every command it runs before it closes a connection, so
+/// the request is taken as not run. (A proxy that closes the client's connection after
+/// forwarding a request would make this wrong; a release then still learns the truth from the
+/// marker its first attempt left.)
+pub(crate) fn closed_unread(failure: &CallFailure) -> bool {
+    let CallFailure::Redis(error) = failure else {
+        return false;
+    };
+    // The redis crate keeps the I/O error behind an `Arc`, and shows it only as its source.
+    type Shared = std::sync::Arc<dyn std::error::Error + Send + Sync>;
+    std::error::Error::source(error)
+        .and_then(|source| source.downcast_ref::<Shared>())
+        .and_then(|shared| shared.downcast_ref::<std::io::Error>())
+        .is_some_and(|io| io.kind() == std::io::ErrorKind::UnexpectedEof)
+}
+
 pub(crate) fn is_retryable_elsewhere(error: &RedisError) -> bool {
     error.is_connection_dropped()
         || error.is_connection_refusal()
@@ -332,6 +350,21 @@ pub(crate) mod tests {
 
     fn io_error(kind: io::ErrorKind) -> RedisError {
         RedisError::from(io::Error::new(kind, "test"))
+    }
+
+    #[test]
+    fn a_clean_close_is_told_apart_from_a_reset() {
+        let closed = CallFailure::Redis(io_error(io::ErrorKind::UnexpectedEof));
+        assert!(closed_unread(&closed));
+        for kind in [io::ErrorKind::ConnectionReset, io::ErrorKind::Interrupted] {
+            assert!(
+                !closed_unread(&CallFailure::Redis(io_error(kind))),
+                "{kind:?}"
+            );
+        }
+        assert!(!closed_unread(&CallFailure::Timeout {
+            waited: Duration::from_secs(1)
+        }));
     }
 
     #[test]

@@ -15,6 +15,13 @@ pub(crate) fn fence_key(prefix: &str, key: &str) -> String {
     format!("{prefix}{{{key}}}:fence")
 }
 
+/// The Redis key that remembers, for a short while, which token last released the lock `key`:
+/// `<prefix>{<key>}:released`. It lets a release retried after a lost reply know that its
+/// first attempt deleted the key.
+pub(crate) fn release_marker_key(prefix: &str, key: &str) -> String {
+    format!("{prefix}{{{key}}}:released")
+}
+
 /// The pub/sub channel on which releases are announced: `<prefix>released`.
 pub(crate) fn release_channel(prefix: &str) -> String {
     format!("{prefix}released")
@@ -35,6 +42,10 @@ mod tests {
     fn keys_share_one_hash_tag() {
         assert_eq!(lock_key("lock:", "jobs:42"), "lock:{jobs:42}");
         assert_eq!(fence_key("lock:", "jobs:42"), "lock:{jobs:42}:fence");
+        assert_eq!(
+            release_marker_key("lock:", "jobs:42"),
+            "lock:{jobs:42}:released"
+        );
         assert_eq!(lock_key("", "k"), "{k}");
         assert_eq!(release_channel("lock:"), "lock:released");
     }

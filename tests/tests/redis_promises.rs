@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use lock_core::{LeaseEvent, LockManager, LostReason, CLEANUP_TIMEOUT};
 use lock_redis::RedisBackend;
-use lock_tests::RedisServer;
+use lock_tests::{error_chain, RedisServer};
 use parking_lot::Mutex;
 
 /// How late after `valid_until` a loss may be reported on a real clock: the renewer's wake-up
@@ -139,7 +139,8 @@ fn every_loss_after_a_restart_is_reported_once_whichever_path_finds_it() {
         let error = lease.release().expect_err("the key is gone");
         assert!(
             matches!(error.lost_reason(), Some(LostReason::TakenOver)),
-            "{error}"
+            "{}",
+            error_chain(&error)
         );
     }
     // ...the other half by the renewer, at their next renewal.

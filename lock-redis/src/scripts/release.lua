@@ -1,16 +1,27 @@
--- Deletes a lock if the token holds it, and announces the release to waiters.
+-- Deletes a lock if the token holds it, and announces the release to waiters. Idempotent per
+-- token: a retry of a release whose reply was lost finds the marker it left, and says so.
 --
--- KEYS[1]  the lock key   <prefix>{<key>}
+-- KEYS[1]  the lock key                  <prefix>{<key>}
+-- KEYS[2]  the lock's release marker     <prefix>{<key>}:released
 -- ARGV[1]  the holder's token
--- ARGV[2]  the release channel   <prefix>released
+-- ARGV[2]  the release channel           <prefix>released
 -- ARGV[3]  the user's key, published on the channel
+-- ARGV[4]  how long the marker lives, in milliseconds (longer than any call's retries)
 --
--- Returns 1 when the lock was deleted, 0 when the token does not hold it.
-if redis.call('GET', KEYS[1]) == ARGV[1] then
+-- Returns 1 when the lock was deleted (now, or by an earlier attempt with this token, if no one
+-- has taken the lock since), 0 when the token does not hold it.
+local holder = redis.call('GET', KEYS[1])
+if holder == ARGV[1] then
   redis.call('DEL', KEYS[1])
-  -- Waking waiters early is a courtesy: once the key is deleted, a failed PUBLISH (a user
-  -- without permission on the channel) must not turn the release into an error.
+  -- The marker and the announcement are courtesies: once the key is deleted, neither a refused
+  -- write (out of memory) nor a refused PUBLISH (a user without the channel) may turn the
+  -- release into an error.
+  redis.pcall('SET', KEYS[2], ARGV[1], 'PX', ARGV[4])
   redis.pcall('PUBLISH', ARGV[2], ARGV[3])
+  return 1
+end
+-- Gone, and our token's release is the last one: an earlier attempt of ours deleted it.
+if not holder and redis.pcall('GET', KEYS[2]) == ARGV[1] then
   return 1
 end
 return 0
