@@ -127,9 +127,11 @@ impl fmt::Debug for ReleaseWatch {
 /// 11. **loss_is_reported_on_time_while_another_renewal_hangs**: a call that hangs delays no
 ///     loss report past `valid_until`.
 /// 12. **a_release_with_an_unknown_outcome_is_no_loss**: `release` answers
-///     [`Ownership::NotOwned`] only when it knows the token did not own the key; when a retry
-///     cannot tell whether an earlier attempt deleted it, it returns a transient error, which
-///     the manager never reports as a loss.
+///     [`Ownership::NotOwned`] only when it knows the token did not own the key when its
+///     request ran; a backend may remember a token's release and answer
+///     [`Ownership::Owned`] to a repeat of it, and when a retry cannot tell whether an earlier
+///     attempt deleted the key, it returns a transient error, which the manager never reports as
+///     a loss.
 /// 13. **a_zero_wait_makes_one_real_attempt**: a wait bounds waiting, not an attempt.
 /// 14. **an_acquire_that_gives_up_leaves_no_lock**: after an attempt whose outcome is unknown,
 ///     the manager releases its token, best effort.

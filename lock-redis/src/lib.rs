@@ -61,7 +61,12 @@
 //!   The manager's renewer sends all due renewals in one pipelined round trip, one script call
 //!   per 128 leases (the script's fixed cost is paid per call, not per lease).
 //! - **release** deletes the key only if it holds the token, and publishes the release (a
-//!   publish the server refuses does not fail the release).
+//!   publish the server refuses does not fail the release). It also leaves a marker,
+//!   `lock:{jobs:42}:released`, holding the token for a few seconds (twice the longest a call
+//!   can retry, at least 10 s): a release retried after its reply was lost finds it and knows its
+//!   first attempt deleted the key, so a release is never reported as a loss for a lost reply.
+//!   When the marker is gone too (a later holder released since), the release fails with
+//!   [`RedisBackendError::ReleaseOutcomeUnknown`], a transient error that is no loss.
 //!
 //! Calls send `EVALSHA`, falling back to `EVAL` when the server's script cache is empty (after
 //! a restart).
@@ -114,7 +119,8 @@
 //! ACL SETUSER locker on >PASSWORD resetkeys ~lock:* resetchannels &lock:released -@all +evalsha +eval +script|load +get +set +pexpire +pttl +del +publish +time +ping +subscribe +unsubscribe +punsubscribe +info
 //! ```
 //!
-//! - `~lock:*`: the lock keys `lock:{KEY}` and the fence counters `lock:{KEY}:fence`.
+//! - `~lock:*`: the lock keys `lock:{KEY}`, the fence counters `lock:{KEY}:fence` and the
+//!   release markers `lock:{KEY}:released`.
 //! - `&lock:released`: the release channel. Redis 7 gives new users no channel
 //!   (`acl-pubsub-default resetchannels`); without it, releases still work (the script ignores a
 //!   refused `PUBLISH`), but waiters are not woken early: the subscriber logs one warning and
