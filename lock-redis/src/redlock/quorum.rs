@@ -95,8 +95,7 @@ fn permanent(failures: &[Option<BackendError>]) -> usize {
 /// permanent only when nodes that refused the call for good leave too few for a majority.
 #[derive(Debug, thiserror::Error)]
 #[error(
-    "Redlock {operation}: {agreed} of {nodes} nodes agreed, {quorum} needed ({failed} failed, {permanent} of them permanently{})",
-    first_error.as_ref().map(|e| format!("; first error: {e}")).unwrap_or_default()
+    "Redlock {operation}: {agreed} of {nodes} nodes agreed, {quorum} needed ({failed} failed, {permanent} of them permanently)"
 )]
 pub struct NoQuorum {
     operation: &'static str,
@@ -105,6 +104,9 @@ pub struct NoQuorum {
     permanent: usize,
     nodes: usize,
     quorum: usize,
+    /// The error that explains the verdict (a permanent one for a permanent verdict): the
+    /// `source`, so it is not repeated in the message.
+    #[source]
     first_error: Option<BackendError>,
 }
 
@@ -192,6 +194,8 @@ mod tests {
         );
     }
 
+    use crate::errors::tests::chain;
+
     #[test]
     fn permanent_errors_count_as_failed_nodes_until_they_rule_out_a_majority() {
         let owned: Answer = Ok(Ownership::Owned);
@@ -206,14 +210,14 @@ mod tests {
         assert!(decide(three, &[r, o, None]).unwrap_err().is_transient());
         let refusal = decide(three, &[r, r, o]).unwrap_err();
         assert!(!refusal.is_transient());
-        let shown = refusal.to_string();
+        let shown = chain(&refusal);
         assert!(shown.contains("2 failed, 2 of them permanently"), "{shown}");
         assert!(shown.contains("WRONGTYPE"), "{shown}");
         // The first permanent error explains a permanent verdict, even after a transient one.
         let five = Quorum::of(5);
         let refusal = decide(five, &[f, r, r, r, o]).unwrap_err();
         assert!(!refusal.is_transient());
-        assert!(refusal.to_string().contains("WRONGTYPE"), "{refusal}");
+        assert!(chain(&refusal).contains("WRONGTYPE"), "{refusal}");
         assert!(Tally::of([r, r, None].into_iter()).settled(three));
         assert!(!Tally::of([r, o, None].into_iter()).settled(three));
     }
