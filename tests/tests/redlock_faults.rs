@@ -70,6 +70,20 @@ fn run(server: &RedisServer, command: &[&str]) {
     let _: redis::Value = cmd.query(&mut server.connection()).unwrap();
 }
 
+/// Replaces `key` on `server` by a list, in one step (an acquire still in flight cannot turn it
+/// back into a string): every script reading it as a string then fails with `WRONGTYPE`.
+fn make_list(server: &RedisServer, key: &str) {
+    run(
+        server,
+        &[
+            "EVAL",
+            "redis.call('DEL', KEYS[1]); return redis.call('RPUSH', KEYS[1], 'x')",
+            "1",
+            key,
+        ],
+    );
+}
+
 /// The value of `key` on `server`, if it is a string.
 fn get(server: &RedisServer, key: &str) -> Option<String> {
     redis::cmd("GET")
@@ -301,8 +315,8 @@ fn refusing(refusals: &[Refusal], key: &str) -> Refusing {
     let node = redlock.nodes().next().unwrap();
     for (server, refusal) in servers.iter().zip(refusals) {
         match refusal {
-            Refusal::WrongTypeLockKey => run(server, &["LPUSH", &node.lock_key(key), "x"]),
-            Refusal::WrongTypeFenceKey => run(server, &["LPUSH", &node.fence_key(key), "x"]),
+            Refusal::WrongTypeLockKey => make_list(server, &node.lock_key(key)),
+            Refusal::WrongTypeFenceKey => make_list(server, &node.fence_key(key)),
             Refusal::NoAuth => {}
         }
     }
@@ -395,8 +409,7 @@ fn a_renewal_refused_by_a_majority_loses_the_lease_as_rejected() {
     let lease = manager.try_acquire(key, ttl).unwrap().unwrap();
     let lock_key = redlock.nodes().next().unwrap().lock_key(key);
     for server in &servers[..2] {
-        run(server, &["DEL", &lock_key]);
-        run(server, &["LPUSH", &lock_key, "x"]);
+        make_list(server, &lock_key);
     }
     let reason = lease
         .lost()
@@ -418,8 +431,7 @@ fn renewals_and_releases_follow_the_majority_when_nodes_refuse() {
         Ownership::Owned
     );
     let lock_key = cluster.redlock.nodes().next().unwrap().lock_key(key);
-    run(&cluster.servers[1], &["DEL", &lock_key]);
-    run(&cluster.servers[1], &["LPUSH", &lock_key, "x"]);
+    make_list(&cluster.servers[1], &lock_key);
     let error = renew_one(backend, &request(key, "token"), Duration::MAX).unwrap_err();
     assert!(!error.is_transient(), "{error}");
     // Node 2 still held the token: the lease was ours to the end.
