@@ -9,10 +9,10 @@ use parking_lot::Mutex;
 
 use crate::clock::saturating_add;
 use crate::event::{EventHook, GuardedHook, LeaseEvent, NoopHook};
-use crate::renewer::{start, Command, RenewerSettings, Wake};
+use crate::renewer::{start, CleanUp, Command, RenewerSettings, Wake};
 use crate::retry::RetryPolicy;
 use crate::schedule::renewal_due;
-use crate::shared::{ManagerShared, CLEANUP_TIMEOUT};
+use crate::shared::ManagerShared;
 use crate::state::{LeaseShared, Token};
 use crate::{
     AcquireOutcome, BackendError, Clock, DriftRule, Error, Lease, LeaseBackend, LeaseRequest,
@@ -244,7 +244,7 @@ impl LockManager {
             Ok(Attempt::Acquired(lease)) => Ok(Some(lease)),
             Ok(Attempt::Held { .. }) => Ok(None),
             Err(Error::Backend(error)) if error.is_transient() => {
-                self.clean_up(key, token);
+                self.clean_up(key, ttl, token);
                 Err(Error::Backend(error))
             }
             Err(error) => Err(error),
@@ -267,7 +267,8 @@ impl LockManager {
     /// the backend's own timeouts. Between attempts it sleeps with capped exponential backoff and
     /// full jitter, never past the holder's remaining TTL or the deadline, and wakes early when
     /// the backend announces the key's release. An acquire that gives up after an attempt whose
-    /// outcome is unknown gives the key back, best effort, with its token.
+    /// outcome is unknown gives the key back, best effort, with its token: the renewer's worker
+    /// releases it in the background, with the backend's own timeouts.
     pub fn acquire_timeout(
         &self,
         key: &str,
@@ -303,7 +304,7 @@ impl LockManager {
                         last_error: None,
                     },
                     Refused::Failed(error) => {
-                        self.clean_up(key, token);
+                        self.clean_up(key, ttl, token);
                         Error::Timeout {
                             key: key.to_owned(),
                             waited,
@@ -417,7 +418,7 @@ impl LockManager {
         let valid_until = lease.valid_until();
         if shared.clock.now() >= valid_until {
             // The answer came too late to leave any validity: give the key back.
-            let _ = shared.backend.release(key, text.as_str(), CLEANUP_TIMEOUT);
+            self.clean_up(key, ttl, token);
             return Err(Error::Backend(BackendError::transient(
                 "the backend answered after the whole validity of the lease had passed",
             )));
@@ -439,16 +440,19 @@ impl LockManager {
     }
 
     /// Gives back, best effort, a key that an attempt with an unknown outcome may have taken
-    /// for `token`.
-    fn clean_up(&self, key: &str, token: Token) {
-        let text = token.text();
-        if let Err(error) = self
-            .shared
-            .backend
-            .release(key, text.as_str(), CLEANUP_TIMEOUT)
-        {
-            tracing::debug!(key, %error, "could not clean up after a failed acquire; the key expires after its TTL");
-        }
+    /// for `token`: the renewer's worker releases it with the backend's own timeouts, so the
+    /// caller does not wait, and a slow link that failed the attempt does not fail the clean-up.
+    fn clean_up(&self, key: &str, ttl: Duration, token: Token) {
+        let until = saturating_add(self.shared.clock.now(), ttl);
+        self.shared.mailbox.send(
+            Command::CleanUp(CleanUp {
+                key: key.into(),
+                token,
+                until,
+                attempts: 0,
+            }),
+            Wake::Now,
+        );
     }
 
     /// Checks a key and a TTL before any backend sees them; returns the validity the backend's

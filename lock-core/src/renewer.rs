@@ -18,7 +18,7 @@ use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
 use crate::clock::saturating_add;
 use crate::event::{EventHook, LeaseEvent};
 use crate::schedule::{nanos, renewal_due, retry_due, Schedule};
-use crate::state::{LeaseShared, TokenText};
+use crate::state::{LeaseShared, Token, TokenText};
 use crate::{BackendError, Clock, LeaseBackend, LeaseRequest, LostReason, Ownership};
 
 /// The name of the renewer's I/O worker thread (Linux shows its first 15 bytes).
@@ -35,11 +35,39 @@ pub(crate) enum Command {
     Untrack(Arc<LeaseShared>),
     /// The worker's answer to a batch.
     Answered(Answer),
-    /// Reply once every earlier command is applied and every lease due now has been handled
-    /// (its renewal answered).
+    /// Give back, best effort, a key that a failed acquire may have taken for `token`.
+    CleanUp(CleanUp),
+    /// The worker has tried a clean-up: `Some` when it failed and may be tried again.
+    CleanedUp(Option<CleanUp>),
+    /// Reply once every earlier command is applied, every lease due now has been handled (its
+    /// renewal answered), and every clean-up asked for is done.
     Settle(Sender<()>),
     /// Stop the thread.
     Shutdown,
+}
+
+/// What the worker does: one backend call each.
+enum Job {
+    Renew(Batch),
+    CleanUp(CleanUp),
+}
+
+/// A key to give back for a token, with the backend's own timeouts, until `until` (when the
+/// key has expired by itself anyway).
+pub(crate) struct CleanUp {
+    pub(crate) key: Box<str>,
+    pub(crate) token: Token,
+    pub(crate) until: Instant,
+    /// Attempts made so far.
+    pub(crate) attempts: u32,
+}
+
+/// The pause before the clean-up attempt after `attempts` failed ones: 50 ms, doubling, at most
+/// 2 s.
+fn clean_up_delay(attempts: u32) -> Duration {
+    Duration::from_millis(50)
+        .saturating_mul(1 << attempts.min(6))
+        .min(Duration::from_secs(2))
 }
 
 /// Leases whose renewal goes to the backend in one call, sent at `sent_at`.
@@ -71,12 +99,12 @@ pub(crate) struct RenewerSettings {
 pub(crate) fn start(settings: RenewerSettings) -> std::io::Result<(Mailbox, JoinHandle<()>)> {
     let epoch = settings.clock.now();
     let (mailbox, inbox) = Mailbox::new(epoch);
-    let (jobs, batches) = crossbeam_channel::unbounded::<Batch>();
+    let (jobs, queue) = crossbeam_channel::unbounded::<Job>();
     let worker = {
         let (backend, mailbox) = (settings.backend.clone(), mailbox.clone());
         std::thread::Builder::new()
             .name(WORKER_THREAD_NAME.into())
-            .spawn(move || renew_batches(&*backend, &batches, &mailbox))?
+            .spawn(move || work(&*backend, &queue, &mailbox))?
     };
     let renewer = Renewer {
         backend_jobs: jobs,
@@ -86,6 +114,7 @@ pub(crate) fn start(settings: RenewerSettings) -> std::io::Result<(Mailbox, Join
         renew_fraction: settings.renew_fraction,
         batch_size: settings.batch_size,
         in_flight: 0,
+        clean_ups: Vec::new(),
     };
     let thread = std::thread::Builder::new()
         .name(settings.thread_name.into())
@@ -97,43 +126,67 @@ pub(crate) fn start(settings: RenewerSettings) -> std::io::Result<(Mailbox, Join
     Ok((mailbox, thread))
 }
 
-/// The worker's loop: one `renew_batch` call per batch, answered through the mailbox.
-fn renew_batches(backend: &dyn LeaseBackend, batches: &Receiver<Batch>, mailbox: &Mailbox) {
-    for batch in batches {
-        let tokens: Vec<TokenText> = batch
-            .leases
-            .iter()
-            .map(|lease| lease.token.text())
-            .collect();
-        let requests: Vec<LeaseRequest<'_>> = batch
-            .leases
-            .iter()
-            .zip(&tokens)
-            .map(|(lease, token)| LeaseRequest {
-                key: &lease.key,
-                token: token.as_str(),
-                ttl: lease.ttl(),
-            })
-            .collect();
-        let results = backend.renew_batch(&requests, batch.timeout);
-        let answer = Answer {
-            leases: batch.leases,
-            sent_at: batch.sent_at,
-            results,
+/// The worker's loop: one backend call per job, answered through the mailbox.
+fn work(backend: &dyn LeaseBackend, jobs: &Receiver<Job>, mailbox: &Mailbox) {
+    for job in jobs {
+        let answer = match job {
+            Job::Renew(batch) => Command::Answered(renew(backend, batch)),
+            Job::CleanUp(mut clean_up) => {
+                let token = clean_up.token.text();
+                clean_up.attempts += 1;
+                match backend.release(&clean_up.key, token.as_str(), Duration::MAX) {
+                    Err(error) if error.is_transient() => {
+                        tracing::debug!(key = &*clean_up.key, %error, "clean-up after a failed acquire failed; trying again");
+                        Command::CleanedUp(Some(clean_up))
+                    }
+                    Err(error) => {
+                        tracing::debug!(key = &*clean_up.key, %error, "could not clean up after a failed acquire; the key expires after its TTL");
+                        Command::CleanedUp(None)
+                    }
+                    Ok(_) => Command::CleanedUp(None),
+                }
+            }
         };
-        mailbox.send(Command::Answered(answer), Wake::Now);
+        mailbox.send(answer, Wake::Now);
+    }
+}
+
+/// Renews a batch in one `renew_batch` call.
+fn renew(backend: &dyn LeaseBackend, batch: Batch) -> Answer {
+    let tokens: Vec<TokenText> = batch
+        .leases
+        .iter()
+        .map(|lease| lease.token.text())
+        .collect();
+    let requests: Vec<LeaseRequest<'_>> = batch
+        .leases
+        .iter()
+        .zip(&tokens)
+        .map(|(lease, token)| LeaseRequest {
+            key: &lease.key,
+            token: token.as_str(),
+            ttl: lease.ttl(),
+        })
+        .collect();
+    let results = backend.renew_batch(&requests, batch.timeout);
+    Answer {
+        leases: batch.leases,
+        sent_at: batch.sent_at,
+        results,
     }
 }
 
 struct Renewer {
-    backend_jobs: Sender<Batch>,
+    backend_jobs: Sender<Job>,
     clock: Clock,
     hook: Arc<dyn EventHook>,
     schedule: Schedule<Arc<LeaseShared>>,
     renew_fraction: f64,
     batch_size: usize,
-    /// Batches sent to the worker and not answered yet.
+    /// Jobs sent to the worker and not answered yet.
     in_flight: usize,
+    /// Clean-ups that failed, and when to try each again (few: one per failed acquire).
+    clean_ups: Vec<(Instant, CleanUp)>,
 }
 
 /// How many commands may wait before the renewer is woken to read them, whatever their due
@@ -266,19 +319,58 @@ impl Renewer {
                         self.in_flight = self.in_flight.saturating_sub(1);
                         self.apply(answer);
                     }
+                    Command::CleanUp(clean_up) => self.send_clean_up(clean_up),
+                    Command::CleanedUp(again) => {
+                        self.in_flight = self.in_flight.saturating_sub(1);
+                        if let Some(clean_up) = again {
+                            let at =
+                                saturating_add(self.clock.now(), clean_up_delay(clean_up.attempts));
+                            if at < clean_up.until {
+                                self.clean_ups.push((at, clean_up));
+                            }
+                        }
+                    }
                     Command::Settle(reply) => settled.push(reply),
                     Command::Shutdown => return,
                 }
             }
             self.send_due();
+            self.retry_clean_ups();
             if self.in_flight == 0 {
                 for reply in settled.drain(..) {
                     let _ = reply.send(());
                 }
             }
-            if !inbox.wait(&self.clock, self.schedule.next_due()) {
+            let retry = self.clean_ups.iter().map(|(at, _)| *at).min();
+            let next = match (self.schedule.next_due(), retry) {
+                (Some(due), Some(retry)) => Some(due.min(retry)),
+                (due, retry) => due.or(retry),
+            };
+            if !inbox.wait(&self.clock, next) {
                 return;
             }
+        }
+    }
+
+    /// Hands a clean-up to the worker.
+    fn send_clean_up(&mut self, clean_up: CleanUp) {
+        if self.backend_jobs.send(Job::CleanUp(clean_up)).is_ok() {
+            self.in_flight += 1;
+        }
+    }
+
+    /// Sends the clean-ups whose next attempt is due.
+    fn retry_clean_ups(&mut self) {
+        if self.clean_ups.is_empty() {
+            return;
+        }
+        let now = self.clock.now();
+        let (due, later): (Vec<_>, Vec<_>) = std::mem::take(&mut self.clean_ups)
+            .into_iter()
+            .partition(|(at, _)| *at <= now);
+        self.clean_ups = later;
+        for (_, clean_up) in due {
+            self.send_clean_up(clean_up);
         }
     }
 
@@ -316,7 +408,7 @@ impl Renewer {
             };
             // A worker that is gone cannot answer: the leases are reported lost when their
             // validity ends, as in-flight leases whose answer never came.
-            if self.backend_jobs.send(batch).is_ok() {
+            if self.backend_jobs.send(Job::Renew(batch)).is_ok() {
                 self.in_flight += 1;
             }
         }

@@ -8,8 +8,12 @@ use std::time::{Duration, Instant};
 
 use lock_core::{LeaseEvent, LockManager, LostReason, CLEANUP_TIMEOUT};
 use lock_redis::RedisBackend;
-use lock_tests::{error_chain, RedisServer};
+use lock_tests::{error_chain, wait_until, ProxyMode, RedisServer, TcpProxy};
 use parking_lot::Mutex;
+use redis::Commands;
+
+/// How long a test waits for a condition.
+const WAIT: Duration = Duration::from_secs(10);
 
 /// How late after `valid_until` a loss may be reported on a real clock: the renewer's wake-up
 /// and the hook call.
@@ -161,4 +165,34 @@ fn every_loss_after_a_restart_is_reported_once_whichever_path_finds_it() {
         0,
         "a lost lease was also counted as released"
     );
+}
+
+#[test]
+fn an_acquire_that_gives_up_on_a_slow_link_leaves_no_lock() {
+    let server = RedisServer::start();
+    let proxy = TcpProxy::start(server.addr());
+    let backend = RedisBackend::builder(&proxy.url())
+        .command_timeout(Duration::from_millis(200))
+        .build()
+        .unwrap();
+    let lock_key = backend.lock_key("slow");
+    let manager = LockManager::new(backend);
+    // Load the scripts and open a connection while the link is fast.
+    drop(manager.acquire("warm-up", Duration::from_secs(1)).unwrap());
+    // A round trip now takes 300 ms, more than the command timeout: the attempt times out on
+    // our side, but its request reaches the server and takes the key for its TTL.
+    proxy.set_mode(ProxyMode::Delay(Duration::from_millis(150)));
+    let error = manager
+        .acquire_timeout("slow", Duration::from_secs(30), Duration::ZERO)
+        .expect_err("the attempt times out");
+    assert!(error.is_timeout(), "{}", error_chain(&error));
+    assert!(
+        std::error::Error::source(&error).is_some(),
+        "the timeout hides why the attempt failed: {error}"
+    );
+    let held = || -> bool { server.connection().exists(&lock_key).unwrap() };
+    wait_until("the late attempt took the key on the server", WAIT, held);
+    // Still slow: the clean-up retries with the backend's own timeouts until it gets through.
+    proxy.set_mode(ProxyMode::Delay(Duration::from_millis(60)));
+    wait_until("the orphan lock is given back", WAIT, || !held());
 }
