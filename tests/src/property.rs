@@ -142,32 +142,50 @@ pub struct LeaseFacts {
 }
 
 impl LeaseFacts {
-    /// How late the loss was reported: the first `Lost` event's time minus `valid_until`, or
-    /// `None` when it came on time (or there was none).
+    /// When the loss was reported: the first `Lost` event's time, or the start of the
+    /// holder's release if that came first; `None` if no `Lost` event came.
     ///
     /// A loss first reported after the holder began to release the lease counts as reported
     /// when the release began: from then on the holder no longer relies on the lease and the
     /// renewer no longer watches it, and the release's own call may take as long as the
     /// backend's timeouts allow.
-    pub fn lateness(&self, tally: &EventTally) -> Option<Duration> {
+    pub fn reported_at(&self, tally: &EventTally) -> Option<Instant> {
         let lost_at = *tally.lost_at.first()?;
-        let reported = self
-            .release_began
-            .map_or(lost_at, |began| lost_at.min(began));
-        reported
+        Some(
+            self.release_began
+                .map_or(lost_at, |began| lost_at.min(began)),
+        )
+    }
+
+    /// How late the loss was reported ([`reported_at`](LeaseFacts::reported_at) minus
+    /// `valid_until`), or `None` when it came on time (or there was none).
+    pub fn lateness(&self, tally: &EventTally) -> Option<Duration> {
+        self.reported_at(tally)?
             .checked_duration_since(self.valid_until)
             .filter(|late| !late.is_zero())
     }
 }
 
-/// The promise that a lost lease gives exactly one `Lost` event.
+/// Mutual exclusion: no two leases of one key held at once.
+pub const MUTUAL_EXCLUSION: &str = "mutual exclusion (one held lease per key)";
+/// Fences strictly increase in grant order, and no fence is granted twice.
+pub const FENCE_ORDER: &str = "fences strictly increase in grant order";
+/// The fenced resource accepts every write of a lease that is held.
+pub const FENCED_WRITE: &str = "a held lease's fenced write is accepted";
+/// A loss is reported no later than `valid_until` plus the run's slack.
+pub const ON_TIME: &str = "a loss is reported by valid_until + slack";
+/// A lost lease gives exactly one `Lost` event.
 pub const ONE_LOST_EVENT: &str = "a lost lease gives exactly one Lost event";
-/// The promise that a lost lease gives exactly one message on `lost()`.
+/// A lost lease gives exactly one message on `lost()`.
 pub const ONE_LOST_MESSAGE: &str = "a lost lease gives exactly one lost() message";
-/// The promise that a lost lease is not also counted as a normal release.
+/// A lost lease is not also counted as a normal release.
 pub const LOST_NOT_RELEASED: &str = "a lost lease gives no Released event";
-/// The promise that a lease released while held gives exactly one `Released` event.
+/// A lease released while held gives exactly one `Released` event.
 pub const ONE_RELEASED_EVENT: &str = "a lease released while held gives one Released event";
+/// `ensure_held()` fails exactly when `is_held()` is false.
+pub const ENSURE_HELD: &str = "ensure_held() agrees with is_held()";
+/// Calls fail only in the documented ways (transient errors, timeouts, losses).
+pub const CALL_RESULT: &str = "calls fail only as documented";
 
 /// Checks that the events and `lost()` messages of one lease are what its fate demands, and
 /// returns each broken promise with a sentence.
@@ -299,7 +317,7 @@ pub struct Takeover {
 }
 
 /// Checks critical sections of many processes for mutual exclusion and fence order, and
-/// returns each violation as a sentence.
+/// returns each broken promise with a sentence.
 ///
 /// For every two sections `x` and `y` of one key by different leases with `x.fence <
 /// y.fence`, `x` must end before `y` starts (within `tolerance_us` of clock reading error):
@@ -316,7 +334,7 @@ pub fn section_violations(
     sections: &[Section],
     takeovers: &[Takeover],
     tolerance_us: u64,
-) -> Vec<String> {
+) -> Vec<(&'static str, String)> {
     let mut broken = Vec::new();
     let mut by_key: HashMap<&str, Vec<&Section>> = HashMap::new();
     for section in sections {
@@ -338,19 +356,21 @@ pub fn section_violations(
         for section in &sections {
             let owner = *owners.entry(section.fence).or_insert(&section.lease);
             if owner != section.lease {
-                broken.push(format!(
+                let detail = format!(
                     "fence {} of key {key} was granted twice: to {owner} and to {}",
                     section.fence, section.lease
-                ));
+                );
+                broken.push((FENCE_ORDER, detail));
             }
             if section.rejected_writes > 0
                 && !taken_over(key, section.acquiring_from_us, section.end_us)
             {
-                broken.push(format!(
+                let detail = format!(
                     "{} fenced write(s) of {} (key {key}, fence {}) were rejected while it was \
                      held",
                     section.rejected_writes, section.lease, section.fence
-                ));
+                );
+                broken.push((FENCED_WRITE, detail));
             }
         }
         for (index, later) in sections.iter().enumerate() {
@@ -361,12 +381,13 @@ pub fn section_violations(
                 {
                     continue;
                 }
-                let what = if later.end_us.saturating_add(tolerance_us) < earlier.start_us {
-                    "fences do not follow grant order"
-                } else {
-                    "two holders at once"
-                };
-                broken.push(format!(
+                let (promise, what) =
+                    if later.end_us.saturating_add(tolerance_us) < earlier.start_us {
+                        (FENCE_ORDER, "the later grant has the lower fence")
+                    } else {
+                        (MUTUAL_EXCLUSION, "two holders at once")
+                    };
+                let detail = format!(
                     "{what} on key {key}: {} (fence {}) held it during [{}, {}] µs and {} \
                      (fence {}) during [{}, {}] µs",
                     earlier.lease,
@@ -377,7 +398,8 @@ pub fn section_violations(
                     later.fence,
                     later.start_us,
                     later.end_us
-                ));
+                );
+                broken.push((promise, detail));
             }
         }
     }
@@ -449,28 +471,30 @@ mod tests {
             section("a", 1, 210, 300),
             section("b", 2, 300, 400),
         ];
-        assert_eq!(section_violations(&sections, &[], 0), Vec::<String>::new());
+        assert!(section_violations(&sections, &[], 0).is_empty());
     }
 
     #[test]
     fn overlaps_inversions_and_duplicate_fences_are_found() {
+        let promises = |sections: &[Section]| -> Vec<&str> {
+            section_violations(sections, &[], 0)
+                .into_iter()
+                .map(|(promise, _)| promise)
+                .collect()
+        };
         let overlap = [section("a", 1, 100, 200), section("b", 2, 150, 250)];
-        let found = section_violations(&overlap, &[], 0);
-        assert!(found[0].contains("two holders at once"), "{found:?}");
-
+        assert_eq!(promises(&overlap), [MUTUAL_EXCLUSION]);
         let inverted = [section("a", 2, 100, 200), section("b", 1, 300, 400)];
-        let found = section_violations(&inverted, &[], 0);
-        assert!(found[0].contains("grant order"), "{found:?}");
-
+        assert_eq!(promises(&inverted), [FENCE_ORDER]);
         let twice = [section("a", 1, 100, 200), section("b", 1, 300, 400)];
-        let found = section_violations(&twice, &[], 0);
-        assert!(found[0].contains("granted twice"), "{found:?}");
-
+        assert_eq!(promises(&twice), [FENCE_ORDER]);
         let rejected = [Section {
             rejected_writes: 1,
             ..section("a", 1, 100, 200)
         }];
-        assert_eq!(section_violations(&rejected, &[], 0).len(), 1);
+        assert_eq!(promises(&rejected), [FENCED_WRITE]);
+        let within_tolerance = [section("a", 1, 100, 200), section("b", 2, 199, 300)];
+        assert!(section_violations(&within_tolerance, &[], 1).is_empty());
     }
 
     #[test]
@@ -490,10 +514,7 @@ mod tests {
             from_us: 250,
             to_us: 260,
         };
-        assert_eq!(
-            section_violations(&sections, std::slice::from_ref(&takeover), 0),
-            Vec::<String>::new()
-        );
+        assert!(section_violations(&sections, std::slice::from_ref(&takeover), 0).is_empty());
         let elsewhere = Takeover {
             key: "other".into(),
             ..takeover

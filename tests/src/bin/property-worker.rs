@@ -19,20 +19,26 @@
 //!
 //! - `section KEY LEASE FENCE ACQUIRING START END REJECTED`: each critical section
 //!   ([`Section`]), for the parent to check mutual exclusion and fence order across processes;
-//! - `lost<TAB>LEASE<TAB>LATENESS_US<TAB>REASON`: each lost lease, with how late its loss was
-//!   reported ([`LeaseFacts::lateness`]);
+//! - `lost<TAB>LEASE<TAB>LATENESS_US<TAB>STARVED_US<TAB>REASON`: each lost lease, with how
+//!   late its loss was reported ([`LeaseFacts::lateness`]) and how long, meanwhile, the renewer
+//!   thread could not get a core (see [`RenewerWatch`]);
 //! - `violation<TAB>PROMISE<TAB>DETAIL`: each broken promise this process can see alone (loss
 //!   and release accounting, unexpected errors);
 //! - `stat NAME VALUE`: counters, summed by the parent;
 //! - finally `summary NAME: ...`, one human-readable line.
 
 use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::Receiver;
 use lock_core::{Lease, LockManager, LostReason};
 use lock_redis::RedisBackend;
-use lock_tests::property::{accounting_violations, unix_micros, EventLedger, LeaseFacts, Section};
+use lock_tests::property::{
+    accounting_violations, unix_micros, EventLedger, LeaseFacts, Section, CALL_RESULT, ENSURE_HELD,
+};
 
 type Result<T = (), E = Box<dyn std::error::Error + Send + Sync>> = std::result::Result<T, E>;
 
@@ -43,10 +49,6 @@ const TTLS_MS: [u64; 3] = [150, 250, 400];
 const MAX_WAIT_MS: u64 = 100;
 /// The Redis backend's own timeouts: long enough to ride out the parent's longest pause.
 const BACKEND_TIMEOUT: Duration = Duration::from_secs(1);
-/// The promise broken by an error no documented case explains.
-const CALL_RESULT: &str = "calls fail only as documented";
-/// The promise broken when `ensure_held` and `is_held` disagree.
-const ENSURE_HELD: &str = "ensure_held() agrees with is_held()";
 
 fn main() -> Result {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -67,6 +69,7 @@ fn main() -> Result {
         .event_hook(ledger.hook())
         .build()?;
     let data = redis::Client::open(data.as_str())?;
+    let renewer_watch = RenewerWatch::start(lock_core::RENEWER_THREAD_NAME)?;
     let workers: Vec<_> = (0..threads)
         .map(|thread| {
             let worker = Worker {
@@ -89,6 +92,7 @@ fn main() -> Result {
     }
     // Dropping the last handle joins the renewer: every event has been delivered after this.
     drop(manager);
+    let renewer_samples = renewer_watch.stop()?;
 
     let mut stats: BTreeMap<&str, u64> = BTreeMap::new();
     let mut violations = 0;
@@ -113,16 +117,34 @@ fn main() -> Result {
                 violations += 1;
                 println!("violation\t{promise}\t{}: {detail}", ended.lease);
             }
-            if !tally.lost_at.is_empty() {
+            if let Some(reported_at) = facts.reported_at(&tally) {
                 let lateness = facts.lateness(&tally).unwrap_or_default();
                 max_lateness = max_lateness.max(lateness);
+                let (from, to) = (facts.valid_until, reported_at);
+                let starved = RenewerWatch::starved(&renewer_samples, from, to);
+                let renewer_was = if lateness.is_zero() {
+                    String::new()
+                } else {
+                    format!(
+                        "; renewer seen: {}",
+                        RenewerWatch::doing(&renewer_samples, from, to)
+                    )
+                };
                 let reason = match ended.reasons.iter().chain(&late_reasons).next() {
                     Some(reason) => format!("{reason:?}"),
                     None => "unknown".to_owned(),
                 };
                 let by = tally.lost_by.as_deref().unwrap_or("unknown");
-                let reason = format!("{reason}, TTL {:?}, reported by {by}", ended.ttl);
-                println!("lost\t{}\t{}\t{reason}", ended.lease, lateness.as_micros());
+                let reason = format!(
+                    "{reason}, TTL {:?}, reported by {by}{renewer_was}",
+                    ended.ttl
+                );
+                println!(
+                    "lost\t{}\t{}\t{}\t{reason}",
+                    ended.lease,
+                    lateness.as_micros(),
+                    starved.as_micros()
+                );
                 *stats.entry("lost").or_default() += 1;
             }
         }
@@ -152,6 +174,159 @@ fn main() -> Result {
         violations
     );
     Ok(())
+}
+
+/// Samples, every millisecond, how long the manager's renewer thread has waited for a core so
+/// far (the time it was runnable but not running, from Linux's
+/// `/proc/self/task/TID/schedstat`) and what it is doing (its state and kernel wait channel);
+/// gaps between samples show when this process could not run at all. A loss reported late
+/// while the renewer could not get a core is the loaded machine's doing; a loss reported late
+/// while the renewer was not even runnable (blocked in a call, say) is the library's, and the
+/// states say where it was blocked.
+struct RenewerWatch {
+    stop: Arc<AtomicBool>,
+    thread: JoinHandle<Vec<Sample>>,
+}
+
+/// One look at the renewer thread.
+struct Sample {
+    at: Instant,
+    /// Nanoseconds spent waiting for a core so far.
+    waited_ns: u64,
+    /// Its state letter and kernel wait channel, e.g. `S do_epoll_wait`.
+    doing: String,
+}
+
+impl RenewerWatch {
+    /// Time between two samples.
+    const INTERVAL: Duration = Duration::from_millis(1);
+    /// How long after a report the wait is read: a thread's wait is accounted when it runs.
+    const SETTLE: Duration = Duration::from_millis(20);
+
+    /// Starts watching the thread named `name` (the manager's renewer: it exists once the
+    /// manager is built).
+    fn start(name: &str) -> Result<RenewerWatch> {
+        let task = RenewerWatch::find_thread(name)?;
+        let look = move || -> Result<Sample> {
+            let at = Instant::now();
+            let schedstat = std::fs::read_to_string(task.join("schedstat"))?;
+            let waited_ns = schedstat
+                .split_whitespace()
+                .nth(1)
+                .ok_or("schedstat has no wait time")?
+                .parse()?;
+            let stat = std::fs::read_to_string(task.join("stat"))?;
+            // `PID (COMM) STATE ...`: the state follows the last parenthesis.
+            let state = stat.rsplit(')').next().unwrap_or("").trim().chars().next();
+            let wchan = std::fs::read_to_string(task.join("wchan")).unwrap_or_default();
+            let doing = format!("{} {}", state.unwrap_or('?'), wchan.trim());
+            Ok(Sample {
+                at,
+                waited_ns,
+                doing,
+            })
+        };
+        look().map_err(|error| format!("cannot watch the renewer thread: {error}"))?;
+        let stop = Arc::new(AtomicBool::new(false));
+        let stopped = stop.clone();
+        let thread = std::thread::Builder::new()
+            .name("renewer-watch".into())
+            .spawn(move || {
+                let mut samples = Vec::new();
+                // The renewer may be gone before the watch is stopped: keep what was seen.
+                while let (false, Ok(sample)) = (stopped.load(Ordering::Relaxed), look()) {
+                    samples.push(sample);
+                    std::thread::sleep(RenewerWatch::INTERVAL);
+                }
+                samples
+            })?;
+        Ok(RenewerWatch { stop, thread })
+    }
+
+    /// The `/proc/self/task/TID` directory of the thread named `name`, waiting for the thread
+    /// to name itself (it does so once it runs).
+    fn find_thread(name: &str) -> Result<std::path::PathBuf> {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            for task in std::fs::read_dir("/proc/self/task")?.flatten() {
+                let comm = std::fs::read_to_string(task.path().join("comm")).unwrap_or_default();
+                if comm.trim() == name {
+                    return Ok(task.path());
+                }
+            }
+            if Instant::now() >= deadline {
+                return Err(
+                    format!("no thread named {name:?} in /proc/self/task after 5 s").into(),
+                );
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+
+    /// Stops watching; returns the samples.
+    fn stop(self) -> Result<Vec<Sample>> {
+        self.stop.store(true, Ordering::Relaxed);
+        Ok(self
+            .thread
+            .join()
+            .map_err(|_| "the renewer watch thread panicked")?)
+    }
+
+    /// How long the renewer waited for a core between `from` and `to` (at most: from the last
+    /// sample before `from` to the first sample [`SETTLE`](Self::SETTLE) after `to`).
+    fn waited(samples: &[Sample], from: Instant, to: Instant) -> Duration {
+        let before = samples
+            .iter()
+            .rev()
+            .find(|s| s.at <= from)
+            .or(samples.first());
+        let after = samples
+            .iter()
+            .find(|s| s.at >= to + RenewerWatch::SETTLE)
+            .or(samples.last());
+        match (before, after) {
+            (Some(before), Some(after)) => {
+                Duration::from_nanos(after.waited_ns.saturating_sub(before.waited_ns))
+            }
+            _ => Duration::ZERO,
+        }
+    }
+
+    /// How long the renewer could not run between `from` and `to` for want of a core: the
+    /// longer of its own wait in the run queue and the time the watch thread itself was overdue
+    /// (which also covers the whole machine being stalled, as when a virtual machine's host
+    /// does not schedule it: that is no run-queue wait inside it).
+    fn starved(samples: &[Sample], from: Instant, to: Instant) -> Duration {
+        let overdue: Duration = samples
+            .windows(2)
+            .map(|pair| {
+                let due = (pair[0].at + RenewerWatch::INTERVAL).max(from);
+                pair[1].at.min(to).saturating_duration_since(due)
+            })
+            .sum();
+        overdue.max(RenewerWatch::waited(samples, from, to))
+    }
+
+    /// What the renewer was seen doing between `from` and `to`, most often first: e.g.
+    /// `412× S do_epoll_wait, 3× R 0`.
+    fn doing(samples: &[Sample], from: Instant, to: Instant) -> String {
+        let mut counts: BTreeMap<&str, usize> = BTreeMap::new();
+        for sample in samples.iter().filter(|s| s.at >= from && s.at <= to) {
+            *counts.entry(&sample.doing).or_default() += 1;
+        }
+        let mut counts: Vec<(&str, usize)> = counts.into_iter().collect();
+        counts.sort_by_key(|(_, count)| std::cmp::Reverse(*count));
+        let seen: Vec<String> = counts
+            .iter()
+            .take(4)
+            .map(|(doing, count)| format!("{count}× {doing}"))
+            .collect();
+        if seen.is_empty() {
+            "not sampled".to_owned()
+        } else {
+            seen.join(", ")
+        }
+    }
 }
 
 /// A lease this thread is done with, to be checked once every event has been delivered.
