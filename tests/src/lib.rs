@@ -14,6 +14,7 @@
 //! - The `lease-holder` binary of this crate is a separate process that holds a lease (to be
 //!   paused with `SIGSTOP` as a *holder*) or races on a counter; [`CountingRun`] starts and
 //!   checks such races, and [`fenced_write`] is the fenced store they write to.
+//! - [`property`] keeps the books of the property run, shared with its `property-worker` binary.
 //!
 //! A missing `redis-server` binary is a test failure with the command that installs it, never a
 //! silent skip.
@@ -35,6 +36,7 @@ pub mod counting;
 pub mod direct;
 pub mod fenced;
 pub mod logs;
+pub mod property;
 pub mod proxy;
 pub mod server;
 
