@@ -158,7 +158,12 @@ fn count(
                     let value: u64 = connection.get::<_, Option<u64>>(&counter)?.unwrap_or(0);
                     let () = connection.set(&counter, value + 1)?;
                     let _: u64 = connection.rpush(&log, lease.fence())?;
-                    lease.release()?;
+                    // A release the backend could not confirm (a node timed out) is no loss:
+                    // the key is deleted, or expires. A loss is.
+                    match lease.release() {
+                        Err(error) if error.is_lost() => return Err(error.into()),
+                        _ => {}
+                    }
                 }
                 Ok(())
             })
