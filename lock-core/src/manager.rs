@@ -285,6 +285,7 @@ impl LockManager {
         let token = Token::random();
         // Watch for releases only once the key was found busy: an uncontended acquire
         // registers nothing. Registered before the next attempt, so no release slips between.
+        // `None`: not registered yet; `Some(None)`: the backend has no release notifications.
         let mut watch = None;
         loop {
             let refused = match self.attempt(key, ttl, validity, token) {
@@ -318,7 +319,13 @@ impl LockManager {
                 Refused::Held { remaining } => remaining,
                 Refused::Failed(_) => None,
             };
-            let watch = watch.get_or_insert_with(|| self.shared.backend.watch_release(key));
+            let Some(watch) = &watch else {
+                // The key is busy: watch for its release from now on, and try once more at
+                // once, so that a release between the first attempt and the watch is not
+                // missed.
+                watch = Some(self.shared.backend.watch_release(key));
+                continue;
+            };
             let delay = backoff.next_delay(fastrand::f64(), remaining);
             let wake = saturating_add(now, delay);
             let wake = deadline.map_or(wake, |deadline| wake.min(deadline));
