@@ -42,9 +42,12 @@ use lock_tests::property::{
 
 type Result<T = (), E = Box<dyn std::error::Error + Send + Sync>> = std::result::Result<T, E>;
 
-/// The TTLs a lease is taken with, in milliseconds: mixed, so that one manager renews leases
-/// of different lengths at once.
-const TTLS_MS: [u64; 3] = [150, 250, 400];
+/// The TTLs a lease is taken with, in milliseconds: far apart, so that one manager renews
+/// leases of very different lengths at once (a long lease's renewal stuck on a paused server
+/// must not delay the report of a short lease's loss).
+const TTLS_MS: [u64; 3] = [150, 400, 1_000];
+/// The longest ordinary idle stretch of a holder, in milliseconds.
+const MAX_IDLE_MS: u64 = 100;
 /// How long a waiting acquire may wait at most, in milliseconds.
 const MAX_WAIT_MS: u64 = 100;
 /// The Redis backend's own timeouts: long enough to ride out the parent's longest pause.
@@ -490,10 +493,10 @@ impl Worker {
                 _ => {
                     // Idle while the renewer keeps the lease (only the renewer can notice a
                     // loss meanwhile); now and then for longer than the TTL itself.
-                    let idle = if self.rng.u32(..20) == 0 {
+                    let idle = if self.rng.u32(..50) == 0 {
                         ttl.mul_f64(1.0 + self.rng.f64() * 0.5)
                     } else {
-                        ttl.mul_f64(self.rng.f64() * 0.35)
+                        Duration::from_millis(self.rng.u64(..MAX_IDLE_MS))
                     };
                     std::thread::sleep(idle);
                 }
