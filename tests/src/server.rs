@@ -271,6 +271,15 @@ impl RedisServer {
             .unwrap_or_else(|e| panic!("invalid URL for redis-server on port {}: {e}", self.port))
     }
 
+    /// How many of the server's client connections (`CLIENT LIST` lines) match `filter`.
+    pub fn clients_where(&self, filter: impl Fn(&str) -> bool) -> usize {
+        let clients: String = redis::cmd("CLIENT")
+            .arg("LIST")
+            .query(&mut self.connection())
+            .unwrap();
+        clients.lines().filter(|line| filter(line)).count()
+    }
+
     /// A new connection from [`RedisServer::client`], with 5-second connect, read and write
     /// timeouts so a test against a silent server fails instead of hanging.
     ///

@@ -219,14 +219,8 @@ fn acl_denials(server: &RedisServer, user: &str) -> Vec<(String, String, String,
 
 /// How many connections of `user` the server has.
 fn connections_of(server: &RedisServer, user: &str) -> usize {
-    let clients: String = redis::cmd("CLIENT")
-        .arg("LIST")
-        .query(&mut server.connection())
-        .unwrap();
-    clients
-        .lines()
-        .filter(|line| line.contains(&format!(" user={user} ")))
-        .count()
+    let user = format!(" user={user} ");
+    server.clients_where(|line| line.contains(&user))
 }
 
 #[test]

@@ -33,14 +33,7 @@ fn threads_named(prefix: &str) -> usize {
 
 /// How many clients of `server` are subscribed to a channel.
 fn subscribed_clients(server: &RedisServer) -> usize {
-    let clients: String = redis::cmd("CLIENT")
-        .arg("LIST")
-        .query(&mut server.connection())
-        .unwrap();
-    clients
-        .lines()
-        .filter(|line| !line.contains(" sub=0 "))
-        .count()
+    server.clients_where(|line| !line.contains(" sub=0 "))
 }
 
 /// User plus system CPU time of this process, from `/proc/self/stat`.
