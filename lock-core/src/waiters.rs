@@ -19,6 +19,11 @@ use crate::ReleaseWatch;
 /// frees the key for one holder, and waking all would only make them race for it (the others
 /// keep their backoff as a fallback). Clones share one registry.
 ///
+/// A backend that must subscribe to something per key (a pub/sub channel, say) builds the
+/// registry [`with_listener`](ReleaseWaiters::with_listener): it is told whenever a key gains
+/// its first waiter or loses its last one, and asks [`waiting`](ReleaseWaiters::waiting) which
+/// of the two happened.
+///
 /// ```
 /// use lock_core::ReleaseWaiters;
 ///
@@ -46,10 +51,22 @@ pub struct WeakReleaseWaiters {
 /// One registered waiter: its id and where to wake it.
 type Waiter = (u64, Sender<()>);
 
+/// Told the key whose first waiter arrived or whose last one left.
+type Listener = Box<dyn Fn(&str) + Send + Sync>;
+
 #[derive(Default)]
 struct Registry {
     waiters: Mutex<HashMap<Box<str>, Vec<Waiter>>>,
     next_id: AtomicU64,
+    listener: Option<Listener>,
+}
+
+impl Registry {
+    fn changed(&self, key: &str) {
+        if let Some(listener) = &self.listener {
+            listener(key);
+        }
+    }
 }
 
 impl fmt::Debug for ReleaseWaiters {
@@ -72,16 +89,50 @@ impl ReleaseWaiters {
         ReleaseWaiters::default()
     }
 
+    /// An empty registry that calls `listener` with a key whenever the key gains its first
+    /// waiter or loses its last one.
+    ///
+    /// The listener runs while the registry is locked, so the calls for one key come in the
+    /// order of the changes; it must be quick (sending on a channel, say) and must not call
+    /// back into the registry.
+    ///
+    /// ```
+    /// use lock_core::ReleaseWaiters;
+    ///
+    /// let (changes, changed) = crossbeam_channel::unbounded();
+    /// let waiters = ReleaseWaiters::with_listener(move |key| {
+    ///     let _ = changes.send(key.to_owned());
+    /// });
+    /// let first = waiters.register("report");
+    /// let second = waiters.register("report");
+    /// assert_eq!(changed.try_recv().as_deref(), Ok("report")); // its first waiter
+    /// drop(first);
+    /// assert!(changed.try_recv().is_err()); // still one waiting
+    /// drop(second);
+    /// assert_eq!(changed.try_recv().as_deref(), Ok("report")); // its last one left
+    /// assert_eq!(waiters.waiting("report"), 0);
+    /// ```
+    pub fn with_listener(listener: impl Fn(&str) + Send + Sync + 'static) -> ReleaseWaiters {
+        ReleaseWaiters {
+            registry: Arc::new(Registry {
+                listener: Some(Box::new(listener)),
+                ..Registry::default()
+            }),
+        }
+    }
+
     /// Registers a waiter for `key`; it is woken through the returned watch.
     pub fn register(&self, key: &str) -> ReleaseWatch {
         let (sender, receiver) = crossbeam_channel::bounded(1);
         let id = self.registry.next_id.fetch_add(1, Ordering::Relaxed);
-        self.registry
-            .waiters
-            .lock()
-            .entry(key.into())
-            .or_default()
-            .push((id, sender));
+        {
+            let mut waiters = self.registry.waiters.lock();
+            let senders = waiters.entry(key.into()).or_default();
+            senders.push((id, sender));
+            if senders.len() == 1 {
+                self.registry.changed(key);
+            }
+        }
         let registration = Registration {
             registry: Arc::downgrade(&self.registry),
             key: key.into(),
@@ -102,6 +153,16 @@ impl ReleaseWaiters {
         }
     }
 
+    /// Wakes every waiter of `key`: after its releases may have gone unheard (before a
+    /// subscription to them took effect, say).
+    pub fn wake_every(&self, key: &str) {
+        if let Some(waiters) = self.registry.waiters.lock().get(key) {
+            for (_, sender) in waiters {
+                let _ = sender.try_send(());
+            }
+        }
+    }
+
     /// Wakes every waiter of every key: after releases may have gone unheard (a reconnection).
     pub fn wake_all(&self) {
         for waiters in self.registry.waiters.lock().values() {
@@ -114,6 +175,11 @@ impl ReleaseWaiters {
     /// How many waiters `key` has.
     pub fn waiting(&self, key: &str) -> usize {
         self.registry.waiters.lock().get(key).map_or(0, Vec::len)
+    }
+
+    /// The keys that have waiters.
+    pub fn keys(&self) -> Vec<Box<str>> {
+        self.registry.waiters.lock().keys().cloned().collect()
     }
 
     /// How many waiters there are in all.
@@ -160,6 +226,7 @@ impl Drop for Registration {
             senders.retain(|(id, _)| *id != self.id);
             if senders.is_empty() {
                 waiters.remove(&self.key);
+                registry.changed(&self.key);
             }
         }
     }
@@ -185,7 +252,16 @@ mod tests {
         assert!(b.receiver().try_recv().is_err());
 
         waiters.wake_all();
-        assert_eq!(b.receiver().try_recv(), Ok(()));
+        for watch in [&a, &a2, &b] {
+            assert_eq!(watch.receiver().try_recv(), Ok(()));
+        }
+        waiters.wake_every("a");
+        assert_eq!(a.receiver().try_recv(), Ok(()));
+        assert_eq!(a2.receiver().try_recv(), Ok(()));
+        assert!(b.receiver().try_recv().is_err(), "another key was woken");
+        let mut keys = waiters.keys();
+        keys.sort();
+        assert_eq!(keys, ["a".into(), "b".into()]);
 
         drop(a);
         drop(a2);

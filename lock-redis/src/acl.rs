@@ -1,21 +1,19 @@
 //! The ACL rules a Redis user needs to hold leases, and nothing more.
 
-use crate::keys::release_channel;
-
 /// Every command the backend sends, directly or from its scripts:
 ///
 /// - `EVALSHA`, `EVAL` (when the server's script cache is empty), `SCRIPT LOAD` (renewals);
 /// - inside the scripts: `GET`, `SET`, `PEXPIRE`, `PTTL`, `DEL`, `PUBLISH`, `TIME`;
 /// - `PING`: draining a connection after a timeout, and the subscriber's health check;
-/// - `SUBSCRIBE` (release notifications), and `UNSUBSCRIBE`, `PUNSUBSCRIBE` (sent by the `redis`
-///   crate when the subscriber's connection is closed);
+/// - `SUBSCRIBE`, `UNSUBSCRIBE` (release notifications, per key while a thread waits for it),
+///   and `PUNSUBSCRIBE` (sent by the `redis` crate when the subscriber's connection is closed);
 /// - `INFO` (`INFO memory`, the eviction policy check; without it the check is skipped).
 const COMMANDS: &str = "+evalsha +eval +script|load +get +set +pexpire +pttl +del +publish +time \
                         +ping +subscribe +unsubscribe +punsubscribe +info";
 
 /// The ACL rules of a Redis user that may use a backend whose key prefix is `key_prefix`, and
-/// nothing else: its keys (`~<prefix>*`), its release channel (`&<prefix>released`) and the
-/// commands it sends. Append them to `ACL SETUSER <name> on ><password>`, or to a `user` line
+/// nothing else: its keys (`~<prefix>*`), its release channels (`&<prefix>*`, one per lock,
+/// named like the lock key) and the commands it sends. Append them to `ACL SETUSER <name> on ><password>`, or to a `user` line
 /// of an ACL file. See the [crate documentation](crate#acl) for what each rule is for.
 ///
 /// Glob characters in the prefix (`*?[]\`) are escaped. The rules start with `resetkeys`,
@@ -24,16 +22,15 @@ const COMMANDS: &str = "+evalsha +eval +script|load +get +set +pexpire +pttl +de
 /// ```
 /// assert_eq!(
 ///     lock_redis::acl_rules("lock:"),
-///     "resetkeys ~lock:* resetchannels &lock:released -@all +evalsha +eval +script|load \
+///     "resetkeys ~lock:* resetchannels &lock:* -@all +evalsha +eval +script|load \
 ///      +get +set +pexpire +pttl +del +publish +time +ping +subscribe +unsubscribe \
 ///      +punsubscribe +info"
 /// );
 /// assert!(lock_redis::acl_rules("jobs[1]:").starts_with(r"resetkeys ~jobs\[1\]:* "));
 /// ```
 pub fn acl_rules(key_prefix: &str) -> String {
-    let keys = escape_glob(key_prefix);
-    let channel = escape_glob(&release_channel(key_prefix));
-    format!("resetkeys ~{keys}* resetchannels &{channel} -@all {COMMANDS}")
+    let prefix = escape_glob(key_prefix);
+    format!("resetkeys ~{prefix}* resetchannels &{prefix}* -@all {COMMANDS}")
 }
 
 /// `text` with the characters that Redis glob patterns treat specially escaped.
@@ -58,7 +55,7 @@ mod tests {
         assert_eq!(escape_glob("lock:"), "lock:");
         let rules = acl_rules("");
         assert!(
-            rules.starts_with("resetkeys ~* resetchannels &released -@all +evalsha"),
+            rules.starts_with("resetkeys ~* resetchannels &* -@all +evalsha"),
             "{rules}"
         );
     }

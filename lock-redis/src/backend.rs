@@ -12,7 +12,7 @@ use redis::{Cmd, Value};
 use crate::builder::Config;
 use crate::errors::{closed_unread, is_retryable_elsewhere, CallFailure, RedisOperation};
 use crate::eviction::{read_eviction_policy, EvictionCheck};
-use crate::keys::{fence_key, lock_key, release_channel, release_marker_key, ttl_millis};
+use crate::keys::{fence_key, lock_key, release_marker_key, ttl_millis};
 use crate::pool::{
     pipeline_round_trip, round_trip, ConnectionPool, Deadline, PoolSettings, PooledConnection,
 };
@@ -56,7 +56,6 @@ struct Inner {
     pool: ConnectionPool,
     config: Config,
     scripts: Scripts,
-    channel: String,
     /// The redacted URL, for `Debug` and logs.
     target: String,
     /// `None` for a pool given to `from_pool`: the backend has no URL to open a dedicated
@@ -284,7 +283,7 @@ impl RedisBackend {
         });
         let subscriber = Subscriber::new(SubscriberSettings {
             client,
-            channel: release_channel(&config.key_prefix),
+            key_prefix: config.key_prefix.clone(),
             connect_timeout: config.connect_timeout,
             command_timeout: config.command_timeout,
             target: target.clone(),
@@ -301,7 +300,6 @@ impl RedisBackend {
         RedisBackend {
             inner: Arc::new(Inner {
                 pool,
-                channel: release_channel(&config.key_prefix),
                 config,
                 scripts: Scripts::new(),
                 eviction: EvictionCheck::new(target.clone()),
@@ -592,7 +590,7 @@ impl LeaseBackend for RedisBackend {
             key,
             script: &self.inner.scripts.release,
             keys: &[&lock, &marker],
-            args: &[token, &self.inner.channel, key, &marker_ttl],
+            args: &[token, &marker_ttl],
         };
         match self.run_script(call, timeout, parse_ownership)? {
             // The key is gone and no marker says our token deleted it, yet an attempt whose

@@ -228,8 +228,8 @@ impl RedisBackendBuilder {
     }
 
     /// Prepended to every key this backend writes (default `"lock:"`): the lock `jobs:42` is
-    /// stored at `lock:{jobs:42}`, its fence counter at `lock:{jobs:42}:fence`, and releases are
-    /// published on `lock:released`. Backends that share a prefix share locks.
+    /// stored at `lock:{jobs:42}`, its fence counter at `lock:{jobs:42}:fence`, and its releases are
+    /// published on the channel `lock:{jobs:42}`. Backends that share a prefix share locks.
     ///
     /// The prefix must not contain `{` or `}`: the braces around the user key are a Redis
     /// Cluster hash tag that keeps a lock's keys in one slot, and must be the first in the key.

@@ -22,9 +22,12 @@ pub(crate) fn release_marker_key(prefix: &str, key: &str) -> String {
     format!("{prefix}{{{key}}}:released")
 }
 
-/// The pub/sub channel on which releases are announced: `<prefix>released`.
-pub(crate) fn release_channel(prefix: &str) -> String {
-    format!("{prefix}released")
+/// The pub/sub channel on which the releases of the lock `key` are announced: named like its
+/// lock key, `<prefix>{<key>}` (channels and keys are separate namespaces). A process subscribes
+/// to it only while one of its threads waits for the key, so a release nobody waits for reaches
+/// nobody; the hash tag puts it in the key's Redis Cluster slot, for sharded pub/sub.
+pub(crate) fn release_channel(prefix: &str, key: &str) -> String {
+    lock_key(prefix, key)
 }
 
 /// `ttl` in whole milliseconds, rounded up so that Redis never keeps a key for less time than
@@ -47,7 +50,7 @@ mod tests {
             "lock:{jobs:42}:released"
         );
         assert_eq!(lock_key("", "k"), "{k}");
-        assert_eq!(release_channel("lock:"), "lock:released");
+        assert_eq!(release_channel("lock:", "jobs:42"), "lock:{jobs:42}");
     }
 
     /// The slot of a key is decided by the text between its first `{` and the first `}` after

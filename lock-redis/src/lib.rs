@@ -43,8 +43,8 @@
 //!
 //! With the default key prefix `lock:`, the lock `jobs:42` is the string key `lock:{jobs:42}`,
 //! holding the owner's token with a millisecond TTL (rounded up from the lease's TTL). Its fence
-//! counter is `lock:{jobs:42}:fence`, a key without TTL. Releases are published on the channel
-//! `lock:released`, with the user key as the message. The braces are a Redis Cluster hash tag,
+//! counter is `lock:{jobs:42}:fence`, a key without TTL. Its releases are published on the
+//! channel named like its key, `lock:{jobs:42}`. The braces are a Redis Cluster hash tag,
 //! so both keys of a lock share one slot. The backend itself speaks to one server, not to a
 //! Cluster: a renewal batch renews keys of many slots in one script call.
 //!
@@ -104,11 +104,15 @@
 //!
 //! # Waking waiters
 //!
-//! While a caller waits for a lock, the backend's one subscriber thread listens on the release
-//! channel over a dedicated connection and wakes the waiters of a key as soon as it is
-//! released. It starts with the first wait, reconnects with backoff when its connection dies,
-//! and stops when the backend is dropped. Waiters also retry on the manager's backoff, so a
-//! missed message only costs latency.
+//! A caller that finds a lock taken waits for its release: the backend's one subscriber thread
+//! subscribes, over one dedicated connection, to the channel of each key that a thread of this
+//! process waits for, only while one does, and wakes a waiter as soon as the key is released.
+//! An uncontended acquire and release subscribe to nothing, and their release reaches no other
+//! process. The thread starts with the first wait, reconnects with backoff when its connection
+//! dies, and ends soon after the backend is dropped (dropping does not wait for it). A new
+//! key's subscription takes effect within about 10 ms plus a round trip; its waiters are woken
+//! once when it does, in case the key was released meanwhile. Waiters also retry on the
+//! manager's backoff, so a missed message only costs latency.
 //!
 //! # ACL
 //!
@@ -116,12 +120,12 @@
 //! more ([`acl_rules`] gives them for any prefix):
 //!
 //! ```text
-//! ACL SETUSER locker on >PASSWORD resetkeys ~lock:* resetchannels &lock:released -@all +evalsha +eval +script|load +get +set +pexpire +pttl +del +publish +time +ping +subscribe +unsubscribe +punsubscribe +info
+//! ACL SETUSER locker on >PASSWORD resetkeys ~lock:* resetchannels &lock:* -@all +evalsha +eval +script|load +get +set +pexpire +pttl +del +publish +time +ping +subscribe +unsubscribe +punsubscribe +info
 //! ```
 //!
 //! - `~lock:*`: the lock keys `lock:{KEY}`, the fence counters `lock:{KEY}:fence` and the
 //!   release markers `lock:{KEY}:released`.
-//! - `&lock:released`: the release channel. Redis 7 gives new users no channel
+//! - `&lock:*`: the release channels, one per lock, named like its key. Redis 7 gives new users no channel
 //!   (`acl-pubsub-default resetchannels`); without it, releases still work (the script ignores a
 //!   refused `PUBLISH`), but waiters are not woken early: the subscriber logs one warning and
 //!   tries again every minute, and waiters rely on the manager's backoff.
@@ -130,8 +134,9 @@
 //! - `+get +set +pexpire +pttl +del +publish +time`: what the scripts run. Scripts run with the
 //!   caller's permissions.
 //! - `+ping`: draining a connection after a timeout, and the subscriber's health check.
-//! - `+subscribe +unsubscribe +punsubscribe`: the release subscriber (the `redis` crate
-//!   unsubscribes before it closes the connection).
+//! - `+subscribe +unsubscribe +punsubscribe`: the release subscriber, which subscribes to a
+//!   key's channel while a thread waits for it (the `redis` crate also unsubscribes from
+//!   patterns before it closes the connection).
 //! - `+info`: the eviction policy check (`INFO memory`); without it the check is skipped, with a
 //!   debug log. `CONFIG GET` is tried after a refused `INFO`; it is not in the rules because it
 //!   also shows secrets such as `requirepass`.

@@ -1,35 +1,51 @@
-//! Release notifications: one shared pub/sub subscriber per backend, waking the waiters of a key
-//! when its holder releases it.
+//! Release notifications: one shared pub/sub connection per backend, subscribed to a key's
+//! channel only while a thread of this process waits for that key.
 //!
-//! The subscriber is a named thread started by the first [`Subscriber::watch`]. It has its own
-//! connection (not one of the pool's), `SUBSCRIBE`d to `<prefix>released`, on which
-//! `release.lua` publishes the user key of every release. Each message wakes the longest-waiting
-//! receiver registered for that key. When the connection dies, the thread reconnects with capped
-//! exponential backoff, and on every (re)connection wakes every registered waiter once, since
-//! releases may have been missed meanwhile; waiters fall back on the manager's backoff until
-//! then.
+//! `release.lua` publishes every release on the key's own channel (named like its lock key,
+//! `<prefix>{<key>}`, see [`release_channel`]). A release nobody waits for costs a `PUBLISH` to a
+//! channel without subscribers, and no other process hears of it.
 //!
-//! A refusal that retrying cannot cure (the user may not subscribe to the channel: `NOPERM`, a
-//! wrong password) means no wake-ups: the thread warns once, wakes nobody, and tries again only
-//! every [`REFUSED_RETRY`], in case the server's configuration changes.
+//! The waiters live in a [`ReleaseWaiters`] registry, which tells the subscriber thread (over a
+//! crossbeam channel) whenever a key gains its first waiter or loses its last one. The thread,
+//! started by the first [`Subscriber::watch`], then subscribes or unsubscribes that key's
+//! channel on its connection. Each message wakes the longest-waiting waiter of its key.
 //!
-//! The thread holds only a weak handle ([`WeakReleaseWaiters`]) to the registry. It stops when the backend is
-//! dropped: the backend drops the shutdown sender, and the thread notices within one poll
-//! interval (or at once, when it is sleeping between reconnections).
+//! No release is missed for good: once a key's subscription is confirmed, every waiter of that
+//! key is woken once, since the key may have been released between a waiter's last attempt and
+//! the subscription (the same happens after every reconnection). Waiters also keep the
+//! manager's backoff, so a missed message only costs latency.
+//!
+//! The thread reads its connection with a short timeout ([`POLL_INTERVAL`]) while it has
+//! subscriptions, so that a new key's subscription waits at most that long; with none, it
+//! blocks on the crossbeam channel alone and reads nothing. The `redis` crate's sync connection
+//! offers no way to wait on a socket and a channel at once.
+//!
+//! When the connection dies, the thread reconnects with capped exponential backoff (only while
+//! somebody waits). A refusal that retrying cannot cure (the user may not subscribe to the
+//! channels: `NOPERM`, a wrong password) means no wake-ups: the thread warns once and tries
+//! again only every [`REFUSED_RETRY`], in case the server's configuration changes.
+//!
+//! The thread holds only a weak handle ([`WeakReleaseWaiters`]) to the registry, whose listener
+//! holds the only sender of the thread's channel. Dropping the backend drops both: the thread
+//! notices at once when it is idle, and within [`POLL_INTERVAL`] otherwise. Dropping never
+//! waits for it.
 
+use std::collections::{HashMap, HashSet};
 use std::fmt;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use crossbeam_channel::{Receiver, RecvTimeoutError, Sender, TryRecvError};
+use crossbeam_channel::{Receiver, RecvTimeoutError, TryRecvError};
 use lock_core::{BackendErrorKind, ReleaseWaiters, ReleaseWatch, WeakReleaseWaiters};
 use parking_lot::Mutex;
 use redis::{PubSub, RedisError, Value};
 
 use crate::errors::classify;
+use crate::keys::release_channel;
 
-/// How long the subscriber blocks on a read before it checks whether to stop.
-const POLL_INTERVAL: Duration = Duration::from_millis(200);
+/// How long the subscriber blocks on a read, while it has subscriptions, before it looks for
+/// keys to subscribe or unsubscribe.
+const POLL_INTERVAL: Duration = Duration::from_millis(10);
 
 /// After this long without any message, the subscriber pings the server to find out whether
 /// the connection still works.
@@ -42,41 +58,30 @@ const RECONNECT_BACKOFF: (Duration, Duration) =
 /// The pause before subscribing again after a refusal that retrying cannot cure.
 const REFUSED_RETRY: Duration = Duration::from_secs(60);
 
-/// How long dropping the backend waits for the thread to finish before leaving it to end on
-/// its own (it holds nothing but weak references, so it cannot keep the backend alive).
-const SHUTDOWN_GRACE: Duration = Duration::from_millis(500);
-
 /// What the subscriber thread needs to (re)connect.
 #[derive(Clone)]
 pub(crate) struct SubscriberSettings {
     pub(crate) client: redis::Client,
-    pub(crate) channel: String,
+    pub(crate) key_prefix: String,
     pub(crate) connect_timeout: Duration,
     pub(crate) command_timeout: Duration,
     /// The redacted URL, for logs.
     pub(crate) target: String,
 }
 
-/// The running thread, as the backend sees it.
-struct SubscriberThread {
-    handle: JoinHandle<()>,
-    /// Dropped to tell the thread to stop.
-    shutdown: Sender<()>,
-    /// Disconnected when the thread has finished.
-    finished: Receiver<()>,
-}
-
 /// The shared subscriber of one backend: its registry of waiters and its lazily started thread.
 pub(crate) struct Subscriber {
     registry: ReleaseWaiters,
+    /// The keys whose first waiter arrived or last waiter left, for the thread.
+    changes: Receiver<Box<str>>,
     settings: SubscriberSettings,
-    thread: Mutex<Option<SubscriberThread>>,
+    thread: Mutex<Option<JoinHandle<()>>>,
 }
 
 impl fmt::Debug for Subscriber {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Subscriber")
-            .field("channel", &self.settings.channel)
+            .field("key_prefix", &self.settings.key_prefix)
             .field("started", &self.thread.lock().is_some())
             .field("waiters", &self.registry.len())
             .finish()
@@ -85,18 +90,22 @@ impl fmt::Debug for Subscriber {
 
 impl Subscriber {
     pub(crate) fn new(settings: SubscriberSettings) -> Subscriber {
+        let (sender, changes) = crossbeam_channel::unbounded();
+        let registry = ReleaseWaiters::with_listener(move |key| {
+            // Fails only once the thread has ended, when nobody needs to know.
+            let _ = sender.send(key.into());
+        });
         Subscriber {
-            registry: ReleaseWaiters::new(),
+            registry,
+            changes,
             settings,
             thread: Mutex::new(None),
         }
     }
 
     /// Registers a waiter for `key`, starting the thread if it is not running. Never touches
-    /// the network.
-    ///
-    /// The waiter is registered before the thread starts, so it is among those woken once the
-    /// subscription is up: a release published before that is never missed for good.
+    /// the network: the thread subscribes, and wakes the waiter once the subscription is
+    /// confirmed.
     pub(crate) fn watch(&self, key: &str) -> Option<ReleaseWatch> {
         let watch = self.registry.register(key);
         self.ensure_started().then_some(watch)
@@ -105,28 +114,18 @@ impl Subscriber {
     /// Starts the thread unless it runs; false if it could not be started.
     fn ensure_started(&self) -> bool {
         let mut thread = self.thread.lock();
-        if let Some(running) = thread.as_ref() {
-            if !running.handle.is_finished() {
-                return true;
-            }
+        if thread.as_ref().is_some_and(|handle| !handle.is_finished()) {
+            return true;
         }
-        let (shutdown, shutdown_rx) = crossbeam_channel::bounded::<()>(0);
-        let (finished_tx, finished) = crossbeam_channel::bounded::<()>(0);
         let registry = self.registry.downgrade();
+        let changes = self.changes.clone();
         let settings = self.settings.clone();
         let spawned = std::thread::Builder::new()
             .name("lock-redis-subscriber".to_owned())
-            .spawn(move || {
-                let _finished = finished_tx;
-                run(&settings, &registry, &shutdown_rx);
-            });
+            .spawn(move || run(&settings, &registry, &changes));
         match spawned {
             Ok(handle) => {
-                *thread = Some(SubscriberThread {
-                    handle,
-                    shutdown,
-                    finished,
-                });
+                *thread = Some(handle);
                 true
             }
             Err(error) => {
@@ -137,65 +136,39 @@ impl Subscriber {
     }
 }
 
-impl Drop for Subscriber {
-    fn drop(&mut self) {
-        let Some(thread) = self.thread.lock().take() else {
-            return;
-        };
-        drop(thread.shutdown);
-        match thread.finished.recv_timeout(SHUTDOWN_GRACE) {
-            Err(RecvTimeoutError::Disconnected) | Ok(()) => {
-                let _ = thread.handle.join();
-            }
-            // Still connecting: it ends on its own once the attempt times out.
-            Err(RecvTimeoutError::Timeout) => {}
-        }
-    }
-}
-
 /// Why the thread left a connection.
 enum Left {
-    /// Time to stop.
+    /// Time to stop: the backend is gone.
     Shutdown,
+    /// Nobody waited any more by the time it connected: close until somebody does.
+    Idle,
     /// The connection failed, or the server refused it for a reason retrying cannot cure.
     Lost(RedisError),
 }
 
-/// The thread's loop: connect, subscribe, dispatch; reconnect with backoff when that fails.
-fn run(settings: &SubscriberSettings, registry: &WeakReleaseWaiters, shutdown: &Receiver<()>) {
-    let mut backoff = Backoff::new(RECONNECT_BACKOFF.0, RECONNECT_BACKOFF.1);
-    let mut failures = 0_u32;
+/// The thread's loop: wait until somebody waits, connect, subscribe, dispatch; reconnect with
+/// backoff when that fails.
+fn run(settings: &SubscriberSettings, registry: &WeakReleaseWaiters, changes: &Receiver<Box<str>>) {
+    let mut retry = Retry {
+        backoff: Backoff::new(RECONNECT_BACKOFF.0, RECONNECT_BACKOFF.1),
+        failures: 0,
+    };
     let mut refusal_reported = false;
     loop {
-        if should_stop(registry, shutdown) {
+        if !wait_for_waiters(registry, changes) {
             return;
         }
-        let left = match connect(settings).and_then(|mut connection| {
-            subscribe(&mut connection, &settings.channel).map(|()| connection)
-        }) {
-            Ok(mut connection) => {
-                if failures > 0 {
-                    tracing::info!(redis = %settings.target, "lock-redis subscriber reconnected");
-                }
-                failures = 0;
-                backoff.reset();
-                // Releases may have been published while nobody listened.
-                if let Some(registry) = registry.upgrade() {
-                    registry.wake_all();
-                }
-                listen(&mut connection.as_pubsub(), settings, registry, shutdown)
-            }
-            Err(error) => Left::Lost(error),
-        };
-        let error = match left {
+        let error = match session(settings, registry, changes, &mut retry) {
             Left::Shutdown => return,
+            Left::Idle => continue,
             Left::Lost(error) => error,
         };
-        failures = failures.saturating_add(1);
+        retry.failures = retry.failures.saturating_add(1);
+        let failures = retry.failures;
         let pause = if classify(&error) == BackendErrorKind::Permanent {
             if !refusal_reported {
                 refusal_reported = true;
-                tracing::warn!(redis = %settings.target, channel = %settings.channel, %error, "Redis refuses the lock-redis subscriber (a missing ACL permission on the release channel?): waiters are not woken on release and rely on backoff; retrying every {REFUSED_RETRY:?}");
+                tracing::warn!(redis = %settings.target, prefix = %settings.key_prefix, %error, "Redis refuses the lock-redis subscriber (a missing ACL permission on the release channels?): waiters are not woken on release and rely on backoff; retrying every {REFUSED_RETRY:?}");
             } else {
                 tracing::debug!(redis = %settings.target, %error, failures, "Redis still refuses the lock-redis subscriber");
             }
@@ -206,26 +179,159 @@ fn run(settings: &SubscriberSettings, registry: &WeakReleaseWaiters, shutdown: &
             } else {
                 tracing::debug!(redis = %settings.target, %error, failures, "lock-redis subscriber could not reconnect");
             }
-            backoff.next_delay()
+            retry.backoff.next_delay()
         };
-        match shutdown.recv_timeout(pause) {
-            Err(RecvTimeoutError::Timeout) => {}
-            Ok(()) | Err(RecvTimeoutError::Disconnected) => return,
+        if !pause_for(pause, changes) {
+            return;
         }
     }
 }
 
-/// `SUBSCRIBE channel`, reading the confirmation: a refusal (`NOPERM`) is an error here, where
-/// `redis`' own `PubSub::subscribe` would ignore it and leave a connection that never hears a
-/// release.
-fn subscribe(connection: &mut redis::Connection, channel: &str) -> Result<(), RedisError> {
-    connection.send_packed_command(&redis::cmd("SUBSCRIBE").arg(channel).get_packed_command())?;
-    connection.recv_response()?.extract_error().map(drop)
+/// Blocks until some key has a waiter; false when the backend is gone.
+fn wait_for_waiters(registry: &WeakReleaseWaiters, changes: &Receiver<Box<str>>) -> bool {
+    loop {
+        // The upgraded registry is dropped before blocking: holding it would keep the backend's
+        // registry, and so the channel's sender, alive.
+        match registry.upgrade().map(|registry| registry.is_empty()) {
+            None => return false,
+            Some(false) => return true,
+            Some(true) => {}
+        }
+        if changes.recv().is_err() {
+            return false;
+        }
+    }
 }
 
-/// True when the backend is gone.
-fn should_stop(registry: &WeakReleaseWaiters, shutdown: &Receiver<()>) -> bool {
-    registry.upgrade().is_none() || !matches!(shutdown.try_recv(), Err(TryRecvError::Empty))
+/// Sleeps `pause`, ignoring changes (a reconnection subscribes whatever is wanted then); false
+/// when the backend is gone.
+fn pause_for(pause: Duration, changes: &Receiver<Box<str>>) -> bool {
+    let started = Instant::now();
+    loop {
+        let left = pause.saturating_sub(started.elapsed());
+        if left.is_zero() {
+            return true;
+        }
+        match changes.recv_timeout(left) {
+            Ok(_) => {}
+            Err(RecvTimeoutError::Timeout) => return true,
+            Err(RecvTimeoutError::Disconnected) => return false,
+        }
+    }
+}
+
+/// One connection's life: subscribe to the keys that have waiters, then follow changes and
+/// dispatch messages until the connection fails, nobody waits, or the backend is dropped.
+fn session(
+    settings: &SubscriberSettings,
+    registry: &WeakReleaseWaiters,
+    changes: &Receiver<Box<str>>,
+    retry: &mut Retry,
+) -> Left {
+    let mut connection = match connect(settings) {
+        Ok(connection) => connection,
+        Err(error) => return Left::Lost(error),
+    };
+    let Some(keys) = registry.upgrade().map(|registry| registry.keys()) else {
+        return Left::Shutdown;
+    };
+    if keys.is_empty() {
+        return Left::Idle;
+    }
+    let mut channels = Channels::new(settings);
+    // The first subscription of a connection reads its confirmations itself, so that a refusal
+    // is seen: `redis`' `PubSub::subscribe` ignores one (which is also why later subscriptions,
+    // to channels under the same prefix, are not checked again).
+    if let Err(error) = subscribe_checked(&mut connection, &channels.add_all(keys)) {
+        return Left::Lost(error);
+    }
+    if retry.failures > 0 {
+        tracing::info!(redis = %settings.target, "lock-redis subscriber reconnected");
+    }
+    retry.reset();
+    let Some(live) = registry.upgrade() else {
+        return Left::Shutdown;
+    };
+    channels.wake_every_waiter(&live);
+    drop(live);
+    let mut pubsub = connection.as_pubsub();
+    listen(&mut pubsub, &mut channels, settings, registry, changes)
+}
+
+/// The channels a connection is subscribed to, and the key of each.
+struct Channels<'a> {
+    settings: &'a SubscriberSettings,
+    keys: HashMap<String, Box<str>>,
+}
+
+impl<'a> Channels<'a> {
+    fn new(settings: &'a SubscriberSettings) -> Channels<'a> {
+        Channels {
+            settings,
+            keys: HashMap::new(),
+        }
+    }
+
+    fn channel(&self, key: &str) -> String {
+        release_channel(&self.settings.key_prefix, key)
+    }
+
+    /// Records `keys` as subscribed; returns their channels.
+    fn add_all(&mut self, keys: Vec<Box<str>>) -> Vec<String> {
+        keys.into_iter()
+            .map(|key| {
+                let channel = self.channel(&key);
+                self.keys.insert(channel.clone(), key);
+                channel
+            })
+            .collect()
+    }
+
+    /// Wakes every waiter of every subscribed key.
+    fn wake_every_waiter(&self, registry: &ReleaseWaiters) {
+        for key in self.keys.values() {
+            registry.wake_every(key);
+        }
+    }
+
+    /// Brings `key`'s subscription in line with whether it has waiters now.
+    fn follow(
+        &mut self,
+        pubsub: &mut PubSub<'_>,
+        registry: &ReleaseWaiters,
+        key: &str,
+    ) -> Result<(), RedisError> {
+        let channel = self.channel(key);
+        let wanted = registry.waiting(key) > 0;
+        if wanted == self.keys.contains_key(&channel) {
+            return Ok(());
+        }
+        // Replies may take up to a command's timeout; messages meanwhile are kept by `PubSub`.
+        pubsub.set_read_timeout(Some(self.settings.command_timeout))?;
+        if wanted {
+            pubsub.subscribe(&channel)?;
+            self.keys.insert(channel, key.into());
+            // Its releases went unheard until now.
+            registry.wake_every(key);
+        } else {
+            pubsub.unsubscribe(&channel)?;
+            self.keys.remove(&channel);
+        }
+        pubsub.set_read_timeout(Some(POLL_INTERVAL))
+    }
+}
+
+/// `SUBSCRIBE` to every channel, reading each confirmation: a refusal (`NOPERM`) is an error
+/// here.
+fn subscribe_checked(
+    connection: &mut redis::Connection,
+    channels: &[String],
+) -> Result<(), RedisError> {
+    connection.send_packed_command(&redis::cmd("SUBSCRIBE").arg(channels).get_packed_command())?;
+    for _ in channels {
+        connection.recv_response()?.extract_error()?;
+    }
+    Ok(())
 }
 
 /// A dedicated connection (not one of the pool's), with bounded reads and writes.
@@ -238,30 +344,51 @@ fn connect(settings: &SubscriberSettings) -> Result<redis::Connection, RedisErro
     Ok(connection)
 }
 
-/// Dispatches messages until the connection fails or the backend is dropped.
+/// Follows changes and dispatches messages until the connection fails, nobody waits, or the
+/// backend is dropped.
 fn listen(
     pubsub: &mut PubSub<'_>,
+    channels: &mut Channels<'_>,
     settings: &SubscriberSettings,
     registry: &WeakReleaseWaiters,
-    shutdown: &Receiver<()>,
+    changes: &Receiver<Box<str>>,
 ) -> Left {
     if let Err(error) = pubsub.set_read_timeout(Some(POLL_INTERVAL)) {
         return Left::Lost(error);
     }
     let mut last_heard = Instant::now();
     loop {
-        if should_stop(registry, shutdown) {
-            return Left::Shutdown;
+        let changed = if channels.keys.is_empty() {
+            // Nothing to read: wait for a waiter. The connection stays open for it.
+            match changes.recv() {
+                Ok(key) => HashSet::from([key]),
+                Err(_) => return Left::Shutdown,
+            }
+        } else {
+            match drain(changes) {
+                Some(changed) => changed,
+                None => return Left::Shutdown,
+            }
+        };
+        if !changed.is_empty() {
+            let Some(live) = registry.upgrade() else {
+                return Left::Shutdown;
+            };
+            for key in &changed {
+                if let Err(error) = channels.follow(pubsub, &live, key) {
+                    return Left::Lost(error);
+                }
+            }
+            last_heard = Instant::now();
+            continue;
         }
         match pubsub.get_message() {
             Ok(message) => {
                 last_heard = Instant::now();
-                if message.get_channel_name() != settings.channel {
-                    continue;
-                }
-                let Ok(key) = std::str::from_utf8(message.get_payload_bytes()) else {
-                    continue;
+                let Some(key) = channels.keys.get(message.get_channel_name()) else {
+                    continue; // unsubscribed since it was sent
                 };
+                tracing::trace!(redis = %settings.target, %key, "lock-redis subscriber heard a release");
                 match registry.upgrade() {
                     Some(registry) => registry.wake_one(key),
                     None => return Left::Shutdown,
@@ -280,12 +407,41 @@ fn listen(
     }
 }
 
+/// The keys whose waiters changed since the last look, without blocking; `None` when the
+/// backend is gone.
+fn drain(changes: &Receiver<Box<str>>) -> Option<HashSet<Box<str>>> {
+    let mut changed = HashSet::new();
+    loop {
+        match changes.try_recv() {
+            Ok(key) => {
+                changed.insert(key);
+            }
+            Err(TryRecvError::Empty) => return Some(changed),
+            Err(TryRecvError::Disconnected) => return None,
+        }
+    }
+}
+
 /// Checks that the subscribed connection still answers.
 fn ping(pubsub: &mut PubSub<'_>, settings: &SubscriberSettings) -> Result<(), RedisError> {
     pubsub.set_read_timeout(Some(settings.command_timeout))?;
     let answer = pubsub.ping::<Value>();
     pubsub.set_read_timeout(Some(POLL_INTERVAL))?;
     answer.map(|_| ())
+}
+
+/// The reconnection state: failures in a row, and the backoff between them.
+struct Retry {
+    backoff: Backoff,
+    failures: u32,
+}
+
+impl Retry {
+    /// After a connection that worked.
+    fn reset(&mut self) {
+        self.failures = 0;
+        self.backoff.reset();
+    }
 }
 
 /// Capped exponential backoff with jitter.

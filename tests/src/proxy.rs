@@ -114,6 +114,7 @@ impl TcpProxy {
             connections: Mutex::new(HashMap::new()),
             next_id: AtomicU64::new(0),
             threads: Mutex::new(Vec::new()),
+            reply_bytes: AtomicU64::new(0),
         });
         let acceptor = {
             let shared = Arc::clone(&shared);
@@ -163,6 +164,12 @@ impl TcpProxy {
         self.shared.mode()
     }
 
+    /// How many bytes the target has sent to the proxy's clients so far, over all connections:
+    /// what the clients received (or will, once the mode lets it through).
+    pub fn reply_bytes(&self) -> u64 {
+        self.shared.reply_bytes.load(Ordering::Relaxed)
+    }
+
     /// How many proxied connections are currently open (a connection counts until both of its
     /// directions have finished, which takes up to 50 ms after a reset).
     pub fn connections(&self) -> usize {
@@ -204,6 +211,8 @@ struct Shared {
     next_id: AtomicU64,
     /// Every connection thread ever spawned and not yet joined (finished ones are pruned).
     threads: Mutex<Vec<JoinHandle<()>>>,
+    /// Bytes read from the target, over all connections.
+    reply_bytes: AtomicU64,
 }
 
 impl Shared {
@@ -418,6 +427,9 @@ fn forward_until_done(
         match from.read(&mut buffer) {
             Ok(0) => reading = false,
             Ok(read) => {
+                if direction == Direction::Replies {
+                    shared.reply_bytes.fetch_add(read as u64, Ordering::Relaxed);
+                }
                 let chunk = buffer[..read].to_vec();
                 if direction == Direction::Replies && shared.take_reset_on_next_reply() {
                     return Ok(Ending::Reset);

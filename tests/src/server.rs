@@ -280,6 +280,16 @@ impl RedisServer {
         clients.lines().filter(|line| filter(line)).count()
     }
 
+    /// How many clients are subscribed to `channel` (`PUBSUB NUMSUB`).
+    pub fn subscribers(&self, channel: &str) -> u64 {
+        let counts: Vec<(String, u64)> = redis::cmd("PUBSUB")
+            .arg("NUMSUB")
+            .arg(channel)
+            .query(&mut self.connection())
+            .unwrap();
+        counts.first().map_or(0, |(_, count)| *count)
+    }
+
     /// A new connection from [`RedisServer::client`], with 5-second connect, read and write
     /// timeouts so a test against a silent server fails instead of hanging.
     ///

@@ -255,7 +255,7 @@ fn a_user_with_the_documented_acl_rules_can_do_everything_and_is_refused_nothing
 fn a_user_without_the_channel_right_releases_and_is_not_woken_by_a_retry_loop() {
     let logs = captured_logs();
     let server = RedisServer::start();
-    let rules = acl_rules("lock:").replace(" &lock:released", "");
+    let rules = acl_rules("lock:").replace(" &lock:*", "");
     let url = server.add_acl_user("no-channel", "pw", &rules);
     let backend = backend_at(&url);
 
@@ -282,7 +282,7 @@ fn a_user_without_the_channel_right_releases_and_is_not_woken_by_a_retry_loop() 
         (
             "channel".to_owned(),
             context.to_owned(),
-            "lock:released".to_owned(),
+            "lock:{k}".to_owned(),
             1,
         )
     };

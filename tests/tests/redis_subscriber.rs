@@ -4,9 +4,9 @@
 //! runs tests as threads of one process.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // a failed step is a failed test
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-use lock_core::{LeaseBackend, Ownership};
+use lock_core::{LeaseBackend, LockManager, Ownership, RetryPolicy};
 use lock_tests::direct::{acquire, backend_at, fence_of, wait_for_wakeup, CALL};
 use lock_tests::{wait_until, ProxyMode, RedisServer, TcpProxy};
 use parking_lot::{Mutex, MutexGuard};
@@ -15,6 +15,10 @@ use parking_lot::{Mutex, MutexGuard};
 const WAIT: Duration = Duration::from_secs(10);
 /// The TTL of the leases in these tests.
 const TTL: Duration = Duration::from_secs(30);
+/// A backoff so long that only a wake-up explains a quick acquire.
+const SLEEPY: RetryPolicy = RetryPolicy::new(Duration::from_secs(30), Duration::from_secs(30));
+/// Well under [`SLEEPY`]: a waiter that acquires within this after the release was woken.
+const WOKEN: Duration = Duration::from_secs(3);
 
 /// Runs this binary's tests one at a time, whatever the runner.
 fn alone() -> MutexGuard<'static, ()> {
@@ -61,9 +65,10 @@ fn a_release_wakes_the_watchers_of_that_key_only() {
     let watched = backend
         .watch_release("watched")
         .expect("a built backend can watch");
-    // Registered before the subscriber started, so woken once it has subscribed.
-    wait_for_wakeup(&watched, "the subscriber connected");
+    // Woken once its key's subscription takes effect (a release may have come before).
+    wait_for_wakeup(&watched, "the subscription took effect");
     let unrelated = backend.watch_release("unrelated").unwrap();
+    wait_for_wakeup(&unrelated, "the second key's subscription took effect");
 
     // A release by another backend on the same server wakes the watcher.
     fence_of(acquire(&other_process, "watched", "holder", TTL));
@@ -229,4 +234,153 @@ fn dropping_the_backend_stops_its_subscriber() {
     // The watch outlives the backend harmlessly.
     assert!(watch.receiver().try_recv().is_err());
     drop(watch);
+}
+
+/// A manager for `url` whose waiters sleep 30 s between attempts unless woken.
+fn sleepy_manager(url: &str) -> LockManager {
+    LockManager::builder(backend_at(url))
+        .retry(SLEEPY)
+        .build()
+        .unwrap()
+}
+
+/// A thread that waits for `key` through `manager`, and yields when it acquired it.
+fn waiter(manager: &LockManager, key: &str) -> std::thread::JoinHandle<Instant> {
+    let (manager, key) = (manager.clone(), key.to_owned());
+    std::thread::spawn(move || {
+        let lease = manager
+            .acquire_timeout(&key, TTL, Duration::from_secs(60))
+            .unwrap();
+        let acquired = Instant::now();
+        lease.release().unwrap();
+        acquired
+    })
+}
+
+#[test]
+fn an_uncontended_cycle_reaches_no_other_process_and_starts_no_subscriber() {
+    let _alone = alone();
+    let server = RedisServer::start();
+    let holder = backend_at(&server.url());
+    fence_of(acquire(&holder, "busy", "holder", TTL));
+
+    // Another process waits for a different key (what a waiting manager registers); everything
+    // it receives goes through the proxy, which counts the bytes.
+    let proxy = TcpProxy::start(server.addr());
+    let waiting_process = backend_at(&proxy.url());
+    let waiting = waiting_process.watch_release("busy").unwrap();
+    wait_for_wakeup(&waiting, "its key's subscription took effect");
+    assert_eq!(server.subscribers("lock:{busy}"), 1);
+    let received = proxy.reply_bytes();
+
+    let releasing = LockManager::new(backend_at(&server.url()));
+    for _ in 0..200 {
+        let lease = releasing.try_acquire("free", TTL).unwrap().unwrap();
+        lease.release().unwrap();
+    }
+    assert_eq!(
+        proxy.reply_bytes(),
+        received,
+        "the waiting process received something while an unrelated key was released"
+    );
+    assert_eq!(server.subscribers("lock:{free}"), 0);
+    assert_eq!(
+        threads_named("lock-redis-subs"),
+        1,
+        "the releasing process started a subscriber (only the waiting one should run)"
+    );
+    assert!(waiting.receiver().try_recv().is_err());
+
+    // The release it waits for does reach it, and wakes it.
+    assert_eq!(
+        holder.release("busy", "holder", CALL).unwrap(),
+        Ownership::Owned
+    );
+    wait_for_wakeup(&waiting, "the release of its key");
+    assert!(proxy.reply_bytes() > received);
+}
+
+#[test]
+fn a_release_racing_a_new_subscription_still_wakes_the_waiter() {
+    let _alone = alone();
+    let server = RedisServer::start();
+    let holder = backend_at(&server.url());
+    let manager = sleepy_manager(&server.url());
+    // Each round waits for a new key, so each one subscribes anew, and the release lands
+    // before, during or after the subscription.
+    for round in 0..50 {
+        let key = format!("race-{round}");
+        fence_of(acquire(&holder, &key, "holder", TTL));
+        let waiting = waiter(&manager, &key);
+        std::thread::sleep(Duration::from_micros(fastrand::u64(0..3000)));
+        let released = Instant::now();
+        assert_eq!(
+            holder.release(&key, "holder", CALL).unwrap(),
+            Ownership::Owned
+        );
+        let acquired = waiting.join().unwrap();
+        assert!(
+            acquired.saturating_duration_since(released) < WOKEN,
+            "round {round}: the waiter missed the release and slept on its backoff"
+        );
+    }
+    wait_until("every key's channel is unsubscribed", WAIT, || {
+        (0..50).all(|round| server.subscribers(&format!("lock:{{race-{round}}}")) == 0)
+    });
+}
+
+#[test]
+fn a_keys_channel_is_subscribed_while_it_has_waiters_only() {
+    let _alone = alone();
+    let server = RedisServer::start();
+    let backend = backend_at(&server.url());
+    let first = backend.watch_release("k").unwrap();
+    wait_for_wakeup(&first, "the subscription took effect");
+    let second = backend.watch_release("k").unwrap();
+    let other = backend.watch_release("other").unwrap();
+    wait_for_wakeup(&other, "the second key's subscription took effect");
+    assert_eq!(server.subscribers("lock:{k}"), 1);
+
+    drop(first);
+    drop(other);
+    wait_until("the key without waiters is unsubscribed", WAIT, || {
+        server.subscribers("lock:{other}") == 0
+    });
+    assert_eq!(server.subscribers("lock:{k}"), 1, "a waiter is left");
+    drop(second);
+    wait_until("the last waiter's key is unsubscribed", WAIT, || {
+        server.subscribers("lock:{k}") == 0
+    });
+    // The connection stays for the next waiter, and the thread with it.
+    assert_eq!(threads_named("lock-redis-subs"), 1);
+    assert_eq!(subscribed_clients(&server), 0);
+    let again = backend.watch_release("k").unwrap();
+    wait_for_wakeup(&again, "the key subscribed again");
+    fence_of(acquire(&backend, "k", "t", TTL));
+    backend.release("k", "t", CALL).unwrap();
+    wait_for_wakeup(&again, "the release");
+}
+
+#[test]
+fn dropping_a_backend_does_not_wait_for_its_subscriber() {
+    let _alone = alone();
+    let server = RedisServer::start();
+    let mut slowest = Duration::ZERO;
+    for _ in 0..20 {
+        let backend = backend_at(&server.url());
+        let watch = backend.watch_release("k").unwrap();
+        wait_for_wakeup(&watch, "the subscription took effect");
+        let started = Instant::now();
+        drop(backend);
+        slowest = slowest.max(started.elapsed());
+        drop(watch);
+    }
+    // It used to wait for the subscriber's next read timeout: 200 ms each.
+    assert!(
+        slowest < Duration::from_millis(100),
+        "dropping a backend took {slowest:?}"
+    );
+    wait_until("every subscriber thread ended", WAIT, || {
+        threads_named("lock-redis-subs") == 0
+    });
 }

@@ -13,15 +13,6 @@ use lock_tests::{wait_until, RedisServer};
 const SLEEPY: RetryPolicy = RetryPolicy::new(Duration::from_secs(30), Duration::from_secs(30));
 const TTL: Duration = Duration::from_secs(10);
 
-fn subscribers(server: &RedisServer) -> u64 {
-    let counts: Vec<(String, u64)> = redis::cmd("PUBSUB")
-        .arg("NUMSUB")
-        .arg("lock:released")
-        .query(&mut server.connection())
-        .unwrap();
-    counts.first().map_or(0, |(_, count)| *count)
-}
-
 /// How many scripts the server has run: each acquire attempt is one.
 fn script_calls(server: &RedisServer) -> u64 {
     let info: String = redis::cmd("INFO")
@@ -64,8 +55,8 @@ fn a_release_wakes_a_waiter_long_before_its_backoff() {
     let manager = LockManager::builder(backend).retry(SLEEPY).build().unwrap();
     let lease = manager.acquire("handoff", TTL).unwrap();
     let waiting = waiter(&manager, "handoff");
-    wait_until("the subscriber is up", Duration::from_secs(10), || {
-        subscribers(&server) == 1
+    wait_until("the waiter subscribed", Duration::from_secs(10), || {
+        server.subscribers("lock:{handoff}") == 1
     });
     // Let the waiter fail its first attempt and go to sleep on its 30 s backoff.
     std::thread::sleep(Duration::from_millis(100));
@@ -93,8 +84,8 @@ fn waiters_fall_back_to_backoff_without_the_subscriber_and_wakeups_resume() {
     // Start the subscriber, then kill its connection.
     let lease = quick.acquire("k", TTL).unwrap();
     let first = waiter(&quick, "k");
-    wait_until("the subscriber is up", Duration::from_secs(10), || {
-        subscribers(&server) == 1
+    wait_until("the waiter subscribed", Duration::from_secs(10), || {
+        server.subscribers("lock:{k}") == 1
     });
     let _: () = redis::cmd("CLIENT")
         .arg("KILL")
@@ -106,12 +97,7 @@ fn waiters_fall_back_to_backoff_without_the_subscriber_and_wakeups_resume() {
     // The release may have gone unheard: backoff alone must still get the waiter the lock.
     let _ = first.join().unwrap();
 
-    // Once the subscriber is back, wake-ups work again.
-    wait_until(
-        "the subscriber reconnected",
-        Duration::from_secs(10),
-        || subscribers(&server) == 1,
-    );
+    // Wake-ups work again for the next waiter, on a new subscriber connection.
     let sleepy = LockManager::builder(backend).retry(SLEEPY).build().unwrap();
     let lease = sleepy.acquire("k", TTL).unwrap();
     let before = script_calls(&server);
@@ -119,6 +105,11 @@ fn waiters_fall_back_to_backoff_without_the_subscriber_and_wakeups_resume() {
     wait_until("the waiter tried", Duration::from_secs(10), || {
         script_calls(&server) > before
     });
+    wait_until(
+        "the subscriber reconnected for the waiter",
+        Duration::from_secs(10),
+        || server.subscribers("lock:{k}") == 1,
+    );
     let released = Instant::now();
     lease.release().unwrap();
     let acquired = second.join().unwrap();

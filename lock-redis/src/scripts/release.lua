@@ -4,9 +4,10 @@
 -- KEYS[1]  the lock key                  <prefix>{<key>}
 -- KEYS[2]  the lock's release marker     <prefix>{<key>}:released
 -- ARGV[1]  the holder's token
--- ARGV[2]  the release channel           <prefix>released
--- ARGV[3]  the user's key, published on the channel
--- ARGV[4]  how long the marker lives, in milliseconds (longer than any call's retries)
+-- ARGV[2]  how long the marker lives, in milliseconds (longer than any call's retries)
+--
+-- The release is announced on the key's own channel, named like the lock key: only processes
+-- with a thread waiting for this key are subscribed to it, so when nobody waits, nobody hears.
 --
 -- Returns 1 when the lock was deleted (now, or by an earlier attempt with this token, if no one
 -- has taken the lock since), 0 when the token does not hold it.
@@ -16,8 +17,8 @@ if holder == ARGV[1] then
   -- The marker and the announcement are courtesies: once the key is deleted, neither a refused
   -- write (out of memory) nor a refused PUBLISH (a user without the channel) may turn the
   -- release into an error.
-  redis.pcall('SET', KEYS[2], ARGV[1], 'PX', ARGV[4])
-  redis.pcall('PUBLISH', ARGV[2], ARGV[3])
+  redis.pcall('SET', KEYS[2], ARGV[1], 'PX', ARGV[2])
+  redis.pcall('PUBLISH', KEYS[1], '')
   return 1
 end
 -- Gone, and our token's release is the last one: an earlier attempt of ours deleted it.
