@@ -1,5 +1,6 @@
 //! Redis lease backend for [`lock_core`]: locks with a TTL in one Redis server, taken, renewed and
-//! released by atomic Lua scripts, over an [r2d2] pool of synchronous connections.
+//! released by atomic Lua scripts, over an [r2d2] pool of synchronous connections. Needs Redis
+//! 7.0 or later.
 //!
 //! # Getting started
 //!

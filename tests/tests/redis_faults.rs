@@ -132,8 +132,12 @@ fn a_corrupt_fence_counter_fails_the_acquire_and_leaves_no_lock() {
     let backend = backend_at(&server.url());
     let mut connection = server.connection();
     type Corrupt = fn(&mut redis::Connection, &str);
-    let corruptions: [(&str, Corrupt); 6] = [
+    let corruptions: [(&str, Corrupt); 8] = [
         ("a word", |c, key| c.set(key, "twelve").unwrap()),
+        ("a leading zero", |c, key| c.set(key, "012").unwrap()),
+        ("a number followed by text, with a TTL", |c, key| {
+            c.set_ex(key, "12abc", 600).unwrap()
+        }),
         ("a fraction", |c, key| c.set(key, "12.5").unwrap()),
         ("a negative number", |c, key| c.set(key, "-12").unwrap()),
         (
@@ -149,6 +153,13 @@ fn a_corrupt_fence_counter_fails_the_acquire_and_leaves_no_lock() {
         let key = format!("corrupt-{index}");
         let counter = backend.fence_key(&key);
         corrupt(&mut connection, &counter);
+        let dump = |connection: &mut redis::Connection| -> (Option<Vec<u8>>, i64) {
+            let value: Option<Vec<u8>> =
+                redis::cmd("DUMP").arg(&counter).query(connection).unwrap();
+            let ttl: i64 = connection.ttl(&counter).unwrap();
+            (value, ttl)
+        };
+        let before = dump(&mut connection);
 
         let error = backend
             .try_acquire(&request(&key, "t", TTL), CALL)
@@ -172,6 +183,14 @@ fn a_corrupt_fence_counter_fails_the_acquire_and_leaves_no_lock() {
         );
         let held: bool = connection.exists(backend.lock_key(&key)).unwrap();
         assert!(!held, "{what}: the failed acquire left the lock key behind");
+        let after = dump(&mut connection);
+        assert_eq!(after.0, before.0, "{what}: the counter's value changed");
+        assert!(
+            (after.1 - before.1).abs() <= 1,
+            "{what}: the counter's TTL changed from {} to {}",
+            before.1,
+            after.1
+        );
     }
 
     // The highest counter that can still be followed exactly is followed exactly.
