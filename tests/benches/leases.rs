@@ -102,7 +102,7 @@ fn main() {
                 redlock(&server, placement);
             }
             if wanted("renewal") {
-                renewal_at_scale(&server.url());
+                renewal_at_scale(&server);
             }
         }
     }
@@ -1111,8 +1111,68 @@ impl RawRenewals {
     }
 }
 
-fn renewal_at_scale(url: &str) {
+/// CPU time (user + system, every thread) process `pid` has used so far, in seconds.
+fn cpu_seconds(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    // Fields after the command name (which ends at the last ')'): utime and stime are the
+    // 12th and 13th, in clock ticks of 1/100 s on Linux.
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .map_or("", |(_, rest)| rest)
+        .split_whitespace()
+        .collect();
+    let ticks = |index: usize| {
+        fields
+            .get(index)
+            .and_then(|f| f.parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    (ticks(11) + ticks(12)) as f64 / 100.0
+}
+
+/// How busy the server and this process were while `work` ran, each as a share of one CPU:
+/// which side of a flat-out run is the bottleneck.
+fn cpu_use<T>(server: &RedisServer, work: impl FnOnce() -> T) -> (T, CpuUse) {
+    let pids = [server.pid(), std::process::id()];
+    let before = pids.map(cpu_seconds);
+    let started = Instant::now();
+    let result = work();
+    let elapsed = started.elapsed().as_secs_f64();
+    let after = pids.map(cpu_seconds);
+    let share = |i: usize| (after[i] - before[i]) / elapsed;
+    (
+        result,
+        CpuUse {
+            server: share(0),
+            bench: share(1),
+        },
+    )
+}
+
+/// Shares of one CPU, from [`cpu_use`].
+#[derive(Clone, Copy)]
+struct CpuUse {
+    server: f64,
+    bench: f64,
+}
+
+impl CpuUse {
+    /// CPU time per operation at `rate` operations per second, and the shares of a CPU.
+    fn per_operation(&self, rate: f64) -> String {
+        let micros = |share: f64| Duration::from_secs_f64(share / rate);
+        format!(
+            "server {:.2?} + this process {:.2?} ({:.0}% + {:.0}% of a CPU)",
+            micros(self.server),
+            micros(self.bench),
+            self.server * 100.0,
+            self.bench * 100.0
+        )
+    }
+}
+
+fn renewal_at_scale(server: &RedisServer) {
     const LEASES: usize = 100_000;
+    let url = &server.url();
     // The process's resident size only grows back to where an earlier placement left it: the
     // bytes per lease are measured in the first table of a run only.
     static MEASURED_MEMORY: std::sync::Once = std::sync::Once::new();
@@ -1153,18 +1213,27 @@ fn renewal_at_scale(url: &str) {
     // serve; the renewer runs flat out, and the rate it sustains is its capacity. The raw
     // client renews the same number of keys the same way just before and just after.
     let window = Duration::from_secs(3);
-    let mut raw = RawRenewals::new(url, LEASES);
-    let raw_before = raw.rate(window / 2);
+    // Each side's keys exist only during its own windows: the server's key space is the same.
+    let raw_window = |url: &str| {
+        let mut raw = RawRenewals::new(url, LEASES);
+        let measured = cpu_use(server, || raw.rate(window / 2));
+        raw.delete_keys();
+        measured
+    };
+    let (raw_before, raw_cpu_before) = raw_window(url);
     let (manager, renewed_at) = recording_manager(url, 0.0001);
     let (leases, _) = acquire_many(&manager, "capacity", LEASES);
     let counted_from = renewed_at.lock().len();
-    std::thread::sleep(window);
+    let ((), our_cpu) = cpu_use(server, || std::thread::sleep(window));
     let capacity = (renewed_at.lock().len() - counted_from) as f64 / window.as_secs_f64();
     let still_held = held(&leases);
     release_many(leases);
     drop(manager);
-    let raw_after = raw.rate(window / 2);
-    raw.delete_keys();
+    let (raw_after, raw_cpu_after) = raw_window(url);
+    let raw_cpu = CpuUse {
+        server: (raw_cpu_before.server + raw_cpu_after.server) / 2.0,
+        bench: (raw_cpu_before.bench + raw_cpu_after.bench) / 2.0,
+    };
     let raw_rate = (raw_before + raw_after) / 2.0;
     let ratio = capacity / raw_rate;
 
@@ -1177,10 +1246,12 @@ fn renewal_at_scale(url: &str) {
         "bytes per lease: measured in the first table only".to_owned()
     };
     println!(
-        "renewal      {LEASES} leases, TTL {TTL:?}: {} renewed on schedule, lateness p50 {p50:.1?} p99 {p99:.1?} ({}), {held_on_schedule} held; {memory}\n             flat out: ours {capacity:.0} renewals/s ({still_held} held), raw client with renew.lua {raw_rate:.0}/s ({raw_before:.0} before, {raw_after:.0} after; {RAW_CHUNK} keys per call, {} calls per round trip), ratio {ratio:.2} ({})",
+        "renewal      {LEASES} leases, TTL {TTL:?}: {} renewed on schedule, lateness p50 {p50:.1?} p99 {p99:.1?} ({}), {held_on_schedule} held; {memory}\n             flat out: ours {capacity:.0} renewals/s ({still_held} held), raw client with renew.lua {raw_rate:.0}/s ({raw_before:.0} before, {raw_after:.0} after; {RAW_CHUNK} keys per call, {} calls per round trip), ratio {ratio:.2} ({})\n             CPU time per renewal while flat out: ours {}; raw {}",
         renewals.len(),
         verdict(&format!("p99 < {:?}", TTL / 10), p99 < TTL / 10),
         RAW_BATCH / RAW_CHUNK,
         verdict(">= 0.9", ratio >= 0.9),
+        our_cpu.per_operation(capacity),
+        raw_cpu.per_operation(raw_rate),
     );
 }
