@@ -881,12 +881,19 @@ fn print_handoff(placement: &Placement, workers: &str, mut ours: Handoffs, mut r
         percentile(&mut raw.gaps, 0.99),
     );
     let round_trips = p50.as_secs_f64() / rtt.as_secs_f64();
+    let targets = if placement.is_split() {
+        format!(
+            "{}; {}",
+            verdict("p50 < 3 RTT", round_trips < 3.0),
+            verdict("p99 <= poller's p99", p99 <= raw_p99)
+        )
+    } else {
+        format!("no target in {}", placement.name)
+    };
     println!(
-        "handoff      {workers:<12} release->acquire: ours p50 {p50:>9.1?} ({round_trips:.1} round trips of {rtt:.1?}, a release's p50 in the same run) p99 {p99:>9.1?} ({} gaps) | raw 1 ms poller p50 {raw_p50:>9.1?} p99 {raw_p99:>9.1?} ({} gaps) ({}; {})",
+        "handoff      {workers:<13} release->acquire: ours p50 {p50:>9.1?} ({round_trips:.1} round trips of {rtt:.1?}, a release's p50 in the same run) p99 {p99:>9.1?} ({} gaps) | raw 1 ms poller p50 {raw_p50:>9.1?} p99 {raw_p99:>9.1?} ({} gaps) ({targets})",
         ours.gaps.len(),
         raw.gaps.len(),
-        placement.target(placement.is_split(), "p50 < 3 RTT", round_trips < 3.0),
-        placement.target(placement.is_split(), "p99 <= poller's p99", p99 <= raw_p99),
     );
 }
 
@@ -1161,7 +1168,7 @@ impl CpuUse {
     fn per_operation(&self, rate: f64) -> String {
         let micros = |share: f64| Duration::from_secs_f64(share / rate);
         format!(
-            "server {:.2?} + this process {:.2?} ({:.0}% + {:.0}% of a CPU)",
+            "server {:.1?} + this process {:.1?} ({:.0}% + {:.0}% of a CPU)",
             micros(self.server),
             micros(self.bench),
             self.server * 100.0,
