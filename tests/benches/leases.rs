@@ -1137,6 +1137,26 @@ fn cpu_seconds(pid: u32) -> f64 {
     (ticks(11) + ticks(12)) as f64 / 100.0
 }
 
+/// How many scripts (`EVALSHA` and `EVAL`) the server has run since its statistics were reset.
+fn script_calls(server: &RedisServer) -> u64 {
+    let stats: String = redis::cmd("INFO")
+        .arg("commandstats")
+        .query(&mut server.connection())
+        .unwrap();
+    stats
+        .lines()
+        .filter(|line| line.starts_with("cmdstat_evalsha:") || line.starts_with("cmdstat_eval:"))
+        .filter_map(|line| {
+            line.split_once("calls=")?
+                .1
+                .split(',')
+                .next()?
+                .parse::<u64>()
+                .ok()
+        })
+        .sum()
+}
+
 /// How busy the server and this process were while `work` ran, each as a share of one CPU:
 /// which side of a flat-out run is the bottleneck.
 fn cpu_use<T>(server: &RedisServer, work: impl FnOnce() -> T) -> (T, CpuUse) {
@@ -1231,8 +1251,11 @@ fn renewal_at_scale(server: &RedisServer) {
     let (manager, renewed_at) = recording_manager(url, 0.0001);
     let (leases, _) = acquire_many(&manager, "capacity", LEASES);
     let counted_from = renewed_at.lock().len();
+    let calls_before = script_calls(server);
     let ((), our_cpu) = cpu_use(server, || std::thread::sleep(window));
-    let capacity = (renewed_at.lock().len() - counted_from) as f64 / window.as_secs_f64();
+    let renewed = renewed_at.lock().len() - counted_from;
+    let keys_per_call = renewed as f64 / (script_calls(server) - calls_before) as f64;
+    let capacity = renewed as f64 / window.as_secs_f64();
     let still_held = held(&leases);
     release_many(leases);
     drop(manager);
@@ -1253,7 +1276,7 @@ fn renewal_at_scale(server: &RedisServer) {
         "bytes per lease: measured in the first table only".to_owned()
     };
     println!(
-        "renewal      {LEASES} leases, TTL {TTL:?}: {} renewed on schedule, lateness p50 {p50:.1?} p99 {p99:.1?} ({}), {held_on_schedule} held; {memory}\n             flat out: ours {capacity:.0} renewals/s ({still_held} held), raw client with renew.lua {raw_rate:.0}/s ({raw_before:.0} before, {raw_after:.0} after; {RAW_CHUNK} keys per call, {} calls per round trip), ratio {ratio:.2} ({})\n             CPU time per renewal while flat out: ours {}; raw {}",
+        "renewal      {LEASES} leases, TTL {TTL:?}: {} renewed on schedule, lateness p50 {p50:.1?} p99 {p99:.1?} ({}), {held_on_schedule} held; {memory}\n             flat out: ours {capacity:.0} renewals/s ({still_held} held), raw client with renew.lua {raw_rate:.0}/s ({raw_before:.0} before, {raw_after:.0} after; {RAW_CHUNK} keys per call, {} calls per round trip), ratio {ratio:.2} ({})\n             CPU time per renewal while flat out: ours {}; raw {}; ours renewed {keys_per_call:.0} leases per script call",
         renewals.len(),
         verdict(&format!("p99 < {:?}", TTL / 10), p99 < TTL / 10),
         RAW_BATCH / RAW_CHUNK,
