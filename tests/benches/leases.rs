@@ -1020,6 +1020,23 @@ fn held(leases: &[Vec<Lease>]) -> usize {
         .count()
 }
 
+/// Deletes what `count` released leases `prefix:N` leave on the server: each one's release
+/// marker (which would otherwise expire, 100,000 at once, during a later measurement) and
+/// fence counter. The key layout is the backend's with its default prefix (`lock:{KEY}:released`,
+/// `lock:{KEY}:fence`).
+fn delete_leftovers(url: &str, prefix: &str, count: usize) {
+    let mut connection = redis::Client::open(url).unwrap().get_connection().unwrap();
+    for part in (0..count).collect::<Vec<_>>().chunks(500) {
+        let mut command = redis::cmd("DEL");
+        for n in part {
+            command
+                .arg(format!("lock:{{{prefix}:{n}}}:released"))
+                .arg(format!("lock:{{{prefix}:{n}}}:fence"));
+        }
+        let _: i64 = command.query(&mut connection).unwrap();
+    }
+}
+
 /// A manager whose hook records when each renewal completed.
 fn recording_manager(url: &str, renew_fraction: f64) -> (LockManager, Arc<Mutex<Vec<Instant>>>) {
     let renewed_at: Arc<Mutex<Vec<Instant>>> = Arc::new(Mutex::new(Vec::new()));
@@ -1235,6 +1252,7 @@ fn renewal_at_scale(server: &RedisServer) {
     let p99 = percentile(&mut lateness, 0.99);
     release_many(leases);
     drop(manager);
+    delete_leftovers(url, "scale", LEASES);
 
     // 2. Capacity: leases due every few milliseconds, far more often than any renewer can
     // serve; the renewer runs flat out, and the rate it sustains is its capacity. The raw
@@ -1259,6 +1277,7 @@ fn renewal_at_scale(server: &RedisServer) {
     let still_held = held(&leases);
     release_many(leases);
     drop(manager);
+    delete_leftovers(url, "capacity", LEASES);
     let (raw_after, raw_cpu_after) = raw_window(url);
     let raw_cpu = CpuUse {
         server: (raw_cpu_before.server + raw_cpu_after.server) / 2.0,
