@@ -1,60 +1,172 @@
 //! The benchmark suite: our public API against the raw redis client, on the same servers, in
-//! the same run, printed as ratios.
+//! the same run, printed as ratios, with the CPUs pinned.
 //!
-//! `cargo bench -p lock-tests --bench leases` runs every row; name rows to run some:
-//! `cargo bench -p lock-tests --bench leases -- memory handoff`. Rows: `memory`, `uncontended`,
-//! `saturated`, `renewal`, `handoff`, `redlock`. The suite starts its own redis-server
-//! processes; see BENCHMARKS.md for the figures and what they mean.
-#![allow(clippy::unwrap_used, clippy::expect_used)] // a failed setup aborts the benchmark
+//! `cargo bench -p lock-tests --bench leases` runs every row; name rows or placements to run
+//! some: `cargo bench -p lock-tests --bench leases -- memory handoff split`. Rows: `uncontended`,
+//! `saturated`, `handoff`, `redlock`, `renewal` (Redis, run once per placement) and `memory`
+//! (run once). Placements: `split` (every redis-server on one CPU, this process and all its
+//! threads on another) and `same` (all on one CPU); a placement name only selects among the
+//! Redis rows. The suite starts its own redis-server processes; see BENCHMARKS.md for the
+//! figures and what they mean.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // a failed setup aborts the benchmark
 
+use std::io::{BufRead, BufReader};
+use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Barrier};
 use std::time::{Duration, Instant};
 
-use lock_core::{
-    AcquireOutcome, BackendError, LeaseBackend, LeaseEvent, LeaseRequest, LockManager, Ownership,
-    RetryPolicy,
-};
+use lock_core::{Lease, LeaseEvent, LockManager};
 use lock_memory::MemoryBackend;
 use lock_redis::{r2d2, RedisBackend, RedlockBackend};
-use lock_tests::RedisServer;
+use lock_tests::{cpu, RedisServer};
 use parking_lot::Mutex;
 
 const TTL: Duration = Duration::from_secs(30);
 
+/// The hidden first argument that makes this binary one process of the hand-off row:
+/// `--handoff-worker ours|raw URL KEY ROUNDS START_NANOS` (see [`handoff_worker`]).
+const HANDOFF_WORKER: &str = "--handoff-worker";
+
 fn main() {
-    let filters: Vec<String> = std::env::args()
-        .skip(1)
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    if args.first().map(String::as_str) == Some(HANDOFF_WORKER) {
+        handoff_worker(&args[1..]);
+        return;
+    }
+    // `cargo bench` passes `--bench`; every other word names rows or placements.
+    let words: Vec<&str> = args
+        .iter()
+        .map(String::as_str)
         .filter(|arg| !arg.starts_with("--"))
         .collect();
-    let wanted = |row: &str| filters.is_empty() || filters.iter().any(|f| row.contains(f.as_str()));
-    println!("{}", machine_line());
-    let server = RedisServer::start();
-    let url = server.url();
-    println!(
-        "redis-server {} on {url}; round trip (PING) p50 {:?}\n",
-        server_version(&server),
-        ping_p50(&server)
+    let (placement_words, row_words): (Vec<&str>, Vec<&str>) = words
+        .iter()
+        .partition(|word| PLACEMENT_NAMES.contains(word));
+    let wanted = |row: &str| row_words.is_empty() || row_words.iter().any(|w| row.contains(w));
+
+    let cpus = cpu::allowed_cpus().unwrap();
+    assert!(
+        cpus.len() >= 2,
+        "the suite needs two CPUs to place the client apart from the servers; allowed: {cpus:?}"
     );
-    let mut redis_rate = None;
-    if wanted("uncontended") {
-        redis_rate = Some(uncontended(&server));
+    let (server_cpu, bench_cpu) = (cpus[0], cpus[1]);
+    let placements = [
+        Placement {
+            name: "split",
+            server_cpu,
+            bench_cpu,
+        },
+        Placement {
+            name: "same",
+            server_cpu,
+            bench_cpu: server_cpu,
+        },
+    ];
+    println!("{}", machine_line());
+
+    let mut redis_same_rate = None;
+    if REDIS_ROWS.iter().any(|row| wanted(row)) {
+        let server = RedisServer::start();
+        println!(
+            "redis-server {} on {}",
+            server_version(&server),
+            server.url()
+        );
+        for placement in placements
+            .iter()
+            .filter(|p| placement_words.is_empty() || placement_words.contains(&p.name))
+        {
+            // Every manager, pool and thread of a table is made after this, on its CPU.
+            placement.apply(&[&server]);
+            println!(
+                "\n== placement {}: {}; round trip (PING) p50 {:.1?}; load average {}",
+                placement.name,
+                placement.describe(),
+                ping_p50(&server),
+                load_average(),
+            );
+            if wanted("uncontended") {
+                let rate = uncontended(&server, placement);
+                if !placement.is_split() {
+                    redis_same_rate = Some(rate);
+                }
+            }
+            if wanted("saturated") {
+                saturated(&server.url(), placement);
+            }
+            if wanted("handoff") {
+                handoff(&server.url(), placement);
+            }
+            if wanted("redlock") {
+                redlock(&server, placement);
+            }
+            if wanted("renewal") {
+                renewal_at_scale(&server);
+            }
+        }
     }
     if wanted("memory") {
-        memory(redis_rate);
+        cpu::pin_process(std::process::id(), bench_cpu).unwrap();
+        println!(
+            "\n== memory backend: this process (all its threads) on CPU {bench_cpu}; load average {}",
+            load_average()
+        );
+        memory(redis_same_rate);
     }
-    if wanted("saturated") {
-        saturated(&url);
+}
+
+const PLACEMENT_NAMES: [&str; 2] = ["split", "same"];
+const REDIS_ROWS: [&str; 5] = ["uncontended", "saturated", "handoff", "redlock", "renewal"];
+
+/// Where the redis-servers and this process (every thread of it) run. Threads and child
+/// processes created after [`Placement::apply`] inherit its CPU.
+struct Placement {
+    name: &'static str,
+    server_cpu: usize,
+    bench_cpu: usize,
+}
+
+impl Placement {
+    fn is_split(&self) -> bool {
+        self.server_cpu != self.bench_cpu
     }
-    if wanted("handoff") {
-        handoff(&server);
+
+    /// Pins every thread of this process, and `servers`.
+    fn apply(&self, servers: &[&RedisServer]) {
+        cpu::pin_process(std::process::id(), self.bench_cpu).unwrap();
+        for server in servers {
+            server.pin_to_cpu(self.server_cpu);
+        }
     }
-    if wanted("redlock") {
-        redlock(&server);
+
+    fn describe(&self) -> String {
+        if self.is_split() {
+            format!(
+                "every redis-server on CPU {}, this process (all its threads) on CPU {}",
+                self.server_cpu, self.bench_cpu
+            )
+        } else {
+            format!(
+                "every redis-server and this process (all its threads) on CPU {}",
+                self.server_cpu
+            )
+        }
     }
-    if wanted("renewal") {
-        renewal_at_scale(&url);
+
+    /// `target LABEL: met` (or `MISSED`) where the issue sets the target for this placement,
+    /// `no target in PLACEMENT` elsewhere.
+    fn target(&self, applies: bool, label: &str, met: bool) -> String {
+        if applies {
+            verdict(label, met)
+        } else {
+            format!("no target in {}", self.name)
+        }
     }
+}
+
+fn verdict(label: &str, met: bool) -> String {
+    format!("target {label}: {}", if met { "met" } else { "MISSED" })
 }
 
 fn machine_line() -> String {
@@ -69,6 +181,16 @@ fn machine_line() -> String {
         })
         .unwrap_or_default();
     format!("machine: {cores} cores, {model}")
+}
+
+/// The 1, 5 and 15 minute load averages: how busy the machine was around a table.
+fn load_average() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .unwrap_or_default()
+        .split_whitespace()
+        .take(3)
+        .collect::<Vec<_>>()
+        .join(" ")
 }
 
 fn server_version(server: &RedisServer) -> String {
@@ -156,6 +278,18 @@ fn rate(iterations: u64, mut cycle: impl FnMut()) -> f64 {
     iterations as f64 / started.elapsed().as_secs_f64()
 }
 
+/// Cycles per second over `duration` of cycles (a round trip is 10 times longer in `split`
+/// than in `same`: a fixed duration keeps every side of a round equally long in both).
+fn rate_for(duration: Duration, mut cycle: impl FnMut()) -> f64 {
+    let started = Instant::now();
+    let mut cycles = 0u64;
+    while started.elapsed() < duration {
+        cycle();
+        cycles += 1;
+    }
+    cycles as f64 / started.elapsed().as_secs_f64()
+}
+
 /// The raw client's lock: SET NX PX, then a compare-and-delete script.
 struct RawLock {
     pool: r2d2::Pool<redis::Client>,
@@ -197,35 +331,60 @@ impl RawLock {
             .invoke(&mut *connection)
             .unwrap();
         assert_eq!(acquired.first(), Some(&1), "raw script lock was taken");
-        let released: i64 = self
-            .release
-            .key(&lock)
-            .arg("token")
+        assert_eq!(self.release_by_our_script(&mut connection, key, "token"), 1);
+    }
+
+    /// `release.lua` called with the keys and arguments `RedisBackend::release` gives it (prefix
+    /// `raw:`): keep this in step with lock-redis's release script and its call in
+    /// `backend.rs`.
+    fn release_by_our_script(
+        &self,
+        connection: &mut redis::Connection,
+        key: &str,
+        token: &str,
+    ) -> i64 {
+        self.release
+            .key(format!("raw:{{{key}}}"))
+            .key(format!("raw:{{{key}}}:released"))
+            .arg(token)
             .arg("raw:released")
             .arg(key)
-            .invoke(&mut *connection)
-            .unwrap();
-        assert_eq!(released, 1);
+            .arg(10_000) // the marker's TTL in milliseconds, as the backend's default
+            .invoke(connection)
+            .unwrap()
     }
 
     fn cycle(&self, key: &str, token: &str) {
         let mut connection = self.pool.get().unwrap();
+        assert!(
+            self.try_lock(&mut connection, key, token),
+            "raw lock was taken"
+        );
+        assert!(self.compare_and_delete(&mut connection, key, token));
+    }
+
+    /// `SET key token NX PX ttl`: whether the lock was free.
+    fn try_lock(&self, connection: &mut redis::Connection, key: &str, token: &str) -> bool {
         let set: Option<String> = redis::cmd("SET")
             .arg(key)
             .arg(token)
             .arg("NX")
             .arg("PX")
             .arg(TTL.as_millis() as u64)
-            .query(&mut *connection)
+            .query(connection)
             .unwrap();
-        assert!(set.is_some(), "raw lock was taken");
-        let deleted: i64 = self
-            .unlock
-            .key(key)
-            .arg(token)
-            .invoke(&mut *connection)
-            .unwrap();
-        assert_eq!(deleted, 1);
+        set.is_some()
+    }
+
+    /// Compare-and-delete: whether the token held the lock.
+    fn compare_and_delete(
+        &self,
+        connection: &mut redis::Connection,
+        key: &str,
+        token: &str,
+    ) -> bool {
+        let deleted: i64 = self.unlock.key(key).arg(token).invoke(connection).unwrap();
+        deleted == 1
     }
 }
 
@@ -246,86 +405,193 @@ fn our_cycle(manager: &LockManager, key: &str) {
     lease.release().unwrap();
 }
 
-/// The time the server spent executing the top-level `commands` (as `INFO commandstats` names
-/// them) per cycle, over `cycles` cycles. Commands a script calls are inside its own time.
-fn server_time_per_cycle(
-    server: &RedisServer,
-    commands: &[&str],
-    cycles: u32,
-    mut cycle: impl FnMut(),
-) -> Duration {
+/// The server's command time per cycle: what its slow log records with a threshold of zero.
+#[derive(Default)]
+struct ServerTime {
+    /// Every command a client sent, but the measurement's own, per cycle.
+    per_cycle: Duration,
+    /// `(command, calls per cycle, time per cycle)`, the costliest first.
+    by_command: Vec<(String, f64, Duration)>,
+}
+
+impl ServerTime {
+    fn breakdown(&self) -> String {
+        self.by_command
+            .iter()
+            .map(|(name, calls, time)| format!("{calls:.1} {name} {time:.1?}"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    }
+}
+
+/// Entries the slow log keeps during a measurement: more than the cycles of one measurement log
+/// (each command a script calls is an entry of its own).
+const SLOWLOG_ENTRIES: usize = 50_000;
+
+/// The time the server spent executing commands over `cycles` cycles, per cycle: every command
+/// a client sent (whatever its name), but the measurement's own `SLOWLOG`.
+///
+/// Why the slow log and not `INFO commandstats`: commandstats also counts each command a script
+/// calls, on its own line, while the script's own line already includes its time, so a sum over
+/// every line counts the work inside scripts twice. The slow log (threshold 0) records the same
+/// durations as commandstats, one entry per call, and tells a script's calls apart by their
+/// client (the script's, with no address).
+fn server_time_per_cycle(server: &RedisServer, cycles: u32, mut cycle: impl FnMut()) -> ServerTime {
     let mut connection = server.connection();
     let () = redis::cmd("CONFIG")
-        .arg("RESETSTAT")
+        .arg("SET")
+        .arg("slowlog-log-slower-than")
+        .arg(0)
+        .arg("slowlog-max-len")
+        .arg(SLOWLOG_ENTRIES)
+        .query(&mut connection)
+        .unwrap();
+    let () = redis::cmd("SLOWLOG")
+        .arg("RESET")
         .query(&mut connection)
         .unwrap();
     for _ in 0..cycles {
         cycle();
     }
-    let stats: String = redis::cmd("INFO")
-        .arg("commandstats")
+    // (id, time, duration in µs, arguments, client address, client name)
+    type Entry = (u64, u64, u64, Vec<Vec<u8>>, String, String);
+    let entries: Vec<Entry> = redis::cmd("SLOWLOG")
+        .arg("GET")
+        .arg(SLOWLOG_ENTRIES)
         .query(&mut connection)
         .unwrap();
-    let micros: u64 = stats
-        .lines()
-        .filter_map(|line| {
-            let (name, fields) = line.strip_prefix("cmdstat_")?.split_once(':')?;
-            if !commands.contains(&name) {
-                return None;
+    assert!(
+        entries.len() < SLOWLOG_ENTRIES,
+        "the slow log overflowed: measure fewer cycles"
+    );
+    // Back to the defaults: logging every command costs the server time.
+    let () = redis::cmd("CONFIG")
+        .arg("SET")
+        .arg("slowlog-log-slower-than")
+        .arg(10_000)
+        .arg("slowlog-max-len")
+        .arg(128)
+        .query(&mut connection)
+        .unwrap();
+    let () = redis::cmd("SLOWLOG")
+        .arg("RESET")
+        .query(&mut connection)
+        .unwrap();
+    let mut totals: Vec<(String, u64, u64)> = Vec::new();
+    for (_, _, micros, args, client, _) in entries {
+        let name = args
+            .first()
+            .map(|name| String::from_utf8_lossy(name).to_lowercase())
+            .unwrap_or_default();
+        // A script's calls come from its own client, which has no address.
+        if client.starts_with('?') || client.is_empty() || name == "slowlog" {
+            continue;
+        }
+        match totals.iter_mut().find(|(known, _, _)| *known == name) {
+            Some((_, calls, total)) => {
+                *calls += 1;
+                *total += micros;
             }
-            fields
-                .split(',')
-                .find_map(|field| field.strip_prefix("usec="))?
-                .parse::<u64>()
-                .ok()
+            None => totals.push((name, 1, micros)),
+        }
+    }
+    let mut by_command: Vec<(String, f64, Duration)> = totals
+        .into_iter()
+        .map(|(name, calls, micros)| {
+            (
+                name,
+                calls as f64 / f64::from(cycles),
+                Duration::from_micros(micros) / cycles,
+            )
         })
-        .sum();
-    Duration::from_micros(micros) / cycles
+        .collect();
+    by_command.sort_by_key(|(_, _, time)| std::cmp::Reverse(*time));
+    ServerTime {
+        per_cycle: by_command.iter().map(|(_, _, time)| *time).sum(),
+        by_command,
+    }
 }
 
-fn uncontended(server: &RedisServer) -> f64 {
+/// Acquire + release on one uncontended key, one thread: rates in paired rounds, then the
+/// server's command time per cycle. Returns our rate.
+fn uncontended(server: &RedisServer, placement: &Placement) -> f64 {
     let url = server.url();
     let url = url.as_str();
     let raw = RawLock::new(url, 1);
     let manager = ours(url, 1);
+    let side = Duration::from_millis(100);
     let figures = paired(
         15,
         &mut [
-            &mut || rate(300, || raw.cycle("raw:uncontended", "token")),
-            &mut || rate(300, || our_cycle(&manager, "uncontended")),
+            &mut || rate_for(side, || raw.cycle("raw:uncontended", "token")),
+            &mut || rate_for(side, || our_cycle(&manager, "uncontended")),
             // Where the difference goes: the raw client running our two scripts (fence
             // counter, release announcement) instead of SET NX PX and compare-and-delete.
-            &mut || rate(300, || raw.scripts_cycle("scripts")),
+            &mut || rate_for(side, || raw.scripts_cycle("scripts")),
         ],
     );
     let (raw_rate, our_rate, scripts_rate) =
         (figures.medians[0], figures.medians[1], figures.medians[2]);
     let (ratio, scripts_ratio) = (figures.ratios[1], figures.ratios[2]);
     // The same split in the server's command time, which the VM's latency swings do not blur.
-    const CYCLES: u32 = 3000;
-    let raw_time = server_time_per_cycle(server, &["set", "evalsha"], CYCLES, || {
-        raw.cycle("raw:uncontended", "token")
-    });
-    let our_time = server_time_per_cycle(server, &["evalsha", "eval"], CYCLES, || {
-        our_cycle(&manager, "uncontended")
-    });
+    const CYCLES: u32 = 1000;
+    let (mut raw_time, mut our_time) = (ServerTime::default(), ServerTime::default());
+    let times = paired(
+        5,
+        &mut [
+            &mut || {
+                raw_time =
+                    server_time_per_cycle(server, CYCLES, || raw.cycle("raw:uncontended", "token"));
+                raw_time.per_cycle.as_secs_f64()
+            },
+            &mut || {
+                our_time =
+                    server_time_per_cycle(server, CYCLES, || our_cycle(&manager, "uncontended"));
+                our_time.per_cycle.as_secs_f64()
+            },
+        ],
+    );
+    let (target, label) = if placement.is_split() {
+        (0.95, ">= 0.95 in split")
+    } else {
+        (0.80, ">= 0.80 in same (CPU cost)")
+    };
     println!(
-        "uncontended  acquire+release, 1 thread:   ours {our_rate:>8.0}/s  raw {raw_rate:>8.0}/s  ratio {ratio:.2} (target >= 0.95); raw client running our scripts {scripts_rate:>8.0}/s, ratio {scripts_ratio:.2}\n             server time in commands per cycle: ours {our_time:.1?}, raw {raw_time:.1?}"
+        "uncontended  acquire+release, 1 thread:   ours {our_rate:>8.0}/s  raw {raw_rate:>8.0}/s  ratio {ratio:.2} ({}); raw client running our scripts {scripts_rate:>8.0}/s, ratio {scripts_ratio:.2}",
+        verdict(label, ratio >= target),
+    );
+    println!(
+        "             server time per cycle (slow log, every command sent): ours {:.1?}, raw {:.1?}, ours/raw {:.2} ({}; medians of 5 paired rounds of {CYCLES} cycles)\n             ours: {}\n             raw:  {}",
+        Duration::from_secs_f64(times.medians[1]),
+        Duration::from_secs_f64(times.medians[0]),
+        times.ratios[1],
+        verdict("<= 1.5", times.ratios[1] <= 1.5),
+        our_time.breakdown(),
+        raw_time.breakdown(),
     );
     our_rate
 }
 
-fn memory(redis_rate: Option<f64>) {
+fn memory(redis_same_rate: Option<f64>) {
     let manager = LockManager::new(MemoryBackend::new());
     let rate = median(
         (0..5)
             .map(|_| rate(200_000, || our_cycle(&manager, "memory")))
             .collect(),
     );
-    let versus = redis_rate.map_or(String::new(), |redis| {
-        format!(", {:.0}x Redis", rate / redis)
-    });
-    println!("memory       acquire+release, 1 thread:   ours {rate:>8.0}/s{versus} (target >= 1,000,000/s and 50x)");
+    let versus = match redis_same_rate {
+        Some(redis) => format!(
+            "{:.0}x Redis uncontended in same ({redis:.0}/s; {})",
+            rate / redis,
+            verdict(">= 100x", rate / redis >= 100.0)
+        ),
+        None => "no Redis figure in same to compare with (run the `uncontended` row in `same` too)"
+            .to_owned(),
+    };
+    println!(
+        "memory       acquire+release, 1 thread:   ours {rate:>8.0}/s ({}); {versus}",
+        verdict(">= 2,000,000/s", rate >= 2_000_000.0)
+    );
 }
 
 /// `threads` threads cycling over `keys` keys (each thread its own keys), for `duration`.
@@ -350,7 +616,7 @@ fn saturated_rate(threads: usize, duration: Duration, cycle: impl Fn(usize, u64)
     done.load(Ordering::Relaxed) as f64 / duration.as_secs_f64()
 }
 
-fn saturated(url: &str) {
+fn saturated(url: &str, placement: &Placement) {
     const THREADS: usize = 8;
     const KEYS: u64 = 64;
     let per_thread = KEYS / THREADS as u64;
@@ -382,121 +648,275 @@ fn saturated(url: &str) {
         (figures.medians[0], figures.medians[1], figures.medians[2]);
     let (ratio, scripts_ratio) = (figures.ratios[1], figures.ratios[2]);
     println!(
-        "saturated    8 threads, 64 keys, 8 conns:  ours {our_rate:>8.0}/s  raw {raw_rate:>8.0}/s  ratio {ratio:.2} (target >= 0.90); raw client running our scripts {scripts_rate:>8.0}/s, ratio {scripts_ratio:.2}"
+        "saturated    8 threads, 64 keys, 8 conns:  ours {our_rate:>8.0}/s  raw {raw_rate:>8.0}/s  ratio {ratio:.2} ({}); raw client running our scripts {scripts_rate:>8.0}/s, ratio {scripts_ratio:.2}",
+        placement.target(placement.is_split(), ">= 0.95", ratio >= 0.95),
     );
 }
 
-/// A backend that hides another's release notifications: the seed's retry-only waiting.
-struct NoWakeups(RedisBackend);
+/// Now on `CLOCK_MONOTONIC`, in nanoseconds: one clock for every process of the machine, so
+/// the hand-off workers' timelines can be merged.
+fn monotonic_nanos() -> u64 {
+    let now = nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC).unwrap();
+    now.tv_sec() as u64 * 1_000_000_000 + now.tv_nsec() as u64
+}
 
-impl LeaseBackend for NoWakeups {
-    fn try_acquire(
-        &self,
-        request: &LeaseRequest<'_>,
-        timeout: Duration,
-    ) -> Result<AcquireOutcome, BackendError> {
-        self.0.try_acquire(request, timeout)
+/// A lock the hand-off row takes turns on.
+trait HandoffLock: Sync {
+    type Held;
+    /// Blocks until `key` is ours.
+    fn acquire(&self, key: &str) -> Self::Held;
+    fn release(&self, key: &str, held: Self::Held);
+}
+
+impl HandoffLock for LockManager {
+    type Held = Lease;
+    fn acquire(&self, key: &str) -> Lease {
+        self.acquire_timeout(key, TTL, Duration::from_secs(60))
+            .unwrap()
     }
-    fn renew_batch(
-        &self,
-        requests: &[LeaseRequest<'_>],
-        timeout: Duration,
-    ) -> Vec<Result<Ownership, BackendError>> {
-        self.0.renew_batch(requests, timeout)
+    fn release(&self, _key: &str, lease: Lease) {
+        lease.release().unwrap();
     }
-    fn release(
-        &self,
-        key: &str,
-        token: &str,
-        timeout: Duration,
-    ) -> Result<Ownership, BackendError> {
-        self.0.release(key, token, timeout)
+}
+
+/// The baseline: the raw client retrying `SET NX PX` every millisecond, releasing with a
+/// compare-and-delete script.
+struct RawPoller(RawLock);
+
+impl HandoffLock for RawPoller {
+    type Held = String;
+    fn acquire(&self, key: &str) -> String {
+        let token = format!("{:016x}", fastrand::u64(..));
+        let mut connection = self.0.pool.get().unwrap();
+        while !self.0.try_lock(&mut connection, key, &token) {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        token
     }
+    fn release(&self, key: &str, token: String) {
+        let mut connection = self.0.pool.get().unwrap();
+        assert!(self.0.compare_and_delete(&mut connection, key, &token));
+    }
+}
+
+/// One turn of a hand-off worker, in [`monotonic_nanos`].
+#[derive(Clone, Copy, Debug)]
+struct Turn {
+    /// When the worker started to acquire.
+    wait_from: u64,
+    /// When the acquire returned.
+    acquired: u64,
+    /// When the worker started to release.
+    release_from: u64,
+    /// When the release returned.
+    released: u64,
+}
+
+impl Turn {
+    fn to_line(self) -> String {
+        format!(
+            "turn {} {} {} {}",
+            self.wait_from, self.acquired, self.release_from, self.released
+        )
+    }
+
+    fn from_line(line: &str) -> Option<Turn> {
+        let mut fields = line.strip_prefix("turn ")?.split(' ').map(str::parse);
+        let mut next = || fields.next()?.ok();
+        Some(Turn {
+            wait_from: next()?,
+            acquired: next()?,
+            release_from: next()?,
+            released: next()?,
+        })
+    }
+}
+
+/// The hand-off loop: acquire, hold 1 ms, release, 5 ms of work outside, `rounds` times.
+fn handoff_turns<L: HandoffLock>(lock: &L, key: &str, rounds: usize) -> Vec<Turn> {
+    (0..rounds)
+        .map(|_| {
+            let wait_from = monotonic_nanos();
+            let held = lock.acquire(key);
+            let acquired = monotonic_nanos();
+            std::thread::sleep(Duration::from_millis(1));
+            let release_from = monotonic_nanos();
+            lock.release(key, held);
+            let released = monotonic_nanos();
+            std::thread::sleep(Duration::from_millis(5));
+            Turn {
+                wait_from,
+                acquired,
+                release_from,
+                released,
+            }
+        })
+        .collect()
 }
 
 /// What a hand-off run measured.
 struct Handoffs {
-    /// From the start of each release to the next acquire, counting only releases that found a
-    /// thread already waiting (the others measure the work outside, not the hand-off).
+    /// From the start of each release to the next acquire, counting only releases that found
+    /// another worker already waiting (the others measure the work outside, not the hand-off).
     gaps: Vec<Duration>,
-    /// How long each release call took: one round trip, timed by the same threads at the same
-    /// time as the gaps, which makes it the unit to count the gaps in (this VM's round trip
-    /// drifts several-fold within minutes).
+    /// How long each release call took: one round trip, timed by the same workers at the same
+    /// time as the gaps, which makes it the unit to count the gaps in.
     releases: Vec<Duration>,
 }
 
-/// Threads looping on one key: acquire, hold 1 ms, release, 5 ms of work outside.
-fn handoff_gaps(manager: &LockManager, threads: usize, rounds: usize, key: &str) -> Handoffs {
-    let waiting = AtomicU64::new(0);
-    let last_release: Mutex<Option<Instant>> = Mutex::new(None);
-    let gaps: Mutex<Vec<Duration>> = Mutex::new(Vec::new());
-    let releases: Mutex<Vec<Duration>> = Mutex::new(Vec::new());
-    std::thread::scope(|scope| {
-        for _ in 0..threads {
-            scope.spawn(|| {
-                for _ in 0..rounds {
-                    waiting.fetch_add(1, Ordering::SeqCst);
-                    let lease = manager
-                        .acquire_timeout(key, TTL, Duration::from_secs(60))
-                        .unwrap();
-                    waiting.fetch_sub(1, Ordering::SeqCst);
-                    if let Some(released) = last_release.lock().take() {
-                        gaps.lock().push(released.elapsed());
-                    }
-                    std::thread::sleep(Duration::from_millis(1));
-                    let started = Instant::now();
-                    // A hand-off only if someone already waits as the release starts.
-                    if waiting.load(Ordering::SeqCst) > 0 {
-                        *last_release.lock() = Some(started);
-                    }
-                    lease.release().unwrap();
-                    releases.lock().push(started.elapsed());
-                    std::thread::sleep(Duration::from_millis(5));
-                }
-            });
+/// Merges the workers' timelines (one `Vec` per worker) into hand-off gaps.
+fn handoffs(workers: &[Vec<Turn>]) -> Handoffs {
+    let mut acquisitions: Vec<u64> = workers.iter().flatten().map(|t| t.acquired).collect();
+    acquisitions.sort_unstable();
+    let mut gaps = Vec::new();
+    let mut releases = Vec::new();
+    for (worker, turns) in workers.iter().enumerate() {
+        for turn in turns {
+            releases.push(Duration::from_nanos(turn.released - turn.release_from));
+            let at = turn.release_from;
+            let someone_waits = workers
+                .iter()
+                .enumerate()
+                .filter(|(other, _)| *other != worker)
+                .flat_map(|(_, turns)| turns)
+                .any(|t| t.wait_from <= at && at < t.acquired);
+            let next = acquisitions.get(acquisitions.partition_point(|&a| a <= at));
+            if let (true, Some(next)) = (someone_waits, next) {
+                gaps.push(Duration::from_nanos(next - at));
+            }
         }
-    });
-    Handoffs {
-        gaps: gaps.into_inner(),
-        releases: releases.into_inner(),
     }
+    Handoffs { gaps, releases }
 }
 
-fn handoff(server: &RedisServer) {
+/// `threads` threads of this process taking turns on `key`.
+fn handoff_threads<L: HandoffLock>(lock: &L, threads: usize, rounds: usize, key: &str) -> Handoffs {
+    let workers: Vec<Vec<Turn>> = std::thread::scope(|scope| {
+        let handles: Vec<_> = (0..threads)
+            .map(|_| scope.spawn(|| handoff_turns(lock, key, rounds)))
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    handoffs(&workers)
+}
+
+/// `processes` copies of this binary taking turns on `key` (`mode` `ours` or `raw`); they
+/// inherit this process's CPU.
+fn handoff_processes(
+    url: &str,
+    mode: &str,
+    processes: usize,
+    rounds: usize,
+    key: &str,
+) -> Handoffs {
+    let exe = std::env::current_exe().unwrap();
+    // Every worker starts its first turn at the same moment, once all have started and connected.
+    let start_at = monotonic_nanos() + 500_000_000;
+    let children: Vec<_> = (0..processes)
+        .map(|_| {
+            Command::new(&exe)
+                .args([HANDOFF_WORKER, mode, url, key])
+                .arg(rounds.to_string())
+                .arg(start_at.to_string())
+                .stdout(Stdio::piped())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    let workers: Vec<Vec<Turn>> = children
+        .into_iter()
+        .map(|mut child| {
+            let stdout = BufReader::new(child.stdout.take().unwrap());
+            let turns: Vec<Turn> = stdout
+                .lines()
+                .map(Result::unwrap)
+                .filter_map(|line| Turn::from_line(&line))
+                .collect();
+            assert!(child.wait().unwrap().success(), "a hand-off worker failed");
+            assert_eq!(turns.len(), rounds, "a hand-off worker's turns");
+            turns
+        })
+        .collect();
+    handoffs(&workers)
+}
+
+/// One process of [`handoff_processes`]: `ours|raw URL KEY ROUNDS START_NANOS`; prints one
+/// [`Turn`] line per turn.
+fn handoff_worker(args: &[String]) {
+    let [mode, url, key, rounds, start_at] = args else {
+        panic!("usage: {HANDOFF_WORKER} ours|raw URL KEY ROUNDS START_NANOS, got {args:?}");
+    };
+    let rounds: usize = rounds.parse().unwrap();
+    let start_at: u64 = start_at.parse().unwrap();
+    let wait_for_start = || {
+        let now = monotonic_nanos();
+        std::thread::sleep(Duration::from_nanos(start_at.saturating_sub(now)));
+    };
+    let turns = match mode.as_str() {
+        "ours" => {
+            let manager = ours(url, 2);
+            wait_for_start();
+            handoff_turns(&manager, key, rounds)
+        }
+        "raw" => {
+            let poller = RawPoller(RawLock::new(url, 1));
+            wait_for_start();
+            handoff_turns(&poller, key, rounds)
+        }
+        _ => panic!("unknown hand-off worker mode {mode:?}"),
+    };
+    let lines: Vec<String> = turns.into_iter().map(Turn::to_line).collect();
+    println!("{}", lines.join("\n"));
+}
+
+/// Prints one hand-off line: ours against the raw 1 ms poller, measured in the same run.
+fn print_handoff(placement: &Placement, workers: &str, mut ours: Handoffs, mut raw: Handoffs) {
+    let (p50, p99) = (
+        percentile(&mut ours.gaps, 0.5),
+        percentile(&mut ours.gaps, 0.99),
+    );
+    let rtt = percentile(&mut ours.releases, 0.5);
+    let (raw_p50, raw_p99) = (
+        percentile(&mut raw.gaps, 0.5),
+        percentile(&mut raw.gaps, 0.99),
+    );
+    let round_trips = p50.as_secs_f64() / rtt.as_secs_f64();
+    let targets = if placement.is_split() {
+        format!(
+            "{}; {}",
+            verdict("p50 < 3 RTT", round_trips < 3.0),
+            verdict("p99 <= poller's p99", p99 <= raw_p99)
+        )
+    } else {
+        format!("no target in {}", placement.name)
+    };
+    println!(
+        "handoff      {workers:<13} release->acquire: ours p50 {p50:>9.1?} ({round_trips:.1} round trips of {rtt:.1?}, a release's p50 in the same run) p99 {p99:>9.1?} ({} gaps) | raw 1 ms poller p50 {raw_p50:>9.1?} p99 {raw_p99:>9.1?} ({} gaps) ({targets})",
+        ours.gaps.len(),
+        raw.gaps.len(),
+    );
+}
+
+fn handoff(url: &str, placement: &Placement) {
+    const TURNS: usize = 1200;
     for threads in [4, 16] {
-        let rounds = 1200 / threads;
-        let ours = ours(&server.url(), threads as u32 + 2);
-        let mut run = handoff_gaps(&ours, threads, rounds, &format!("handoff-{threads}"));
-        let (p50, p99) = (
-            percentile(&mut run.gaps, 0.5),
-            percentile(&mut run.gaps, 0.99),
-        );
-        let rtt = percentile(&mut run.releases, 0.5);
-        let seed = LockManager::builder(NoWakeups(
-            RedisBackend::builder(&server.url())
-                .pool_size(threads as u32 + 2)
-                .build()
-                .unwrap(),
-        ))
-        .retry(RetryPolicy::new(
-            Duration::from_millis(10),
-            Duration::from_millis(10),
-        ))
-        .build()
-        .unwrap();
-        let mut seed_run = handoff_gaps(
-            &seed,
-            threads,
-            rounds.min(100),
-            &format!("seed-handoff-{threads}"),
-        );
-        println!(
-            "handoff      {threads:>2} threads, release->acquire: ours p50 {p50:>9.1?} ({:.1} round trips of {rtt:.1?}, a release's p50 in the same run) p99 {p99:>9.1?} | retry-every-10ms p50 {:>9.1?} p99 {:>9.1?} (target p50 < 3 RTT, p99 < 1 ms)",
-            p50.as_secs_f64() / rtt.as_secs_f64(),
-            percentile(&mut seed_run.gaps, 0.5),
-            percentile(&mut seed_run.gaps, 0.99),
+        let rounds = TURNS / threads;
+        let manager = ours(url, threads as u32 + 2);
+        let our_run = handoff_threads(&manager, threads, rounds, &format!("handoff-{threads}"));
+        let poller = RawPoller(RawLock::new(url, threads as u32));
+        let raw_run = handoff_threads(&poller, threads, rounds, &format!("raw:handoff-{threads}"));
+        print_handoff(
+            placement,
+            &format!("{threads:>2} threads,"),
+            our_run,
+            raw_run,
         );
     }
+    const PROCESSES: usize = 4;
+    let rounds = TURNS / PROCESSES;
+    let our_run = handoff_processes(url, "ours", PROCESSES, rounds, "handoff-processes");
+    let raw_run = handoff_processes(url, "raw", PROCESSES, rounds, "raw:handoff-processes");
+    print_handoff(placement, " 4 processes,", our_run, raw_run);
 }
 
 fn cycle_latencies(manager: &LockManager, key: &str, cycles: usize) -> Vec<Duration> {
@@ -509,10 +929,13 @@ fn cycle_latencies(manager: &LockManager, key: &str, cycles: usize) -> Vec<Durat
         .collect()
 }
 
-fn redlock(single: &RedisServer) {
+fn redlock(single: &RedisServer, placement: &Placement) {
     let single_manager = ours(&single.url(), 1);
     for nodes in [3, 5] {
         let servers: Vec<RedisServer> = (0..nodes).map(|_| RedisServer::start()).collect();
+        for server in &servers {
+            server.pin_to_cpu(placement.server_cpu);
+        }
         let urls: Vec<String> = servers.iter().map(RedisServer::url).collect();
         let urls: Vec<&str> = urls.iter().map(String::as_str).collect();
         let manager = LockManager::new(RedlockBackend::connect(&urls).unwrap());
@@ -527,11 +950,12 @@ fn redlock(single: &RedisServer) {
             ],
         );
         let (single_p50, redlock_p50) = (figures.medians[0], figures.medians[1]);
+        let ratio = figures.ratios[1];
         println!(
-            "redlock      N={nodes} acquire+release p50:      {:>9.1?} vs one node {:>9.1?}  ratio {:.2} (target <= 1.5; {nodes} servers and the client share 2 cores)",
+            "redlock      N={nodes} acquire+release p50:      {:>9.1?} vs one node {:>9.1?}  ratio {ratio:.2} ({})",
             Duration::from_secs_f64(redlock_p50),
             Duration::from_secs_f64(single_p50),
-            figures.ratios[1],
+            placement.target(placement.is_split(), "<= 1.5", ratio <= 1.5),
         );
     }
 }
@@ -546,15 +970,13 @@ fn resident_bytes() -> u64 {
     pages * 4096
 }
 
-/// Acquires `count` leases named `prefix:N` with 8 threads, each keeping its leases in a vector
-/// sized up front (so that the memory measured is the leases', not vector growth); returns them
-/// and how long it took.
-fn acquire_many(
-    manager: &LockManager,
-    prefix: &str,
-    count: usize,
-) -> (Vec<Vec<lock_core::Lease>>, Duration) {
-    const ACQUIRERS: usize = 8;
+/// How many threads acquire (and release) the leases of the renewal row.
+const ACQUIRERS: usize = 8;
+
+/// Acquires `count` leases named `prefix:N` with [`ACQUIRERS`] threads, each keeping its leases
+/// in a vector sized up front (so that the memory measured is the leases', not vector growth);
+/// returns them and how long it took.
+fn acquire_many(manager: &LockManager, prefix: &str, count: usize) -> (Vec<Vec<Lease>>, Duration) {
     let started = Instant::now();
     let leases = std::thread::scope(|scope| {
         let handles: Vec<_> = (0..ACQUIRERS)
@@ -581,11 +1003,48 @@ fn acquire_many(
     (leases, started.elapsed())
 }
 
+/// Releases (drops) the leases of [`acquire_many`], each part on its own thread.
+fn release_many(leases: Vec<Vec<Lease>>) {
+    std::thread::scope(|scope| {
+        for part in leases {
+            scope.spawn(move || drop(part));
+        }
+    });
+}
+
+fn held(leases: &[Vec<Lease>]) -> usize {
+    leases
+        .iter()
+        .flatten()
+        .filter(|lease| lease.is_held())
+        .count()
+}
+
+/// Deletes what `count` released leases `prefix:N` leave on the server: each one's release
+/// marker (which would otherwise expire, 100,000 at once, during a later measurement) and
+/// fence counter. The key layout is the backend's with its default prefix (`lock:{KEY}:released`,
+/// `lock:{KEY}:fence`).
+fn delete_leftovers(url: &str, prefix: &str, count: usize) {
+    let mut connection = redis::Client::open(url).unwrap().get_connection().unwrap();
+    for part in (0..count).collect::<Vec<_>>().chunks(500) {
+        let mut command = redis::cmd("DEL");
+        for n in part {
+            command
+                .arg(format!("lock:{{{prefix}:{n}}}:released"))
+                .arg(format!("lock:{{{prefix}:{n}}}:fence"));
+        }
+        let _: i64 = command.query(&mut connection).unwrap();
+    }
+}
+
 /// A manager whose hook records when each renewal completed.
 fn recording_manager(url: &str, renew_fraction: f64) -> (LockManager, Arc<Mutex<Vec<Instant>>>) {
     let renewed_at: Arc<Mutex<Vec<Instant>>> = Arc::new(Mutex::new(Vec::new()));
     let log = renewed_at.clone();
-    let backend = RedisBackend::builder(url).pool_size(9).build().unwrap();
+    let backend = RedisBackend::builder(url)
+        .pool_size(ACQUIRERS as u32 + 1)
+        .build()
+        .unwrap();
     let manager = LockManager::builder(backend)
         .renew_fraction(renew_fraction)
         .event_hook(move |event: &LeaseEvent<'_>| {
@@ -598,8 +1057,172 @@ fn recording_manager(url: &str, renew_fraction: f64) -> (LockManager, Arc<Mutex<
     (manager, renewed_at)
 }
 
-fn renewal_at_scale(url: &str) {
+/// The renewal baseline: the raw client renewing `count` keys of its own with `renew.lua`,
+/// flat out, as our renewer does: batches of [`RAW_BATCH`] keys, one pipelined round trip
+/// each, [`RAW_CHUNK`] keys per script call.
+struct RawRenewals {
+    connection: redis::Connection,
+    script: redis::Script,
+    keys: Vec<String>,
+}
+
+const RAW_BATCH: usize = 512;
+const RAW_CHUNK: usize = 128;
+
+impl RawRenewals {
+    /// Sets `count` keys `raw:{renew:N}` to a token with the TTL, and loads the script.
+    fn new(url: &str, count: usize) -> RawRenewals {
+        let mut connection = redis::Client::open(url).unwrap().get_connection().unwrap();
+        let keys: Vec<String> = (0..count).map(|n| format!("raw:{{renew:{n}}}")).collect();
+        for chunk in keys.chunks(1000) {
+            let mut pipe = redis::pipe();
+            for key in chunk {
+                pipe.cmd("SET")
+                    .arg(key)
+                    .arg("token")
+                    .arg("PX")
+                    .arg(TTL.as_millis() as u64)
+                    .ignore();
+            }
+            let () = pipe.query(&mut connection).unwrap();
+        }
+        let script = redis::Script::new(include_str!("../../lock-redis/src/scripts/renew.lua"));
+        script.load(&mut connection).unwrap();
+        RawRenewals {
+            connection,
+            script,
+            keys,
+        }
+    }
+
+    /// Renewals per second over `window`, going round the keys.
+    fn rate(&mut self, window: Duration) -> f64 {
+        let ttl = TTL.as_millis().to_string();
+        let mut renewed = 0usize;
+        let started = Instant::now();
+        for batch in self.keys.chunks(RAW_BATCH).cycle() {
+            if started.elapsed() >= window {
+                break;
+            }
+            let mut pipe = redis::pipe();
+            for chunk in batch.chunks(RAW_CHUNK) {
+                let command = pipe
+                    .cmd("EVALSHA")
+                    .arg(self.script.get_hash())
+                    .arg(chunk.len())
+                    .arg(chunk);
+                for _ in chunk {
+                    command.arg("token").arg(&ttl);
+                }
+            }
+            let replies: Vec<Vec<i64>> = pipe.query(&mut self.connection).unwrap();
+            renewed += replies
+                .iter()
+                .flatten()
+                .filter(|&&reply| reply == 1)
+                .count();
+        }
+        renewed as f64 / started.elapsed().as_secs_f64()
+    }
+
+    fn delete_keys(mut self) {
+        for chunk in self.keys.chunks(1000) {
+            let _: i64 = redis::cmd("DEL")
+                .arg(chunk)
+                .query(&mut self.connection)
+                .unwrap();
+        }
+    }
+}
+
+/// CPU time (user + system, every thread) process `pid` has used so far, in seconds.
+fn cpu_seconds(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    // Fields after the command name (which ends at the last ')'): utime and stime are the
+    // 12th and 13th, in clock ticks of 1/100 s on Linux.
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .map_or("", |(_, rest)| rest)
+        .split_whitespace()
+        .collect();
+    let ticks = |index: usize| {
+        fields
+            .get(index)
+            .and_then(|f| f.parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    (ticks(11) + ticks(12)) as f64 / 100.0
+}
+
+/// How many scripts (`EVALSHA` and `EVAL`) the server has run since its statistics were reset.
+fn script_calls(server: &RedisServer) -> u64 {
+    let stats: String = redis::cmd("INFO")
+        .arg("commandstats")
+        .query(&mut server.connection())
+        .unwrap();
+    stats
+        .lines()
+        .filter(|line| line.starts_with("cmdstat_evalsha:") || line.starts_with("cmdstat_eval:"))
+        .filter_map(|line| {
+            line.split_once("calls=")?
+                .1
+                .split(',')
+                .next()?
+                .parse::<u64>()
+                .ok()
+        })
+        .sum()
+}
+
+/// How busy the server and this process were while `work` ran, each as a share of one CPU:
+/// which side of a flat-out run is the bottleneck.
+fn cpu_use<T>(server: &RedisServer, work: impl FnOnce() -> T) -> (T, CpuUse) {
+    let pids = [server.pid(), std::process::id()];
+    let before = pids.map(cpu_seconds);
+    let started = Instant::now();
+    let result = work();
+    let elapsed = started.elapsed().as_secs_f64();
+    let after = pids.map(cpu_seconds);
+    let share = |i: usize| (after[i] - before[i]) / elapsed;
+    (
+        result,
+        CpuUse {
+            server: share(0),
+            bench: share(1),
+        },
+    )
+}
+
+/// Shares of one CPU, from [`cpu_use`].
+#[derive(Clone, Copy)]
+struct CpuUse {
+    server: f64,
+    bench: f64,
+}
+
+impl CpuUse {
+    /// CPU time per operation at `rate` operations per second, and the shares of a CPU.
+    fn per_operation(&self, rate: f64) -> String {
+        let micros = |share: f64| Duration::from_secs_f64(share / rate);
+        format!(
+            "server {:.1?} + this process {:.1?} ({:.0}% + {:.0}% of a CPU)",
+            micros(self.server),
+            micros(self.bench),
+            self.server * 100.0,
+            self.bench * 100.0
+        )
+    }
+}
+
+fn renewal_at_scale(server: &RedisServer) {
     const LEASES: usize = 100_000;
+    let url = &server.url();
+    // The process's resident size only grows back to where an earlier placement left it: the
+    // bytes per lease are measured in the first table of a run only.
+    static MEASURED_MEMORY: std::sync::Once = std::sync::Once::new();
+    let mut first_table = false;
+    MEASURED_MEMORY.call_once(|| first_table = true);
+
     // 1. The default schedule: how late renewals run, and what a held lease costs.
     let (manager, renewed_at) = recording_manager(url, 1.0 / 3.0);
     let before = resident_bytes();
@@ -615,11 +1238,7 @@ fn renewal_at_scale(url: &str) {
         std::thread::sleep(Duration::from_millis(20));
     }
     let renewals = renewed_at.lock().clone();
-    let held = leases
-        .iter()
-        .flatten()
-        .filter(|lease| lease.is_held())
-        .count();
+    let held_on_schedule = held(&leases);
     let spread = acquired_in.as_secs_f64();
     let mut lateness: Vec<Duration> = renewals
         .iter()
@@ -631,25 +1250,57 @@ fn renewal_at_scale(url: &str) {
         .collect();
     let p50 = percentile(&mut lateness, 0.5);
     let p99 = percentile(&mut lateness, 0.99);
-    drop(leases);
+    release_many(leases);
     drop(manager);
+    delete_leftovers(url, "scale", LEASES);
 
     // 2. Capacity: leases due every few milliseconds, far more often than any renewer can
-    // serve; the renewer runs flat out, and the rate it sustains is its capacity.
+    // serve; the renewer runs flat out, and the rate it sustains is its capacity. The raw
+    // client renews the same number of keys the same way just before and just after.
+    let window = Duration::from_secs(3);
+    // Each side's keys exist only during its own windows: the server's key space is the same.
+    let raw_window = |url: &str| {
+        let mut raw = RawRenewals::new(url, LEASES);
+        let measured = cpu_use(server, || raw.rate(window / 2));
+        raw.delete_keys();
+        measured
+    };
+    let (raw_before, raw_cpu_before) = raw_window(url);
     let (manager, renewed_at) = recording_manager(url, 0.0001);
     let (leases, _) = acquire_many(&manager, "capacity", LEASES);
-    let window = Duration::from_secs(3);
     let counted_from = renewed_at.lock().len();
-    std::thread::sleep(window);
-    let capacity = (renewed_at.lock().len() - counted_from) as f64 / window.as_secs_f64();
-    let still_held = leases
-        .iter()
-        .flatten()
-        .filter(|lease| lease.is_held())
-        .count();
+    let calls_before = script_calls(server);
+    let ((), our_cpu) = cpu_use(server, || std::thread::sleep(window));
+    let renewed = renewed_at.lock().len() - counted_from;
+    let keys_per_call = renewed as f64 / (script_calls(server) - calls_before) as f64;
+    let capacity = renewed as f64 / window.as_secs_f64();
+    let still_held = held(&leases);
+    release_many(leases);
+    drop(manager);
+    delete_leftovers(url, "capacity", LEASES);
+    let (raw_after, raw_cpu_after) = raw_window(url);
+    let raw_cpu = CpuUse {
+        server: (raw_cpu_before.server + raw_cpu_after.server) / 2.0,
+        bench: (raw_cpu_before.bench + raw_cpu_after.bench) / 2.0,
+    };
+    let raw_rate = (raw_before + raw_after) / 2.0;
+    let ratio = capacity / raw_rate;
+
+    let memory = if first_table {
+        format!(
+            "{per_lease:.0} bytes per held lease ({})",
+            verdict("< 300", per_lease < 300.0)
+        )
+    } else {
+        "bytes per lease: measured in the first table only".to_owned()
+    };
     println!(
-        "renewal      {LEASES} leases, TTL {TTL:?}: {} renewed on schedule, lateness p50 {p50:.1?} p99 {p99:.1?} (target p99 < {:?}), {held} held; renewer capacity {capacity:.0} renewals/s flat out, batches of 512 in one round trip each, 128 leases per script call (target >= 100,000/s), {still_held} held; {per_lease:.0} bytes per held lease (target < 300)",
+        "renewal      {LEASES} leases, TTL {TTL:?}: {} renewed on schedule, lateness p50 {p50:.1?} p99 {p99:.1?} ({}), {held_on_schedule} held; {memory}\n             flat out: ours {capacity:.0} renewals/s ({still_held} held), raw client with renew.lua {raw_rate:.0}/s ({raw_before:.0} before, {raw_after:.0} after; {RAW_CHUNK} keys per call, {} calls per round trip), ratio {ratio:.2} ({})\n             CPU time per renewal while flat out: ours {}; raw {}; ours renewed {keys_per_call:.0} leases per script call",
         renewals.len(),
-        TTL / 10,
+        verdict(&format!("p99 < {:?}", TTL / 10), p99 < TTL / 10),
+        RAW_BATCH / RAW_CHUNK,
+        verdict(">= 0.9", ratio >= 0.9),
+        our_cpu.per_operation(capacity),
+        raw_cpu.per_operation(raw_rate),
     );
 }

@@ -8,6 +8,8 @@
 //!   its directory.
 //! - [`TcpProxy`] sits between a client and a server and can pass, delay, blackhole or reset the
 //!   traffic ([`ProxyMode`]), for existing and new connections alike.
+//! - [`cpu::pin_process`] pins a process (every thread) to one CPU, for benchmarks that choose
+//!   where the client and the servers run.
 //! - [`wait_until`] polls a condition with a deadline, so tests never rely on fixed sleeps.
 //! - [`captured_logs`] captures what the libraries log, for tests of their warnings.
 //! - [`error_chain`] prints an error with all its sources, as a user's error reporter would.
@@ -33,6 +35,7 @@
 #![allow(clippy::expect_used, clippy::unwrap_used, clippy::panic)]
 
 pub mod counting;
+pub mod cpu;
 pub mod direct;
 pub mod fenced;
 pub mod logs;

@@ -194,6 +194,23 @@ impl RedisServer {
         self.pid
     }
 
+    /// Pins the running server (every thread of its process) to CPU `cpu`, for benchmarks that
+    /// choose where the server and its clients run; see [`crate::cpu`]. A restarted server is
+    /// not pinned.
+    ///
+    /// # Panics
+    ///
+    /// If the server was killed, or the kernel refuses (no such CPU, say).
+    pub fn pin_to_cpu(&self, cpu: usize) {
+        assert!(
+            self.child.is_some(),
+            "cannot pin redis-server on port {} to CPU {cpu}: it was killed",
+            self.port
+        );
+        crate::cpu::pin_process(self.pid, cpu)
+            .unwrap_or_else(|e| panic!("cannot pin redis-server {} to CPU {cpu}: {e}", self.pid));
+    }
+
     /// Freezes the server with `SIGSTOP`: connections stay open and the kernel still accepts new
     /// ones, but nothing is answered until [`RedisServer::resume`].
     ///
