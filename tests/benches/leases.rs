@@ -347,8 +347,6 @@ impl RawLock {
             .key(format!("raw:{{{key}}}"))
             .key(format!("raw:{{{key}}}:released"))
             .arg(token)
-            .arg("raw:released")
-            .arg(key)
             .arg(10_000) // the marker's TTL in milliseconds, as the backend's default
             .invoke(connection)
             .unwrap()
