@@ -170,24 +170,27 @@
 //!
 //! [r2d2]: https://docs.rs/r2d2
 
+// The crate's layout, by job:
+// - `connection`: URLs, and the pool of connections whose calls are bounded in time;
+// - `backend`: the single-server backend, its builder and its eviction-policy check;
+// - `scripts`: what is stored where (`keys`), and the Lua scripts that change it;
+// - `subscriber`: release wake-ups over pub/sub;
+// - `redlock`: the same leases over a majority of independent servers;
+// - `errors` and `acl`: what goes wrong, and the rights a Redis user needs.
 mod acl;
 mod backend;
-mod builder;
+mod connection;
 mod errors;
-mod eviction;
-mod keys;
-mod pool;
 mod redlock;
 mod scripts;
 mod subscriber;
-mod url;
 
 pub use acl::acl_rules;
+pub use backend::builder::RedisBackendBuilder;
 pub use backend::RedisBackend;
-pub use builder::RedisBackendBuilder;
+pub use connection::url::redact_url;
 pub use errors::{RedisBackendError, RedisOperation};
 pub use redlock::{NoQuorum, RedlockBackend, RedlockBuilder};
-pub use url::redact_url;
 
 /// The `r2d2` crate this backend's pool comes from, for
 /// [`RedisBackend::from_pool`] without a version mismatch.

@@ -41,7 +41,7 @@ use parking_lot::Mutex;
 use redis::{PubSub, RedisError, Value};
 
 use crate::errors::classify;
-use crate::keys::release_channel;
+use crate::scripts::keys::release_channel;
 
 /// How long the subscriber blocks on a read, while it has subscriptions, before it looks for
 /// keys to subscribe or unsubscribe.

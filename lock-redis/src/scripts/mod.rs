@@ -1,8 +1,10 @@
 //! The Lua scripts that make each lease operation atomic, and the parsing of their replies.
 //!
-//! Each script lives in `src/scripts/*.lua`. Calls send `EVALSHA`; when the server does not know
+//! Each script lives next to this file, in `src/scripts/*.lua`; `keys` says what they store where. Calls send `EVALSHA`; when the server does not know
 //! the script (`NOSCRIPT`, after a restart or `SCRIPT FLUSH`), the call falls back to `EVAL`,
 //! which also caches the script for the next `EVALSHA`.
+
+pub(crate) mod keys;
 
 use std::time::Duration;
 
@@ -67,10 +69,10 @@ pub(crate) struct Scripts {
 impl Scripts {
     pub(crate) fn new() -> Scripts {
         Scripts {
-            acquire: LuaScript::new(include_str!("scripts/acquire.lua")),
-            renew: LuaScript::new(include_str!("scripts/renew.lua")),
-            release: LuaScript::new(include_str!("scripts/release.lua")),
-            raise_fence: LuaScript::new(include_str!("scripts/raise_fence.lua")),
+            acquire: LuaScript::new(include_str!("acquire.lua")),
+            renew: LuaScript::new(include_str!("renew.lua")),
+            release: LuaScript::new(include_str!("release.lua")),
+            raise_fence: LuaScript::new(include_str!("raise_fence.lua")),
         }
     }
 }

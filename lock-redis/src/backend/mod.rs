@@ -1,5 +1,8 @@
 //! [`RedisBackend`]: leases in one Redis server, over an r2d2 pool and three Lua scripts.
 
+pub(crate) mod builder;
+pub(crate) mod eviction;
+
 use std::fmt;
 use std::sync::Arc;
 use std::time::Duration;
@@ -9,13 +12,13 @@ use lock_core::{
 };
 use redis::{Cmd, Value};
 
-use crate::builder::Config;
-use crate::errors::{closed_unread, is_retryable_elsewhere, CallFailure, RedisOperation};
-use crate::eviction::{read_eviction_policy, EvictionCheck};
-use crate::keys::{fence_key, lock_key, release_marker_key, ttl_millis};
-use crate::pool::{
+use crate::backend::builder::Config;
+use crate::backend::eviction::{read_eviction_policy, EvictionCheck};
+use crate::connection::pool::{
     pipeline_round_trip, round_trip, ConnectionPool, Deadline, PoolSettings, PooledConnection,
 };
+use crate::errors::{closed_unread, is_retryable_elsewhere, CallFailure, RedisOperation};
+use crate::scripts::keys::{fence_key, lock_key, release_marker_key, ttl_millis};
 use crate::scripts::{
     is_noscript, parse_acquire, parse_ownership, parse_renewals, LuaScript, Scripts,
 };

@@ -3,7 +3,7 @@
 use std::fmt;
 use std::time::Duration;
 
-use crate::url::{open_client, redact_url};
+use crate::connection::url::{open_client, redact_url};
 use crate::{RedisBackend, RedisBackendError};
 
 /// The largest pool a builder accepts.

@@ -5,8 +5,8 @@ use std::sync::atomic::{AtomicU8, Ordering};
 
 use redis::Value;
 
+use crate::connection::pool::{round_trip, Deadline, PooledConnection};
 use crate::errors::CallFailure;
-use crate::pool::{round_trip, Deadline, PooledConnection};
 
 /// The one policy under which a server never evicts a key.
 const NO_EVICTION: &str = "noeviction";

@@ -1,0 +1,6 @@
+//! Talking to one Redis server: URLs (parsed, checked and redacted) and the pool of
+//! connections whose every call is bounded in time. Every topology sends its commands through
+//! here.
+
+pub(crate) mod pool;
+pub(crate) mod url;
