@@ -124,6 +124,9 @@
 //! ACL SETUSER locker on >PASSWORD resetkeys ~lock:* resetchannels &lock:* -@all +evalsha +eval +script|load +get +set +pexpire +pttl +del +publish +time +ping +subscribe +unsubscribe +punsubscribe +info
 //! ```
 //!
+//! Log in as that user in the URL (`redis://locker:PASSWORD@host`) or with
+//! [`RedisBackendBuilder::credentials`].
+//!
 //! - `~lock:*`: the lock keys `lock:{KEY}`, the fence counters `lock:{KEY}:fence` and the
 //!   release markers `lock:{KEY}:released`.
 //! - `&lock:*`: the release channels, one per lock, named like its key. Redis 7 gives new users no channel

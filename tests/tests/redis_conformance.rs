@@ -61,3 +61,22 @@ fn real_redis() -> RealRedis {
 }
 
 lock_core::conformance_tests!(real_redis());
+
+/// The same suite as a Redis user that has exactly the documented ACL rules, logged in with the
+/// builder's `credentials` rather than through the URL.
+mod as_the_minimal_acl_user {
+    use super::*;
+
+    fn acl_redis() -> RealRedis {
+        let server = RedisServer::start();
+        server.add_acl_user("locker", "locker-pw", &lock_redis::acl_rules("lock:"));
+        let backend = RedisBackend::builder(&server.url())
+            .credentials("locker", "locker-pw")
+            .command_timeout(Duration::from_secs(2))
+            .build()
+            .unwrap();
+        RealRedis { server, backend }
+    }
+
+    lock_core::conformance_tests!(acl_redis());
+}

@@ -271,6 +271,36 @@ fn a_user_with_the_documented_acl_rules_can_do_everything_and_is_refused_nothing
 }
 
 #[test]
+fn credentials_given_to_the_builder_log_in_as_that_user_and_stay_secret() {
+    let server = RedisServer::start();
+    server.add_acl_user("locker", "locker-pw", &acl_rules("lock:"));
+    let with = |password: &str| {
+        RedisBackend::builder(&server.url())
+            .credentials("locker", password)
+            .connect_timeout(CALL)
+            .build()
+            .unwrap()
+    };
+
+    let backend = with("locker-pw");
+    fence_of(acquire(&backend, "k", "t", TTL));
+    assert_eq!(
+        connections_of(&server, "locker"),
+        1,
+        "not logged in as the user"
+    );
+    assert_eq!(backend.release("k", "t", CALL).unwrap(), Ownership::Owned);
+
+    let error = with("wrong-pw")
+        .try_acquire(&request("k", "t", TTL), CALL)
+        .unwrap_err();
+    assert!(!error.is_transient(), "{error}");
+    let text = format!("{} {error:?}", error_chain(&error));
+    assert!(text.contains("Password authentication failed"), "{text}");
+    assert!(!text.contains("wrong-pw"), "the password leaked: {text}");
+}
+
+#[test]
 fn a_user_without_the_channel_right_releases_and_is_not_woken_by_a_retry_loop() {
     let logs = captured_logs();
     let server = RedisServer::start();
@@ -350,6 +380,77 @@ fn a_user_without_a_key_or_command_right_gets_a_permanent_error_naming_it() {
         assert!(!error.is_transient(), "{what}: {error}");
         let text = error_chain(&error);
         assert!(text.contains(said), "{what}: {text}");
+    }
+}
+
+#[test]
+fn each_right_missing_in_turn_fails_clearly_and_leaves_no_lock_behind() {
+    let server = RedisServer::start();
+    let rules = acl_rules("lock:");
+    // Without these, leases cannot be held at all; the others only cost wake-ups (pub/sub),
+    // the eviction check (`INFO`) or connection draining (`PING`).
+    let required = [
+        "+evalsha",
+        "+eval",
+        "+script|load",
+        "+get",
+        "+set",
+        "+time",
+        "+pexpire",
+        "+del",
+    ];
+    let rights: Vec<&str> = rules
+        .split(' ')
+        .filter(|rule| rule.starts_with('+'))
+        .collect();
+    assert!(
+        required.iter().all(|right| rights.contains(right)),
+        "{rules}"
+    );
+    for (index, right) in rights.iter().enumerate() {
+        let without: Vec<&str> = rules.split(' ').filter(|rule| rule != right).collect();
+        let without = without.join(" ");
+        let url = server.add_acl_user(&format!("without-{index}"), "pw", &without);
+        let backend = backend_at(&url);
+        let key = format!("k{index}");
+        let mut failures = Vec::new();
+        match backend.try_acquire(&request(&key, "t", TTL), CALL) {
+            Err(error) => {
+                let held: bool = server.connection().exists(backend.lock_key(&key)).unwrap();
+                assert!(
+                    !held,
+                    "without {right}: a failed acquire left its lock behind"
+                );
+                failures.push(error);
+            }
+            Ok(outcome) => {
+                fence_of(outcome);
+                let calls = [
+                    renew_one(&backend, &request(&key, "t", TTL), CALL),
+                    backend.release(&key, "t", CALL),
+                ];
+                failures.extend(calls.into_iter().filter_map(Result::err));
+            }
+        }
+        for error in &failures {
+            assert!(
+                !error.is_transient(),
+                "without {right}: {}",
+                error_chain(error)
+            );
+            let text = error_chain(error);
+            assert!(
+                ["no permissions", "can't run this command"]
+                    .iter()
+                    .any(|said| text.contains(said)),
+                "without {right}, the error does not say a right is missing: {text}"
+            );
+        }
+        assert_eq!(
+            !failures.is_empty(),
+            required.contains(right),
+            "without {right}: {failures:?}"
+        );
     }
 }
 

@@ -131,6 +131,8 @@ fn invalid(reason: String) -> RedisBackendError {
 pub struct RedisBackendBuilder {
     url: String,
     config: Config,
+    /// An ACL user and its password, given apart from the URL.
+    credentials: Option<(String, String)>,
 }
 
 impl fmt::Debug for RedisBackendBuilder {
@@ -142,6 +144,10 @@ impl fmt::Debug for RedisBackendBuilder {
             .field("connect_timeout", &self.config.connect_timeout)
             .field("command_timeout", &self.config.command_timeout)
             .field("key_prefix", &self.config.key_prefix)
+            .field(
+                "user",
+                &self.credentials.as_ref().map(|(user, _password)| user),
+            )
             .finish()
     }
 }
@@ -151,6 +157,7 @@ impl RedisBackendBuilder {
         RedisBackendBuilder {
             url: url.to_owned(),
             config: Config::default(),
+            credentials: None,
         }
     }
 
@@ -227,6 +234,31 @@ impl RedisBackendBuilder {
         self
     }
 
+    /// Logs in as the ACL user `user` with `password`, instead of (or overriding) the user and
+    /// password in the URL: for secrets kept apart from configuration. The password never
+    /// appears in `Debug`, errors or logs. [`acl_rules`](crate::acl_rules) gives the rules such
+    /// a user needs, and no more.
+    ///
+    /// ```
+    /// use lock_redis::RedisBackend;
+    ///
+    /// let builder = RedisBackend::builder("redis://cache.internal:6379/0")
+    ///     .credentials("locker", "s3cret");
+    /// assert!(format!("{builder:?}").contains("locker"));
+    /// assert!(!format!("{builder:?}").contains("s3cret"));
+    /// let backend = builder.build()?;
+    /// assert!(!format!("{backend:?}").contains("s3cret"));
+    /// # Ok::<(), lock_redis::RedisBackendError>(())
+    /// ```
+    pub fn credentials(
+        mut self,
+        user: impl Into<String>,
+        password: impl Into<String>,
+    ) -> RedisBackendBuilder {
+        self.credentials = Some((user.into(), password.into()));
+        self
+    }
+
     /// Prepended to every key this backend writes (default `"lock:"`): the lock `jobs:42` is
     /// stored at `lock:{jobs:42}`, its fence counter at `lock:{jobs:42}:fence`, and its releases are
     /// published on the channel `lock:{jobs:42}`. Backends that share a prefix share locks.
@@ -266,7 +298,21 @@ impl RedisBackendBuilder {
     /// ```
     pub fn build(self) -> Result<RedisBackend, RedisBackendError> {
         self.config.validate()?;
-        let client = open_client(&self.url)?;
+        let mut client = open_client(&self.url)?;
+        if let Some((user, password)) = &self.credentials {
+            let info = client.get_connection_info().clone();
+            let settings = info
+                .redis_settings()
+                .clone()
+                .set_username(user)
+                .set_password(password);
+            client = redis::Client::open(info.set_redis_settings(settings)).map_err(|error| {
+                RedisBackendError::InvalidUrl {
+                    url: redact_url(&self.url),
+                    reason: error.to_string(),
+                }
+            })?;
+        }
         Ok(RedisBackend::from_parts(
             client,
             redact_url(&self.url),

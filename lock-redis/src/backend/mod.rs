@@ -449,10 +449,17 @@ impl RedisBackend {
             let mut retry = vec![script.load()];
             retry.extend(missing.iter().map(|&index| cmds[index].clone()));
             let resent = pipeline_round_trip(connection, &retry, deadline);
-            // The first reply is SCRIPT LOAD's: if it failed, the EVALSHAs say NOSCRIPT again.
-            let again = fill(resent.replies, resent.failure, retry.len(), deadline);
-            for (&index, reply) in missing.iter().zip(again.into_iter().skip(1)) {
-                replies[index] = reply;
+            let mut again = fill(resent.replies, resent.failure, retry.len(), deadline).into_iter();
+            // The first reply is SCRIPT LOAD's. If it was refused (a user without
+            // `script|load`), the EVALSHAs say NOSCRIPT again: the refusal is the answer.
+            let refused = again
+                .next()
+                .filter(|load| !matches!(load, Ok(value) if value.clone().extract_error().is_ok()));
+            for (&index, reply) in missing.iter().zip(again) {
+                replies[index] = match &refused {
+                    Some(load) if reply.as_ref().is_ok_and(is_noscript) => load.clone(),
+                    _ => reply,
+                };
             }
         }
         Ok(chunks

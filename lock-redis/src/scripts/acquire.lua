@@ -50,7 +50,11 @@ end
 -- the server's clock in microseconds. Reads and writes the counter in one command; when the
 -- counter turns out to be unusable, puts it back and gives the lock up, so nothing changed.
 local function grant()
-  local now = redis.call('TIME') -- seconds and microseconds, as text
+  local now = redis.pcall('TIME') -- seconds and microseconds, as text
+  if now.err then -- refused (a user without TIME): give the lock up, or it would stay behind
+    redis.call('DEL', KEYS[1])
+    return now
+  end
   local text = now[1] .. string.rep('0', 6 - #now[2]) .. now[2]
   local previous = redis.pcall('SET', KEYS[2], text, 'KEEPTTL', 'GET')
   local error = unusable(previous)
