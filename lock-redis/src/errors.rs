@@ -143,6 +143,24 @@ pub enum RedisBackendError {
         /// The reply, abbreviated.
         reply: String,
     },
+    /// The lock was taken, but fewer replicas than
+    /// [`min_replicas`](crate::RedisBackendBuilder::min_replicas) asked for acknowledged it
+    /// within its timeout (`WAIT`): a failover now could lose it. Transient: the lock manager
+    /// counts the attempt as failed and gives the key back, best effort.
+    #[error(
+        "redis acquire of lock {key:?}: {acknowledged} of {wanted} replicas acknowledged it \
+         within {waited:?}"
+    )]
+    NotReplicated {
+        /// The user's lock key.
+        key: String,
+        /// How many replicas acknowledged the write.
+        acknowledged: u32,
+        /// How many were asked for.
+        wanted: u32,
+        /// How long `WAIT` waited.
+        waited: Duration,
+    },
     /// A release was sent, its connection dropped before the reply came, and the retry found
     /// the key no longer held by the token: the first attempt may have deleted it, or the lease
     /// may have been lost before. Transient; the key is not held by the token either way.
@@ -165,6 +183,7 @@ impl RedisBackendError {
             | RedisBackendError::Command { operation, .. }
             | RedisBackendError::UnexpectedReply { operation, .. } => Some(*operation),
             RedisBackendError::ReleaseOutcomeUnknown { .. } => Some(RedisOperation::Release),
+            RedisBackendError::NotReplicated { .. } => Some(RedisOperation::Acquire),
             _ => None,
         }
     }
@@ -178,7 +197,8 @@ impl RedisBackendError {
             | RedisBackendError::UnexpectedReply { operation, key, .. } => {
                 operation.has_key().then_some(key.as_str())
             }
-            RedisBackendError::ReleaseOutcomeUnknown { key } => Some(key),
+            RedisBackendError::ReleaseOutcomeUnknown { key }
+            | RedisBackendError::NotReplicated { key, .. } => Some(key),
             _ => None,
         }
     }
@@ -210,6 +230,12 @@ pub(crate) enum CallFailure {
     UnexpectedReply(String),
     /// A release retried after a lost reply found the key gone.
     ReleaseOutcomeUnknown,
+    /// Too few replicas acknowledged a write in time.
+    NotReplicated {
+        acknowledged: u32,
+        wanted: u32,
+        waited: Duration,
+    },
 }
 
 impl CallFailure {
@@ -220,7 +246,9 @@ impl CallFailure {
             CallFailure::NoConnection { kind, .. } => *kind,
             CallFailure::Redis(error) => classify(error),
             CallFailure::UnexpectedReply(_) => BackendErrorKind::Permanent,
-            CallFailure::ReleaseOutcomeUnknown => BackendErrorKind::Transient,
+            CallFailure::ReleaseOutcomeUnknown | CallFailure::NotReplicated { .. } => {
+                BackendErrorKind::Transient
+            }
         }
     }
 
@@ -250,6 +278,16 @@ impl CallFailure {
                 reply,
             },
             CallFailure::ReleaseOutcomeUnknown => RedisBackendError::ReleaseOutcomeUnknown { key },
+            CallFailure::NotReplicated {
+                acknowledged,
+                wanted,
+                waited,
+            } => RedisBackendError::NotReplicated {
+                key,
+                acknowledged,
+                wanted,
+                waited,
+            },
         }
     }
 

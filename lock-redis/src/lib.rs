@@ -144,6 +144,7 @@
 //! - `+info`: the eviction policy check (`INFO memory`); without it the check is skipped, with a
 //!   debug log. `CONFIG GET` is tried after a refused `INFO`; it is not in the rules because it
 //!   also shows secrets such as `requirepass`.
+//! - Add `+wait` with [`RedisBackendBuilder::min_replicas`].
 //! - Add `+select` when the URL names a database other than 0, and on Redis 7.2 or later
 //!   `+client|setinfo` (the connection handshake sends it; a refusal is ignored, but shows in
 //!   `ACL LOG`).

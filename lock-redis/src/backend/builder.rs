@@ -28,6 +28,8 @@ pub(crate) struct Config {
     pub(crate) command_timeout: Duration,
     /// Prepended to every Redis key and to the release channel.
     pub(crate) key_prefix: String,
+    /// Replicas that must acknowledge an acquire, and how long to wait for them.
+    pub(crate) min_replicas: Option<(u32, Duration)>,
 }
 
 impl Config {
@@ -51,6 +53,7 @@ impl Default for Config {
             connect_timeout: Duration::from_secs(2),
             command_timeout: Duration::from_secs(2),
             key_prefix: "lock:".to_owned(),
+            min_replicas: None,
         }
     }
 }
@@ -72,6 +75,15 @@ impl Config {
             if !(MIN_TIMEOUT..=MAX_TIMEOUT).contains(&value) {
                 return Err(invalid(format!(
                     "{name} must be between {MIN_TIMEOUT:?} and {MAX_TIMEOUT:?}, not {value:?}"
+                )));
+            }
+        }
+        if let Some((replicas, timeout)) = self.min_replicas {
+            if replicas == 0 || !(MIN_TIMEOUT..self.command_timeout).contains(&timeout) {
+                return Err(invalid(format!(
+                    "min_replicas needs at least 1 replica and a timeout from {MIN_TIMEOUT:?} to \
+                     less than command_timeout ({:?}), not {replicas} and {timeout:?}",
+                    self.command_timeout
                 )));
             }
         }
@@ -144,6 +156,7 @@ impl fmt::Debug for RedisBackendBuilder {
             .field("connect_timeout", &self.config.connect_timeout)
             .field("command_timeout", &self.config.command_timeout)
             .field("key_prefix", &self.config.key_prefix)
+            .field("min_replicas", &self.config.min_replicas)
             .field(
                 "user",
                 &self.credentials.as_ref().map(|(user, _password)| user),
@@ -256,6 +269,41 @@ impl RedisBackendBuilder {
         password: impl Into<String>,
     ) -> RedisBackendBuilder {
         self.credentials = Some((user.into(), password.into()));
+        self
+    }
+
+    /// Makes every acquire wait until `replicas` replicas of the server have acknowledged it
+    /// (`WAIT replicas timeout`, on the connection that took the lock), for at most `timeout`,
+    /// which must be shorter than the [command timeout](Self::command_timeout). Off by
+    /// default.
+    ///
+    /// An acquire that fewer replicas acknowledged in time fails with the transient
+    /// [`RedisBackendError::NotReplicated`]: the lock manager counts the attempt as failed,
+    /// gives the key back (best effort) and tries again within its wait. A granted lease was
+    /// then on `replicas` replicas when it was granted; renewals and releases do not wait.
+    ///
+    /// What it does not do: `WAIT` does not make Redis strongly consistent. The write is in
+    /// the replicas' memory, not necessarily on disk; a failover may still promote a replica
+    /// that had not received it (Sentinel and Cluster prefer the most up to date one, but do not
+    /// promise it); and a lock whose `WAIT` timed out may still reach the replicas later. It
+    /// narrows the window in which a failover loses a fresh lock; fences are what keeps a
+    /// resource safe when it happens anyway. It costs each acquire the replication round trip.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use lock_redis::RedisBackend;
+    ///
+    /// let backend = RedisBackend::builder("redis://localhost")
+    ///     .min_replicas(1, Duration::from_millis(100))
+    ///     .build()?;
+    /// assert!(RedisBackend::builder("redis://localhost")
+    ///     .min_replicas(1, Duration::from_secs(5)) // longer than the 2 s command timeout
+    ///     .build()
+    ///     .is_err());
+    /// # Ok::<(), lock_redis::RedisBackendError>(())
+    /// ```
+    pub fn min_replicas(mut self, replicas: u32, timeout: Duration) -> RedisBackendBuilder {
+        self.config.min_replicas = Some((replicas, timeout));
         self
     }
 

@@ -474,6 +474,31 @@ impl RedisBackend {
     }
 }
 
+/// `WAIT replicas timeout` on the connection that just wrote: fails unless at least `replicas`
+/// replicas acknowledged every write it made.
+fn wait_for_replicas(
+    connection: &mut PooledConnection,
+    deadline: &Deadline,
+    (replicas, timeout): (u32, Duration),
+) -> Result<(), CallFailure> {
+    let mut wait = redis::cmd("WAIT");
+    wait.arg(replicas).arg(ttl_millis(timeout));
+    let started = std::time::Instant::now();
+    let reply = round_trip(connection, &wait, deadline)?.extract_error()?;
+    let acknowledged = match reply {
+        Value::Int(count) => u32::try_from(count).unwrap_or(0),
+        other => return Err(CallFailure::UnexpectedReply(format!("{other:?}"))),
+    };
+    if acknowledged >= replicas {
+        return Ok(());
+    }
+    Err(CallFailure::NotReplicated {
+        acknowledged,
+        wanted: replicas,
+        waited: started.elapsed(),
+    })
+}
+
 /// One `renew.lua` call renewing every lease of `chunk`: its lock keys, then a token and a TTL
 /// per key.
 fn renew_call(script: &LuaScript, prefix: &str, chunk: &[LeaseRequest<'_>]) -> Cmd {
@@ -537,15 +562,20 @@ impl LeaseBackend for RedisBackend {
         let lock = lock_key(prefix, request.key);
         let fence = fence_key(prefix, request.key);
         let ttl = ttl_millis(request.ttl).to_string();
-        let call = ScriptCall {
-            operation: RedisOperation::Acquire,
-            key: request.key,
-            script: &self.inner.scripts.acquire,
-            keys: &[&lock, &fence],
-            args: &[request.token, &ttl],
-        };
-        self.run_script(call, timeout, parse_acquire)
-            .map(|answer| answer.value)
+        let (keys, args) = ([lock.as_str(), &fence], [request.token, &ttl]);
+        let script = &self.inner.scripts.acquire;
+        let operation = RedisOperation::Acquire;
+        self.call(operation, request.key, timeout, |connection, deadline| {
+            let outcome = parse_acquire(Self::eval(connection, deadline, script, &keys, &args)?)?;
+            if let (AcquireOutcome::Acquired { .. }, Some(replicas)) =
+                (&outcome, self.inner.config.min_replicas)
+            {
+                wait_for_replicas(connection, deadline, replicas)?;
+            }
+            Ok(outcome)
+        })
+        .map(|answer| answer.value)
+        .map_err(|failure| failure.into_backend_error(operation, request.key))
     }
 
     /// Sends every renewal in one pipelined round trip: one script call per chunk of 128
