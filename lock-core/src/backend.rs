@@ -174,9 +174,12 @@ pub trait LeaseBackend: Send + Sync + 'static {
 
     /// Subscribes to the release of `key`, if the backend can tell waiters about releases.
     ///
-    /// The manager calls it *before* each attempt to acquire, so that a release between a failed
-    /// attempt and the wait still wakes the waiter. Must be cheap and must not block on the
-    /// network. The default returns `None`: waiters then rely on backoff alone.
+    /// The manager calls it once per wait, after a first attempt found the key held, and then
+    /// tries once more at once, so that a release between that attempt and the watch still
+    /// wakes the waiter; an acquire that gets the key at once never calls it. Must be cheap and
+    /// must not block on the network (a backend that subscribes to something does so in the
+    /// background, and wakes the watch once the subscription is in place, in case the key was
+    /// released meanwhile). The default returns `None`: waiters then rely on backoff alone.
     fn watch_release(&self, key: &str) -> Option<ReleaseWatch> {
         let _ = key;
         None
