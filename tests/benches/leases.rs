@@ -104,6 +104,9 @@ fn main() {
             if wanted("renewal") {
                 renewal_at_scale(&server);
             }
+            if wanted("replicas") {
+                replicas(placement);
+            }
         }
     }
     if wanted("memory") {
@@ -117,7 +120,14 @@ fn main() {
 }
 
 const PLACEMENT_NAMES: [&str; 2] = ["split", "same"];
-const REDIS_ROWS: [&str; 5] = ["uncontended", "saturated", "handoff", "redlock", "renewal"];
+const REDIS_ROWS: [&str; 6] = [
+    "uncontended",
+    "saturated",
+    "handoff",
+    "redlock",
+    "renewal",
+    "replicas",
+];
 
 /// Where the redis-servers and this process (every thread of it) run. Threads and child
 /// processes created after [`Placement::apply`] inherit its CPU.
@@ -915,6 +925,44 @@ fn handoff(url: &str, placement: &Placement) {
     let our_run = handoff_processes(url, "ours", PROCESSES, rounds, "handoff-processes");
     let raw_run = handoff_processes(url, "raw", PROCESSES, rounds, "raw:handoff-processes");
     print_handoff(placement, " 4 processes,", our_run, raw_run);
+}
+
+/// What `min_replicas(1, ..)` costs an acquire: acquire+release p50 on a master with one
+/// replica (both on the servers' CPU), with and without waiting for the replica's
+/// acknowledgement, in paired rounds.
+fn replicas(placement: &Placement) {
+    let master = RedisServer::start();
+    let replica = RedisServer::start();
+    replica.replicate(master.addr());
+    placement.apply(&[&master, &replica]);
+    let plain = ours(&master.url(), 1);
+    let waiting = LockManager::new(
+        RedisBackend::builder(&master.url())
+            .pool_size(1)
+            .min_replicas(1, Duration::from_millis(500))
+            .build()
+            .unwrap(),
+    );
+    // The replica's link comes up a moment before it acknowledges writes.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while waiting.try_acquire("replicas-probe", TTL).is_err() {
+        assert!(Instant::now() < deadline, "the replica never acknowledged");
+    }
+    let p50 = |manager: &LockManager, key: &str| {
+        percentile(&mut cycle_latencies(manager, key, 200), 0.5).as_secs_f64()
+    };
+    let figures = paired(
+        9,
+        &mut [&mut || p50(&plain, "replicas-plain"), &mut || {
+            p50(&waiting, "replicas-waiting")
+        }],
+    );
+    println!(
+        "replicas     acquire+release p50, min_replicas(1): {:>9.1?} vs without {:>9.1?}  ratio {:.2} (no target: the cost of WAIT)",
+        Duration::from_secs_f64(figures.medians[1]),
+        Duration::from_secs_f64(figures.medians[0]),
+        figures.ratios[1],
+    );
 }
 
 fn cycle_latencies(manager: &LockManager, key: &str, cycles: usize) -> Vec<Duration> {
