@@ -270,7 +270,7 @@ mod tests {
         assert!(
             String::from_utf8(scripts.acquire.eval(&["a", "b"], &[]).get_packed_command())
                 .unwrap()
-                .contains("redis.call('TIME')")
+                .contains("redis.pcall('TIME')")
         );
     }
 
