@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use crossbeam_channel::Receiver;
 
-use crate::{BackendError, DriftRule};
+use crate::{BackendError, DriftRule, KeyState};
 
 /// One lease as a backend sees it: a key, the owner's token and a time to live.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -97,7 +97,10 @@ impl fmt::Debug for ReleaseWatch {
 ///
 /// Numbered as the checks in [`conformance`](crate#conformance) that test each point; points 9
 /// to 15 are kept by the manager on top of any backend that keeps points 1 to 8 and states its
-/// drift rule, and are checked on every backend all the same.
+/// drift rule, and are checked on every backend all the same. Points 16 and 17 are the
+/// operators' calls, [`inspect`](LeaseBackend::inspect) and
+/// [`force_release`](LeaseBackend::force_release): a backend may leave them out (their
+/// defaults return [`BackendError::unsupported`], which the checks accept).
 ///
 /// 1. **mutual_exclusion**: `try_acquire` grants a key to one token at a time; while that
 ///    token's TTL runs, every other token gets [`AcquireOutcome::Held`]. The holder's own token
@@ -137,6 +140,15 @@ impl fmt::Debug for ReleaseWatch {
 ///     the manager releases its token, best effort.
 /// 15. **releasing_a_lost_lease_returns_promptly**: within
 ///     [`CLEANUP_TIMEOUT`](crate::CLEANUP_TIMEOUT), whatever the store does.
+/// 16. **inspect_reports_the_holder_and_its_fence**: while a token holds the key, `inspect`
+///     says [`KeyState::Held`], with a remaining TTL no longer than what is left of the
+///     holder's TTL and a fence no lower than the holder's; once the key is released or
+///     expired, [`KeyState::Free`] with a last fence no lower than any issued. It changes
+///     nothing.
+/// 17. **force_release_frees_the_key_and_fences_keep_growing**: `force_release` deletes the key
+///     whatever token holds it (and wakes its waiters); the holder's next renewal says
+///     [`Ownership::NotOwned`], and the next grant's fence is higher than the deleted
+///     holder's.
 ///
 /// All operations are atomic per key. An operation that fails must leave nothing behind (an
 /// acquire that errors has not taken the key). Errors must be classified:
@@ -194,6 +206,30 @@ pub trait LeaseBackend: Send + Sync + 'static {
     fn drift(&self) -> DriftRule {
         DriftRule::DEFAULT
     }
+
+    /// Says whether `key` is held, for how much longer, and its fence, without changing it.
+    ///
+    /// For operators and status pages (`lockctl status`), called by
+    /// [`LockManager::inspect`](crate::LockManager::inspect); never on the lease path. One round
+    /// trip (one per node on Redlock). The default returns the permanent
+    /// [`BackendError::unsupported`] error.
+    fn inspect(&self, key: &str, timeout: Duration) -> Result<KeyState, BackendError> {
+        let _ = (key, timeout);
+        Err(BackendError::unsupported("inspect"))
+    }
+
+    /// Deletes `key` whatever token holds it, and wakes its waiters; returns whether it was
+    /// held.
+    ///
+    /// For operators freeing a stuck lock (`lockctl release --force`), called by
+    /// [`LockManager::force_release`](crate::LockManager::force_release); never on the lease
+    /// path. The fence counter stays, so the next holder still gets a higher fence; the holder
+    /// finds out at its next renewal. The default returns the permanent
+    /// [`BackendError::unsupported`] error.
+    fn force_release(&self, key: &str, timeout: Duration) -> Result<bool, BackendError> {
+        let _ = (key, timeout);
+        Err(BackendError::unsupported("force_release"))
+    }
 }
 
 impl<B: LeaseBackend + ?Sized> LeaseBackend for std::sync::Arc<B> {
@@ -228,5 +264,13 @@ impl<B: LeaseBackend + ?Sized> LeaseBackend for std::sync::Arc<B> {
 
     fn drift(&self) -> DriftRule {
         (**self).drift()
+    }
+
+    fn inspect(&self, key: &str, timeout: Duration) -> Result<KeyState, BackendError> {
+        (**self).inspect(key, timeout)
+    }
+
+    fn force_release(&self, key: &str, timeout: Duration) -> Result<bool, BackendError> {
+        (**self).force_release(key, timeout)
     }
 }

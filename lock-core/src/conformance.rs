@@ -57,8 +57,9 @@ use crossbeam_channel::{Receiver, Sender};
 use parking_lot::Mutex;
 
 use crate::{
-    AcquireOutcome, BackendError, Clock, DriftRule, LeaseBackend, LeaseEvent, LeaseRequest,
-    LockManager, LockManagerBuilder, LostReason, Ownership, ReleaseWatch, CLEANUP_TIMEOUT,
+    AcquireOutcome, BackendError, Clock, DriftRule, KeyState, LeaseBackend, LeaseEvent,
+    LeaseRequest, LockManager, LockManagerBuilder, LostReason, Ownership, ReleaseWatch,
+    CLEANUP_TIMEOUT,
 };
 
 /// A backend under test, with the means to move its time and to break it.
@@ -621,6 +622,14 @@ impl LeaseBackend for Faulty {
     fn drift(&self) -> DriftRule {
         self.inner.drift()
     }
+
+    fn inspect(&self, key: &str, timeout: Duration) -> Result<KeyState, BackendError> {
+        self.inner.inspect(key, timeout)
+    }
+
+    fn force_release(&self, key: &str, timeout: Duration) -> Result<bool, BackendError> {
+        self.inner.force_release(key, timeout)
+    }
 }
 
 /// Contract 9: the holder trusts its lease for what the backend's drift rule leaves of the TTL,
@@ -920,6 +929,167 @@ pub fn releasing_a_lost_lease_returns_promptly(target: &dyn ConformanceTarget) {
     );
 }
 
+/// `Some(value)`, or `None` when the backend does not offer the operation: then its error must
+/// be the permanent [`BackendError::unsupported`] one.
+fn offered<T>(result: Result<T, BackendError>, operation: &str) -> Option<T> {
+    match result {
+        Err(error) if error.is_unsupported() => {
+            assert!(
+                !error.is_transient(),
+                "{operation}: an unsupported operation is permanent"
+            );
+            None
+        }
+        result => Some(result.unwrap_or_else(|error| panic!("{operation} failed: {error:?}"))),
+    }
+}
+
+/// Contract 16: `inspect` says who holds a key (its remaining TTL and fence) and when it is
+/// free (with the last fence issued), and changes nothing. A backend without it passes by
+/// returning the default's permanent `Unsupported` error.
+pub fn inspect_reports_the_holder_and_its_fence(target: &dyn ConformanceTarget) {
+    let key = target.key("inspect");
+    let ttl = target.ttl();
+    let backend = target.backend();
+    let inspect = |key: &str| backend.inspect(key, NO_LIMIT);
+    let Some(never_locked) = offered(inspect(&key), "inspect") else {
+        return;
+    };
+    assert!(
+        !never_locked.is_held(),
+        "a key never locked: {never_locked:?}"
+    );
+
+    // Held by a token nobody renews: the remaining TTL shrinks with time.
+    let AcquireOutcome::Acquired { fence } = backend
+        .try_acquire(&request(&key, "inspected", ttl), NO_LIMIT)
+        .unwrap()
+    else {
+        panic!("a free key was not granted");
+    };
+    let state = inspect(&key).unwrap();
+    let KeyState::Held {
+        remaining,
+        fence: seen,
+    } = state
+    else {
+        panic!("a held key was inspected as {state:?}");
+    };
+    assert!(
+        seen >= Some(fence),
+        "fence {seen:?} below the holder's {fence}"
+    );
+    assert!(
+        remaining.is_some_and(|left| left <= ttl),
+        "remaining {remaining:?} of {ttl:?}"
+    );
+    target.advance(ttl / 2);
+    let later = inspect(&key).unwrap();
+    assert!(
+        later
+            .remaining()
+            .is_some_and(|left| left <= ttl - ttl / 2 + Duration::from_millis(1)),
+        "after half the TTL: {later:?}"
+    );
+    // Inspecting changed nothing: the key is still the holder's.
+    assert!(
+        matches!(
+            backend
+                .try_acquire(&request(&key, "other", ttl), NO_LIMIT)
+                .unwrap(),
+            AcquireOutcome::Held { .. }
+        ),
+        "inspect freed the key"
+    );
+    assert_eq!(
+        renew_one(&*backend, &request(&key, "inspected", ttl), NO_LIMIT).unwrap(),
+        Ownership::Owned,
+        "inspect took the key from its holder"
+    );
+
+    // Released: free, and the last fence is remembered.
+    assert_eq!(
+        backend.release(&key, "inspected", NO_LIMIT).unwrap(),
+        Ownership::Owned
+    );
+    let state = inspect(&key).unwrap();
+    assert!(!state.is_held(), "a released key: {state:?}");
+    assert!(
+        state.fence() >= Some(fence),
+        "a released key's last fence: {state:?}"
+    );
+
+    // A lease of the manager, renewed: held, with the lease's fence.
+    let manager = manager(target);
+    let lease = manager.try_acquire(&key, ttl).unwrap().expect("free");
+    step(target, &[&manager], ttl / 2);
+    let state = manager.inspect(&key).unwrap();
+    assert!(
+        state.is_held() && state.fence() >= Some(lease.fence()),
+        "{state:?}"
+    );
+    assert!(lease.is_held(), "inspect cost the lease");
+
+    // Expired without renewal: free.
+    let other = target.key("inspect_expired");
+    assert!(matches!(
+        backend
+            .try_acquire(&request(&other, "silent", ttl), NO_LIMIT)
+            .unwrap(),
+        AcquireOutcome::Acquired { .. }
+    ));
+    target.advance(ttl + ttl / 10);
+    let state = inspect(&other).unwrap();
+    assert!(!state.is_held(), "an expired key: {state:?}");
+}
+
+/// Contract 17: `force_release` deletes a key whatever token holds it; its holder finds the
+/// lease lost at its next renewal, and the next holder gets a higher fence. A backend without
+/// it passes by returning the default's permanent `Unsupported` error.
+pub fn force_release_frees_the_key_and_fences_keep_growing(target: &dyn ConformanceTarget) {
+    let key = target.key("force_release");
+    let ttl = target.ttl();
+    let backend = target.backend();
+    let (manager, losses) = loss_counter(target.builder());
+    let stuck = manager.try_acquire(&key, ttl).unwrap().expect("free");
+    let Some(deleted) = offered(backend.force_release(&key, NO_LIMIT), "force_release") else {
+        return;
+    };
+    assert!(deleted, "force_release of a held key says nothing was held");
+    if let Some(state) = offered(backend.inspect(&key, NO_LIMIT), "inspect") {
+        assert!(!state.is_held(), "a force-released key: {state:?}");
+    }
+    let AcquireOutcome::Acquired { fence } = backend
+        .try_acquire(&request(&key, "next", ttl), NO_LIMIT)
+        .unwrap()
+    else {
+        panic!("a force-released key was still held");
+    };
+    assert!(
+        fence > stuck.fence(),
+        "fence {fence} after a forced release of {}",
+        stuck.fence()
+    );
+    step(target, &[&manager], ttl / 2);
+    assert!(
+        matches!(stuck.lost().try_recv(), Ok(LostReason::TakenOver)),
+        "the holder of a force-released key did not find it lost at its next renewal"
+    );
+    assert_eq!(losses.load(Ordering::SeqCst), 1, "Lost events");
+    assert_eq!(
+        backend.release(&key, "next", NO_LIMIT).unwrap(),
+        Ownership::Owned
+    );
+    // A key never locked (a released one may still be held by a Redlock node that released
+    // late, and rightly be reported deleted).
+    assert!(
+        !backend
+            .force_release(&target.key("force_release_free"), NO_LIMIT)
+            .unwrap(),
+        "force_release of a free key says it deleted something"
+    );
+}
+
 /// Stamps one `#[test]` per conformance check, each calling `$target` for a fresh
 /// [`ConformanceTarget`].
 ///
@@ -947,6 +1117,8 @@ macro_rules! conformance_tests {
             a_zero_wait_makes_one_real_attempt,
             an_acquire_that_gives_up_leaves_no_lock,
             releasing_a_lost_lease_returns_promptly,
+            inspect_reports_the_holder_and_its_fence,
+            force_release_frees_the_key_and_fences_keep_growing,
         );
     };
     (@checks $target:expr; $($check:ident,)*) => {

@@ -82,6 +82,7 @@ mod backend;
 mod clock;
 mod error;
 mod event;
+mod inspect;
 mod lease;
 mod manager;
 mod renewer;
@@ -99,6 +100,7 @@ pub use backend::{AcquireOutcome, LeaseBackend, LeaseRequest, Ownership, Release
 pub use clock::{Clock, ManualClock};
 pub use error::{BackendError, BackendErrorKind, Error, LostReason};
 pub use event::{EventHook, LeaseEvent, NoopHook, TracingHook};
+pub use inspect::{KeyState, Unsupported};
 pub use lease::Lease;
 pub use manager::{LockManager, LockManagerBuilder, RENEWER_THREAD_NAME};
 pub use retry::RetryPolicy;

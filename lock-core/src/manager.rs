@@ -19,6 +19,8 @@ use crate::{
     MAX_TTL,
 };
 
+mod operator;
+
 /// The name of every manager's renewer thread.
 pub const RENEWER_THREAD_NAME: &str = "lease-renewer";
 
@@ -481,11 +483,7 @@ impl fmt::Debug for LockManager {
 /// Checks a key and a TTL before any backend sees them; returns the validity `drift` leaves of
 /// the TTL.
 fn validate(key: &str, ttl: Duration, drift: DriftRule) -> Result<Duration, Error> {
-    if key.is_empty() {
-        return Err(Error::InvalidKey {
-            reason: "the key is empty",
-        });
-    }
+    validate_key(key)?;
     if ttl.is_zero() {
         return Err(Error::InvalidTtl {
             ttl,
@@ -502,6 +500,16 @@ fn validate(key: &str, ttl: Duration, drift: DriftRule) -> Result<Duration, Erro
         ttl,
         reason: "too short to leave any validity after the backend's clock drift allowance",
     })
+}
+
+/// Checks a key before any backend sees it.
+fn validate_key(key: &str) -> Result<(), Error> {
+    if key.is_empty() {
+        return Err(Error::InvalidKey {
+            reason: "the key is empty",
+        });
+    }
+    Ok(())
 }
 
 #[cfg(test)]

@@ -299,6 +299,30 @@ impl LeaseBackend for MemoryBackend {
     fn watch_release(&self, key: &str) -> Option<ReleaseWatch> {
         Some(self.store.waiters.register(key))
     }
+
+    fn inspect(&self, key: &str, _timeout: Duration) -> Result<lock_core::KeyState, BackendError> {
+        self.check_reachable()?;
+        let now = self.store.clock.now();
+        let keys = self.store.keys.lock();
+        let Some(state) = keys.get(key) else {
+            return Ok(lock_core::KeyState::Free { last_fence: None });
+        };
+        // Fences start at 1: a key whose every acquire was refused has issued none.
+        let fence = Some(state.last_fence).filter(|fence| *fence > 0);
+        Ok(match state.holder(now) {
+            Some((_, expires_at)) => lock_core::KeyState::Held {
+                remaining: Some(expires_at - now),
+                fence,
+            },
+            None => lock_core::KeyState::Free { last_fence: fence },
+        })
+    }
+
+    /// Deletes the key as [`revoke`](MemoryBackend::revoke) does.
+    fn force_release(&self, key: &str, _timeout: Duration) -> Result<bool, BackendError> {
+        self.check_reachable()?;
+        Ok(self.revoke(key))
+    }
 }
 
 #[cfg(test)]

@@ -23,6 +23,11 @@ pub enum RedisOperation {
     Release,
     /// The write-back of a Redlock fence to one node.
     RaiseFence,
+    /// [`LeaseBackend::inspect`](lock_core::LeaseBackend::inspect): reading who holds a lock.
+    Inspect,
+    /// [`LeaseBackend::force_release`](lock_core::LeaseBackend::force_release): deleting a
+    /// lock whatever its token.
+    ForceRelease,
     /// [`RedisBackend::eviction_policy`](crate::RedisBackend::eviction_policy): reading the
     /// server's `maxmemory-policy`. Not about a lock key.
     EvictionPolicy,
@@ -42,6 +47,8 @@ impl fmt::Display for RedisOperation {
             RedisOperation::Renew => "renew",
             RedisOperation::Release => "release",
             RedisOperation::RaiseFence => "raise fence",
+            RedisOperation::Inspect => "inspection",
+            RedisOperation::ForceRelease => "forced release",
             RedisOperation::EvictionPolicy => "eviction policy check",
         })
     }

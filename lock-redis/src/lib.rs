@@ -69,6 +69,12 @@
 //!   When the marker is gone too (a later holder released since), the release fails with
 //!   [`RedisBackendError::ReleaseOutcomeUnknown`], a transient error that is no loss.
 //!
+//! - **inspect** (for operators: `lockctl status`) reads the lock key's `PTTL` and its fence
+//!   counter in one script, changing nothing.
+//! - **force release** (for operators: `lockctl release --force`) deletes the lock key whatever
+//!   its token and publishes the release; the fence counter stays, so the next holder's fence
+//!   is still higher, and the holder finds its key gone at its next renewal.
+//!
 //! Calls send `EVALSHA`, falling back to `EVAL` when the server's script cache is empty (after
 //! a restart).
 //!

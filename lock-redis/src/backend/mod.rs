@@ -2,6 +2,7 @@
 
 pub(crate) mod builder;
 pub(crate) mod eviction;
+mod operator;
 
 use std::fmt;
 use std::sync::Arc;
@@ -653,6 +654,16 @@ impl LeaseBackend for RedisBackend {
     /// [`from_pool`](RedisBackend::from_pool).
     fn watch_release(&self, key: &str) -> Option<ReleaseWatch> {
         self.watch(key)
+    }
+
+    /// One script reads the lock's `PTTL` and its fence counter at one instant.
+    fn inspect(&self, key: &str, timeout: Duration) -> Result<lock_core::KeyState, BackendError> {
+        self.inspect_lock(key, timeout)
+    }
+
+    /// One script deletes the lock key (not its fence counter) and publishes the release.
+    fn force_release(&self, key: &str, timeout: Duration) -> Result<bool, BackendError> {
+        self.force_release_lock(key, timeout)
     }
 }
 

@@ -1,11 +1,13 @@
 //! [`RedlockBackend`]: one lease on a majority of independent Redis masters.
 //!
 //! One file per job: `builder` checks the settings, `node` runs each master's workers,
-//! `acquire` takes a majority and its fence, `quorum` counts answers and names failures.
+//! `acquire` takes a majority and its fence, `quorum` counts answers and names failures,
+//! `operator` inspects and force-releases keys for operators.
 
 mod acquire;
 mod builder;
 mod node;
+mod operator;
 mod quorum;
 
 use std::fmt;
@@ -43,6 +45,12 @@ const REPLY_GRACE: Duration = Duration::from_millis(50);
 /// - **Renew** succeeds when a majority renews; the lease is reported taken over once a
 ///   majority can no longer be reached with our token.
 /// - **Release** goes to every node.
+/// - **Inspect** (for operators) asks every node and waits for all answers: the key is held
+///   when the nodes holding it leave no majority free (no acquire can succeed), for as long as
+///   it takes enough of their TTLs to run out; free when a majority says so; otherwise a
+///   transient error. Its fence is the highest any node reports.
+/// - **Force release** (for operators) deletes the key on every node, whatever its token, and
+///   succeeds once a majority answered; a node that missed it keeps its copy until its TTL.
 /// - **A node that refuses a call for good** (a permanent error: `WRONGTYPE`, `NOAUTH`,
 ///   `NOPERM`…) costs what a dead node costs: it counts as failed for that call. A call fails
 ///   with a permanent error only when such refusals alone leave too few nodes for a majority.
@@ -308,6 +316,19 @@ impl LeaseBackend for RedlockBackend {
             .nodes
             .iter()
             .find_map(|node| node.backend.watch_release(key))
+    }
+
+    /// Asks every node; held when the nodes holding the key leave no majority free, free when
+    /// a majority says so, with the highest fence of any node (see the
+    /// [`KeyState`](lock_core::KeyState) docs).
+    fn inspect(&self, key: &str, timeout: Duration) -> Result<lock_core::KeyState, BackendError> {
+        self.inspect_everywhere(key, timeout)
+    }
+
+    /// Deletes the key on every node; succeeds once a majority answered, `true` when any node
+    /// held it.
+    fn force_release(&self, key: &str, timeout: Duration) -> Result<bool, BackendError> {
+        self.force_release_everywhere(key, timeout)
     }
 }
 

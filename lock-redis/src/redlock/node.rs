@@ -6,7 +6,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::{RecvTimeoutError, Sender};
-use lock_core::{AcquireOutcome, BackendError, LeaseBackend, LeaseRequest, Ownership};
+use lock_core::{AcquireOutcome, BackendError, KeyState, LeaseBackend, LeaseRequest, Ownership};
 use parking_lot::Mutex;
 
 use crate::connection::pool::Deadline;
@@ -118,6 +118,18 @@ pub(super) enum Job {
         timeout: Duration,
         reply: Reply<Result<Ownership, BackendError>>,
     },
+    /// An operator's look at the key on this node.
+    Inspect {
+        key: Arc<str>,
+        deadline: Deadline,
+        reply: Reply<Result<KeyState, BackendError>>,
+    },
+    /// An operator's deletion of the key on this node, whatever its token.
+    ForceRelease {
+        key: Arc<str>,
+        deadline: Deadline,
+        reply: Reply<Result<bool, BackendError>>,
+    },
 }
 
 impl Job {
@@ -182,6 +194,26 @@ impl Job {
                     cleanup.remember(key, token, ttl.unwrap_or(CLEANUP_UNKNOWN_TTL));
                 }
                 let _ = reply.send((index, result));
+            }
+            Job::Inspect {
+                key,
+                deadline,
+                reply,
+            } => {
+                let Some(timeout) = time_left(&deadline) else {
+                    return;
+                };
+                let _ = reply.send((index, backend.inspect(&key, timeout)));
+            }
+            Job::ForceRelease {
+                key,
+                deadline,
+                reply,
+            } => {
+                let Some(timeout) = time_left(&deadline) else {
+                    return;
+                };
+                let _ = reply.send((index, backend.force_release(&key, timeout)));
             }
         }
     }

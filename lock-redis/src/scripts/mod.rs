@@ -5,6 +5,7 @@
 //! which also caches the script for the next `EVALSHA`.
 
 pub(crate) mod keys;
+pub(crate) mod operator;
 
 use std::time::Duration;
 
@@ -64,6 +65,10 @@ pub(crate) struct Scripts {
     pub(crate) release: LuaScript,
     /// `raise_fence.lua`: raise the fence counter to at least a given fence (Redlock).
     pub(crate) raise_fence: LuaScript,
+    /// `inspect.lua`: read a lock's remaining TTL and fence counter at one instant.
+    pub(crate) inspect: LuaScript,
+    /// `force_release.lua`: delete a lock whatever its token, and publish the release.
+    pub(crate) force_release: LuaScript,
 }
 
 impl Scripts {
@@ -73,6 +78,8 @@ impl Scripts {
             renew: LuaScript::new(include_str!("renew.lua")),
             release: LuaScript::new(include_str!("release.lua")),
             raise_fence: LuaScript::new(include_str!("raise_fence.lua")),
+            inspect: LuaScript::new(include_str!("inspect.lua")),
+            force_release: LuaScript::new(include_str!("force_release.lua")),
         }
     }
 }
@@ -263,7 +270,7 @@ mod tests {
         assert!(
             String::from_utf8(scripts.acquire.eval(&["a", "b"], &[]).get_packed_command())
                 .unwrap()
-                .contains("redis.call('TIME')")
+                .contains("redis.pcall('TIME')")
         );
     }
 
