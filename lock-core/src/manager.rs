@@ -431,13 +431,7 @@ impl LockManager {
             )));
         }
         let due = renewal_due(self.config.renew_fraction, sent_at, validity, valid_until);
-        shared.mailbox.send(
-            Command::Track {
-                lease: lease.clone(),
-                due,
-            },
-            Wake::Before(due),
-        );
+        shared.mailbox.track(lease.clone(), due);
         shared.hook.on_event(&LeaseEvent::Acquired {
             key,
             fence,

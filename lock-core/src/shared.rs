@@ -40,8 +40,7 @@ impl ManagerShared {
         };
         // Untrack before the delete: the renewer drops the lease, and a renewal already in flight
         // cannot revive the key, because renewals only extend a key that holds our token.
-        self.mailbox
-            .send(Command::Untrack(Arc::clone(lease)), Wake::Lazily);
+        self.mailbox.untrack(lease);
         let token = lease.token.text();
         let timeout = if lost.is_some() {
             CLEANUP_TIMEOUT

@@ -13,6 +13,7 @@ use parking_lot::Mutex;
 
 use crate::clock::saturating_add;
 use crate::event::{EventHook, LeaseEvent};
+use crate::handoff::{HandedOff, HandoffSlot};
 use crate::schedule::{nanos, Scheduled, Slot};
 use crate::LostReason;
 
@@ -108,6 +109,8 @@ pub(crate) struct LeaseShared {
     validity_nanos: u64,
     /// The lease's place on the renewer's schedule.
     slot: Slot,
+    /// The lease's place in the hand-off to the renewer, until the renewer takes it.
+    handoff: HandoffSlot,
     state: Mutex<LeaseState>,
 }
 
@@ -118,6 +121,12 @@ impl Scheduled for std::sync::Arc<LeaseShared> {
 
     fn slot(&self) -> &Slot {
         &self.slot
+    }
+}
+
+impl HandedOff for std::sync::Arc<LeaseShared> {
+    fn handoff_slot(&self) -> &HandoffSlot {
+        &self.handoff
     }
 }
 
@@ -140,6 +149,7 @@ impl LeaseShared {
             ttl_nanos: nanos(ttl),
             validity_nanos: nanos(validity),
             slot: Slot::new(),
+            handoff: HandoffSlot::new(),
             state: Mutex::new(LeaseState {
                 valid_until: saturating_add(sent_at, validity),
                 phase: Phase::Held,
