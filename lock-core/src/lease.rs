@@ -37,6 +37,8 @@ use crate::{Error, LostReason};
 pub struct Lease {
     shared: Arc<LeaseShared>,
     manager: Arc<ManagerShared>,
+    /// Set by [`release`](Lease::release), so that the drop after it does not release again.
+    released: bool,
 }
 
 impl fmt::Debug for Lease {
@@ -52,7 +54,11 @@ impl fmt::Debug for Lease {
 
 impl Lease {
     pub(crate) fn new(shared: Arc<LeaseShared>, manager: Arc<ManagerShared>) -> Lease {
-        Lease { shared, manager }
+        Lease {
+            shared,
+            manager,
+            released: false,
+        }
     }
 
     /// The key this lease holds.
@@ -159,13 +165,17 @@ impl Lease {
     /// A lease that was already lost is released best effort, within
     /// [`CLEANUP_TIMEOUT`](crate::CLEANUP_TIMEOUT), so a caller reacting to the loss is not
     /// held up by a server that no longer answers.
-    pub fn release(self) -> Result<(), Error> {
+    pub fn release(mut self) -> Result<(), Error> {
+        self.released = true;
         self.manager.release(&self.shared)
     }
 }
 
 impl Drop for Lease {
     fn drop(&mut self) {
+        if self.released {
+            return;
+        }
         if let Err(error) = self.manager.release(&self.shared) {
             tracing::debug!(key = %self.shared.key, %error, "releasing a dropped lease failed");
         }

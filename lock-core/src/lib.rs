@@ -74,14 +74,17 @@
 //! worker (`lease-renew-io`) that makes its backend calls. The renewer sleeps until the next
 //! lease falls due (with none, for at most a second) and hands every due lease to the worker in
 //! batches of [`LockManagerBuilder::batch_size`], one backend call per batch; while a batch is
-//! in flight it watches the end of each of its leases' validity. Neither thread holds a handle
-//! that keeps the manager alive: when the last [`LockManager`] clone and the last [`Lease`] are
-//! dropped, both are told to stop and joined.
+//! in flight it watches the end of each of its leases' validity. An acquire wakes the renewer
+//! only for a lease due before the renewer's next wake-up, and a lease released before then
+//! never reaches it: an uncontended acquire and release wake no thread. Neither thread holds a
+//! handle that keeps the manager alive: when the last [`LockManager`] clone and the last
+//! [`Lease`] are dropped, both are told to stop and joined.
 
 mod backend;
 mod clock;
 mod error;
 mod event;
+mod handoff;
 mod inspect;
 mod lease;
 mod manager;

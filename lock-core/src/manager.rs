@@ -1,7 +1,6 @@
 //! [`LockManager`]: acquires leases, waits for busy keys, and owns the renewer thread.
 
 use std::fmt;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -183,7 +182,6 @@ impl LockManagerBuilder {
                 backend: self.backend,
                 clock: self.clock,
                 hook: self.hook,
-                next_id: AtomicU64::new(1),
                 mailbox,
                 renewer: Mutex::new(Some(renewer)),
             }),
@@ -420,11 +418,9 @@ impl LockManager {
             AcquireOutcome::Acquired { fence } => fence,
             AcquireOutcome::Held { remaining } => return Ok(Attempt::Held { remaining }),
         };
-        let id = shared.next_id.fetch_add(1, Ordering::Relaxed);
-        let lease = Arc::new(LeaseShared::new(
-            id, key, token, fence, ttl, validity, sent_at,
-        ));
-        let valid_until = lease.valid_until();
+        let mut lease = LeaseShared::new(key, token, fence, ttl, validity, sent_at);
+        let valid_until = lease.valid_until_unshared();
+        let lease = Arc::new(lease);
         if shared.clock.now() >= valid_until {
             // The answer came too late to leave any validity: give the key back.
             self.clean_up(key, ttl, token);
@@ -433,13 +429,7 @@ impl LockManager {
             )));
         }
         let due = renewal_due(self.config.renew_fraction, sent_at, validity, valid_until);
-        shared.mailbox.send(
-            Command::Track {
-                lease: lease.clone(),
-                due,
-            },
-            Wake::Before(due),
-        );
+        shared.mailbox.track(lease.clone(), due);
         shared.hook.on_event(&LeaseEvent::Acquired {
             key,
             fence,

@@ -1,10 +1,11 @@
 //! The renewer: one named thread per manager that keeps every tracked lease's time, and its
 //! I/O worker, which makes the backend calls.
 //!
-//! The renewer owns a [`Schedule`] and reads [`Command`]s from a crossbeam channel. It never
-//! blocks on the backend: it hands due leases to its worker in batches (one `renew_batch` call
-//! each) and, while a batch is in flight, watches the end of each of its leases' validity, so a
-//! loss is reported on time however long another call takes. The loop only waits, applies
+//! The renewer owns a [`Schedule`] and reads [`Command`]s from a crossbeam channel; new leases
+//! reach it through a [`Handoff`], which a release takes them back from if the renewer has not
+//! taken them yet. It never blocks on the backend: it hands due leases to its worker in batches
+//! (one `renew_batch` call each) and, while a batch is in flight, watches the end of each of its
+//! leases' validity, so a loss is reported on time however long another call takes. The loop only waits, applies
 //! commands and answers, and sends batches; the due times come from the schedule's rules, the
 //! validity from each lease's state.
 
@@ -17,6 +18,7 @@ use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
 
 use crate::clock::saturating_add;
 use crate::event::{EventHook, LeaseEvent};
+use crate::handoff::Handoff;
 use crate::schedule::{nanos, renewal_due, retry_due, Schedule};
 use crate::state::{LeaseShared, Token, TokenText};
 use crate::{BackendError, Clock, LeaseBackend, LeaseRequest, LostReason, Ownership};
@@ -26,12 +28,7 @@ pub(crate) const WORKER_THREAD_NAME: &str = "lease-renew-io";
 
 /// A message to the renewer thread.
 pub(crate) enum Command {
-    /// Start renewing a lease, first at `due`.
-    Track {
-        lease: Arc<LeaseShared>,
-        due: Instant,
-    },
-    /// Stop renewing a lease (it is being released).
+    /// Stop renewing a lease that the renewer took from the hand-off (it is being released).
     Untrack(Arc<LeaseShared>),
     /// The worker's answer to a batch.
     Answered(Answer),
@@ -189,52 +186,54 @@ struct Renewer {
     clean_ups: Vec<(Instant, CleanUp)>,
 }
 
-/// How many commands may wait before the renewer is woken to read them, whatever their due
-/// times: this bounds the memory held by released leases that the renewer has not forgotten yet.
+/// How many commands, or new leases, may wait before the renewer is woken to take them,
+/// whatever their due times: this bounds the memory held by released leases that the renewer
+/// has not forgotten yet.
 const QUEUE_WAKE_LEN: usize = 1024;
 
 /// The longest the renewer sleeps with no lease scheduled.
 const IDLE_WAKE_INTERVAL: Duration = Duration::from_secs(1);
 
-/// The renewer's mailbox: commands, a doorbell, and when the renewer plans to wake up.
+/// The renewer's mailbox: commands, new leases, a doorbell, and when the renewer plans to wake
+/// up.
 ///
-/// Commands go into an unbounded channel that the renewer does not block on; it blocks on the
-/// doorbell. A sender rings only when the renewer must act before it would wake anyway (a lease
-/// due earlier than its planned wake-up, a `Settle`, a `Shutdown`) or when the queue grows long.
-/// Waking a thread costs more than an in-memory acquire, so most acquires and releases ring
-/// nothing.
+/// Commands go into an unbounded channel and new leases into a [`Handoff`], neither of which
+/// the renewer blocks on; it blocks on the doorbell, and takes both whenever it wakes. A sender
+/// rings only when the renewer must act before it would wake anyway (a lease due earlier than
+/// its planned wake-up, a `Settle`, a `Shutdown`) or when the queue grows long. Waking a thread
+/// costs more than an in-memory acquire, so most acquires and releases ring nothing, and a
+/// lease released before the renewer wakes sends nothing at all.
 #[derive(Clone)]
 pub(crate) struct Mailbox {
     commands: Sender<Command>,
     doorbell: Sender<()>,
-    plan: Arc<WakePlan>,
+    shared: Arc<MailboxShared>,
 }
 
 /// The renewer's side of a [`Mailbox`]: it ends when the manager drops the mailbox.
 pub(crate) struct Inbox {
     commands: Receiver<Command>,
     doorbell: Receiver<()>,
-    plan: Arc<WakePlan>,
+    shared: Arc<MailboxShared>,
 }
 
 /// When a command needs the renewer awake.
 pub(crate) enum Wake {
     /// At once.
     Now,
-    /// By this time: ring only if the renewer plans to sleep past it.
-    Before(Instant),
     /// Whenever it next wakes (a released lease that comes due first is skipped anyway).
     Lazily,
 }
 
-/// When the renewer plans to wake up, shared by the mailbox and the inbox.
-struct WakePlan {
+/// What the mailbox and the inbox share: new leases, and when the renewer plans to wake up.
+struct MailboxShared {
+    new_leases: Handoff<Arc<LeaseShared>>,
     /// Nanoseconds after `epoch`.
     wakes_at: AtomicU64,
     epoch: Instant,
 }
 
-impl WakePlan {
+impl MailboxShared {
     fn nanos(&self, at: Instant) -> u64 {
         nanos(at.saturating_duration_since(self.epoch))
     }
@@ -245,19 +244,20 @@ impl Mailbox {
     fn new(epoch: Instant) -> (Mailbox, Inbox) {
         let (commands, command_rx) = crossbeam_channel::unbounded();
         let (doorbell, doorbell_rx) = crossbeam_channel::bounded(1);
-        let plan = Arc::new(WakePlan {
+        let shared = Arc::new(MailboxShared {
+            new_leases: Handoff::new(),
             wakes_at: AtomicU64::new(0),
             epoch,
         });
         let mailbox = Mailbox {
             commands,
             doorbell,
-            plan: plan.clone(),
+            shared: shared.clone(),
         };
         let inbox = Inbox {
             commands: command_rx,
             doorbell: doorbell_rx,
-            plan,
+            shared,
         };
         (mailbox, inbox)
     }
@@ -267,14 +267,36 @@ impl Mailbox {
         if self.commands.send(command).is_err() {
             return; // the renewer is gone
         }
-        let plan = &self.plan;
         let urgent = match wake {
             Wake::Now => true,
-            Wake::Before(due) => plan.nanos(due) < plan.wakes_at.load(Ordering::SeqCst),
             Wake::Lazily => false,
         };
-        if urgent || self.commands.len() >= QUEUE_WAKE_LEN {
-            // Full means already rung: one ring wakes the renewer for every queued command.
+        self.ring_if(urgent || self.commands.len() >= QUEUE_WAKE_LEN);
+    }
+
+    /// Hands a new lease to the renewer, to be renewed first at `due`; rings the doorbell only
+    /// if the renewer plans to sleep past `due`, or when many leases wait.
+    pub(crate) fn track(&self, lease: Arc<LeaseShared>, due: Instant) {
+        let shared = &*self.shared;
+        let waiting = shared.new_leases.push(lease, due);
+        // Read after the push: a renewer that found the hand-off empty before sleeping had
+        // published its plan first, so this reads that plan or a later one (see
+        // `Handoff::is_empty`).
+        let late = shared.nanos(due) < shared.wakes_at.load(Ordering::SeqCst);
+        self.ring_if(late || waiting >= QUEUE_WAKE_LEN);
+    }
+
+    /// Stops renewing a lease that is being released: takes it back from the hand-off, or, if
+    /// the renewer has taken it, tells the renewer to forget it whenever it next wakes.
+    pub(crate) fn untrack(&self, lease: &Arc<LeaseShared>) {
+        if !self.shared.new_leases.take_back(lease) {
+            self.send(Command::Untrack(lease.clone()), Wake::Lazily);
+        }
+    }
+
+    fn ring_if(&self, ring: bool) {
+        if ring {
+            // Full means already rung: one ring wakes the renewer for everything queued.
             let _ = self.doorbell.try_send(());
         }
     }
@@ -289,12 +311,13 @@ impl Inbox {
         // make the first acquire after every drain ring (a system call) when leases come and go
         // quickly, as they do in a loop of acquire and release.
         let wake_at = next_due.unwrap_or_else(|| saturating_add(clock.now(), IDLE_WAKE_INTERVAL));
-        self.plan
+        let shared = &*self.shared;
+        shared
             .wakes_at
-            .store(self.plan.nanos(wake_at), Ordering::SeqCst);
+            .store(shared.nanos(wake_at), Ordering::SeqCst);
         // A sender that read the old wake-up time before the store above may not have rung:
-        // whatever it sent is in the queue by now, so look before sleeping.
-        if !self.commands.is_empty() {
+        // whatever it sent is queued or handed off by now, so look before sleeping.
+        if !self.commands.is_empty() || !shared.new_leases.is_empty() {
             return true;
         }
         !matches!(
@@ -308,10 +331,10 @@ impl Renewer {
     /// Runs until `Shutdown`, or until the manager is gone.
     fn run(mut self, inbox: &Inbox) {
         let mut settled = Vec::new();
+        let mut new_leases = Vec::new();
         loop {
             for command in inbox.commands.try_iter() {
                 match command {
-                    Command::Track { lease, due } => self.schedule.track(lease, due),
                     Command::Untrack(lease) => {
                         self.schedule.remove(&lease);
                     }
@@ -333,6 +356,12 @@ impl Renewer {
                     Command::Settle(reply) => settled.push(reply),
                     Command::Shutdown => return,
                 }
+            }
+            // After the commands: a lease handed off before a `Settle` was sent is taken before
+            // it is answered. An `Untrack` only comes for a lease taken (and tracked) before.
+            inbox.shared.new_leases.take_all(&mut new_leases);
+            for (lease, due) in new_leases.drain(..) {
+                self.schedule.track(lease, due);
             }
             self.send_due();
             self.retry_clean_ups();

@@ -1,7 +1,6 @@
 //! [`ManagerShared`]: what a manager's handles and its leases share, and the release path that
 //! both the guard and its drop take.
 
-use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Duration;
@@ -23,7 +22,6 @@ pub(crate) struct ManagerShared {
     pub(crate) backend: Arc<dyn LeaseBackend>,
     pub(crate) clock: Clock,
     pub(crate) hook: Arc<dyn EventHook>,
-    pub(crate) next_id: AtomicU64,
     pub(crate) mailbox: Mailbox,
     pub(crate) renewer: Mutex<Option<JoinHandle<()>>>,
 }
@@ -40,8 +38,7 @@ impl ManagerShared {
         };
         // Untrack before the delete: the renewer drops the lease, and a renewal already in flight
         // cannot revive the key, because renewals only extend a key that holds our token.
-        self.mailbox
-            .send(Command::Untrack(Arc::clone(lease)), Wake::Lazily);
+        self.mailbox.untrack(lease);
         let token = lease.token.text();
         let timeout = if lost.is_some() {
             CLEANUP_TIMEOUT

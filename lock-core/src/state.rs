@@ -13,6 +13,7 @@ use parking_lot::Mutex;
 
 use crate::clock::saturating_add;
 use crate::event::{EventHook, LeaseEvent};
+use crate::handoff::{HandedOff, HandoffSlot};
 use crate::schedule::{nanos, Scheduled, Slot};
 use crate::LostReason;
 
@@ -34,8 +35,11 @@ pub enum LeaseStatus {
 #[derive(Clone, Copy, PartialEq, Eq)]
 pub(crate) struct Token([u64; 2]);
 
+/// How long a token's text is: 32 hex digits.
+const TOKEN_LEN: usize = 32;
+
 /// A token's text, as backends see it.
-pub(crate) struct TokenText([u8; 32]);
+pub(crate) struct TokenText([u8; TOKEN_LEN]);
 
 impl Token {
     pub(crate) fn random() -> Token {
@@ -43,19 +47,38 @@ impl Token {
         Token([high, low])
     }
 
+    /// The UUID's 32 lower-case hex digits, without hyphens: see [`hex_digits`].
     pub(crate) fn text(&self) -> TokenText {
-        let mut hex = [0u8; 32];
         let [high, low] = self.0;
-        uuid::Uuid::from_u64_pair(high, low)
-            .simple()
-            .encode_lower(&mut hex);
+        let mut hex = [0u8; TOKEN_LEN];
+        hex[..16].copy_from_slice(&hex_digits(high));
+        hex[16..].copy_from_slice(&hex_digits(low));
         TokenText(hex)
     }
 }
 
+/// The 16 lower-case hex digits of `value`, most significant first.
+///
+/// A token is written on every acquire and every release, so this works on all 16 digits at
+/// once (a few arithmetic steps on a `u128`, one digit per byte) rather than one at a time.
+fn hex_digits(value: u64) -> [u8; 16] {
+    /// A one in each byte: 0x0101...01.
+    const BYTES: u128 = u128::MAX / 0xff;
+    // Spread the 16 nibbles apart, in order, until each has a byte of its own.
+    let mut nibbles = u128::from(value);
+    nibbles = (nibbles | nibbles << 32) & 0x0000_0000_ffff_ffff_0000_0000_ffff_ffff;
+    nibbles = (nibbles | nibbles << 16) & 0x0000_ffff_0000_ffff_0000_ffff_0000_ffff;
+    nibbles = (nibbles | nibbles << 8) & 0x00ff_00ff_00ff_00ff_00ff_00ff_00ff_00ff;
+    nibbles = (nibbles | nibbles << 4) & 0x0f0f_0f0f_0f0f_0f0f_0f0f_0f0f_0f0f_0f0f;
+    // Each byte is now a digit n in 0..16: '0' + n, plus ('a' - '0' - 10) where n > 9. No
+    // byte carries into the next: every sum stays below 256.
+    let letters = ((nibbles + BYTES * 6) >> 4) & BYTES;
+    (nibbles + BYTES * u128::from(b'0') + letters * u128::from(b'a' - b'0' - 10)).to_be_bytes()
+}
+
 impl TokenText {
     pub(crate) fn as_str(&self) -> &str {
-        // Always valid: `encode_lower` writes ASCII hex digits only.
+        // Always valid: `Token::text` writes ASCII hex digits only.
         std::str::from_utf8(&self.0).unwrap_or_default()
     }
 }
@@ -96,7 +119,6 @@ enum Report {
 
 /// The shared part of one lease.
 pub(crate) struct LeaseShared {
-    pub(crate) id: u64,
     pub(crate) key: Box<str>,
     pub(crate) token: Token,
     pub(crate) fence: u64,
@@ -108,12 +130,15 @@ pub(crate) struct LeaseShared {
     validity_nanos: u64,
     /// The lease's place on the renewer's schedule.
     slot: Slot,
+    /// The lease's place in the hand-off to the renewer, until the renewer takes it.
+    handoff: HandoffSlot,
     state: Mutex<LeaseState>,
 }
 
 impl Scheduled for std::sync::Arc<LeaseShared> {
+    /// The lease's address: unique among live leases, and the schedule keeps its leases alive.
     fn id(&self) -> u64 {
-        self.id
+        std::sync::Arc::as_ptr(self) as usize as u64
     }
 
     fn slot(&self) -> &Slot {
@@ -121,10 +146,15 @@ impl Scheduled for std::sync::Arc<LeaseShared> {
     }
 }
 
+impl HandedOff for std::sync::Arc<LeaseShared> {
+    fn handoff_slot(&self) -> &HandoffSlot {
+        &self.handoff
+    }
+}
+
 impl LeaseShared {
     /// A held lease, granted by a request sent at `sent_at`, trusted for `validity` from then.
     pub(crate) fn new(
-        id: u64,
         key: &str,
         token: Token,
         fence: u64,
@@ -133,13 +163,13 @@ impl LeaseShared {
         sent_at: Instant,
     ) -> LeaseShared {
         LeaseShared {
-            id,
             key: key.into(),
             token,
             fence,
             ttl_nanos: nanos(ttl),
             validity_nanos: nanos(validity),
             slot: Slot::new(),
+            handoff: HandoffSlot::new(),
             state: Mutex::new(LeaseState {
                 valid_until: saturating_add(sent_at, validity),
                 phase: Phase::Held,
@@ -158,6 +188,11 @@ impl LeaseShared {
 
     pub(crate) fn valid_until(&self) -> Instant {
         self.state.lock().valid_until
+    }
+
+    /// The end of validity of a lease not shared yet: read without taking the lock.
+    pub(crate) fn valid_until_unshared(&mut self) -> Instant {
+        self.state.get_mut().valid_until
     }
 
     /// The status at `now`; a lease past its validity is lost now, whoever asks.
@@ -344,5 +379,22 @@ fn expire_locked(state: &mut LeaseState, now: Instant) -> Report {
         lose_locked(state, LostReason::Expired)
     } else {
         Report::Nothing
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_token_is_written_as_its_uuids_hex_digits() {
+        let token = Token([0x0123_4567_89ab_cdef, 0xfedc_ba98_7654_3210]);
+        assert_eq!(token.text().as_str(), "0123456789abcdeffedcba9876543210");
+        for _ in 0..100 {
+            let token = Token::random();
+            let [high, low] = token.0;
+            let uuid = uuid::Uuid::from_u64_pair(high, low);
+            assert_eq!(token.text().as_str(), uuid.simple().to_string());
+        }
     }
 }

@@ -2,13 +2,15 @@
 //! panics, and the renewer thread's life.
 #![allow(clippy::unwrap_used)] // test helpers: a failed setup is a failed test
 
+use std::collections::HashMap;
 use std::panic::{catch_unwind, AssertUnwindSafe};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Barrier};
 use std::time::{Duration, Instant};
 
 use lock_core::{
-    LeaseEvent, LeaseStatus, LockManager, LostReason, ManualClock, RetryPolicy, MAX_TTL, MIN_TTL,
+    Lease, LeaseEvent, LeaseStatus, LockManager, LostReason, ManualClock, RetryPolicy, MAX_TTL,
+    MIN_TTL,
 };
 use lock_memory::MemoryBackend;
 
@@ -367,11 +369,10 @@ fn a_panicking_hook_stops_neither_renewal_nor_loss_reports() {
     drop(lease); // the Released event panics in the hook: caught, not an abort
 }
 
-#[test]
-fn a_lease_that_does_not_wake_the_renewer_is_still_renewed() {
-    // Acquiring rings the renewer only for a lease due before it plans to wake. With nothing
-    // scheduled it still plans to wake within a second, so a lease due later is picked up then.
-    let clock = ManualClock::new();
+/// A manager in virtual time that sends the new end of validity of each renewal.
+fn renewal_reporting_manager(
+    clock: &ManualClock,
+) -> (LockManager, std::sync::mpsc::Receiver<Instant>) {
     let backend = MemoryBackend::with_clock(clock.clone());
     let (renewed_tx, renewed) = std::sync::mpsc::channel();
     let manager = LockManager::builder(backend)
@@ -383,14 +384,111 @@ fn a_lease_that_does_not_wake_the_renewer_is_still_renewed() {
         })
         .build()
         .unwrap();
-    let lease = manager.acquire("idle", TTL).unwrap();
+    (manager, renewed)
+}
+
+/// Acquires `key` for `ttl`, then moves the clock to half the TTL, past the first renewal's due
+/// time (a third of the validity), with no `settle()`, which would wake the renewer itself: the
+/// lease must be renewed all the same.
+fn renewed_without_settling(key: &str, ttl: Duration) {
+    let clock = ManualClock::new();
+    let (manager, renewed) = renewal_reporting_manager(&clock);
+    // Let the renewer fall asleep, planning to wake in a (virtual) second: a lease it took
+    // before sleeping would not show whether the acquire rang.
+    manager.settle();
+    std::thread::sleep(Duration::from_millis(50));
+    let lease = manager.acquire(key, ttl).unwrap();
     let acquired_until = lease.valid_until();
-    // Past the first renewal's due time (a third of the validity), with no `settle()`, which
-    // would wake the renewer itself.
-    clock.advance(TTL / 2);
-    let renewed_until = renewed
-        .recv_timeout(Duration::from_secs(10))
-        .expect("the lease was never renewed");
-    assert!(renewed_until > acquired_until);
+    clock.advance(ttl / 2);
+    let renewed_until = renewed.recv_timeout(Duration::from_secs(10)).ok();
+    assert!(
+        renewed_until.is_some_and(|until| until > acquired_until),
+        "the lease was never renewed"
+    );
     assert!(lease.is_held());
+}
+
+#[test]
+fn a_lease_that_does_not_wake_the_renewer_is_still_renewed() {
+    // Acquiring rings the renewer only for a lease due before it plans to wake. With nothing
+    // scheduled it still plans to wake within a second, so a lease due later is picked up then.
+    renewed_without_settling("idle", TTL);
+}
+
+#[test]
+fn a_lease_due_before_the_renewer_would_wake_wakes_it() {
+    // Due after 100 ms, long before the idle renewer's next wake-up (a second away): the
+    // acquire rings it, or the lease would be lost at 300 ms.
+    renewed_without_settling("brief", Duration::from_millis(300));
+}
+
+#[test]
+fn leases_released_before_the_renewer_takes_them_are_forgotten_and_held_ones_are_renewed() {
+    // An acquire hands its lease to the renewer without a message, and a release takes it back
+    // unless the renewer took it first. Race the two, waking the renewer all the time.
+    const THREADS: usize = 4;
+    const LEASES: usize = 500;
+    let clock = ManualClock::new();
+    let backend = MemoryBackend::with_clock(clock.clone());
+    let renewals = Arc::new(parking_lot::Mutex::new(HashMap::<String, usize>::new()));
+    let counted = renewals.clone();
+    let manager = LockManager::builder(backend.clone())
+        .clock(clock.clone())
+        .event_hook(move |event: &LeaseEvent<'_>| {
+            if let LeaseEvent::Renewed { key, .. } = event {
+                *counted.lock().entry((*key).to_owned()).or_default() += 1;
+            }
+        })
+        .build()
+        .unwrap();
+    let done = AtomicBool::new(false);
+    let start = Barrier::new(THREADS + 1);
+    let held: Vec<Lease> = std::thread::scope(|scope| {
+        let waker = scope.spawn(|| {
+            start.wait();
+            while !done.load(Ordering::SeqCst) {
+                manager.settle();
+            }
+        });
+        let workers: Vec<_> = (0..THREADS)
+            .map(|thread| {
+                let (manager, start) = (&manager, &start);
+                scope.spawn(move || {
+                    start.wait();
+                    let mut held = Vec::new();
+                    for n in 0..LEASES {
+                        let key = format!("{thread}-{n}");
+                        let lease = manager.try_acquire(&key, TTL).unwrap().unwrap();
+                        if n % 2 == 0 {
+                            held.push(lease);
+                        } else {
+                            lease.release().unwrap();
+                        }
+                    }
+                    held
+                })
+            })
+            .collect();
+        // Every worker joined before the waker stops, and only then a failure unwrapped.
+        let results: Vec<_> = workers.into_iter().map(|worker| worker.join()).collect();
+        done.store(true, Ordering::SeqCst);
+        waker.join().unwrap();
+        results.into_iter().flat_map(|held| held.unwrap()).collect()
+    });
+    // A whole TTL, a third at a time: each held lease is renewed every time, and lives.
+    for _ in 0..3 {
+        clock.advance(TTL / 3);
+        manager.settle();
+    }
+    let renewals = renewals.lock();
+    assert_eq!(renewals.len(), held.len(), "only held leases were renewed");
+    for lease in &held {
+        assert!(lease.is_held(), "{} was lost", lease.key());
+        assert_eq!(renewals.get(lease.key()), Some(&3), "{}", lease.key());
+    }
+    for thread in 0..THREADS {
+        for n in (1..LEASES).step_by(2) {
+            assert!(!backend.is_locked(&format!("{thread}-{n}")));
+        }
+    }
 }
