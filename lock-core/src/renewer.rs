@@ -9,6 +9,7 @@
 //! commands and answers, and sends batches; the due times come from the schedule's rules, the
 //! validity from each lease's state.
 
+use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
@@ -111,6 +112,8 @@ pub(crate) fn start(settings: RenewerSettings) -> std::io::Result<(Mailbox, Join
         renew_fraction: settings.renew_fraction,
         batch_size: settings.batch_size,
         in_flight: 0,
+        renewing: 0,
+        waiting: VecDeque::new(),
         clean_ups: Vec::new(),
     };
     let thread = std::thread::Builder::new()
@@ -182,6 +185,11 @@ struct Renewer {
     batch_size: usize,
     /// Jobs sent to the worker and not answered yet.
     in_flight: usize,
+    /// Renewal batches with the worker.
+    renewing: usize,
+    /// Leases due for renewal, in due order, each with the end of its validity (and watched
+    /// until then), waiting for a batch: see [`Renewer::send_due`].
+    waiting: VecDeque<(Arc<LeaseShared>, Instant)>,
     /// Clean-ups that failed, and when to try each again (few: one per failed acquire).
     clean_ups: Vec<(Instant, CleanUp)>,
 }
@@ -190,6 +198,9 @@ struct Renewer {
 /// whatever their due times: this bounds the memory held by released leases that the renewer
 /// has not forgotten yet.
 const QUEUE_WAKE_LEN: usize = 1024;
+
+/// The most renewal batches with the worker at once: one in its call, and a full one ready.
+const MAX_BATCHES_IN_FLIGHT: usize = 2;
 
 /// The longest the renewer sleeps with no lease scheduled.
 const IDLE_WAKE_INTERVAL: Duration = Duration::from_secs(1);
@@ -340,6 +351,7 @@ impl Renewer {
                     }
                     Command::Answered(answer) => {
                         self.in_flight = self.in_flight.saturating_sub(1);
+                        self.renewing = self.renewing.saturating_sub(1);
                         self.apply(answer);
                     }
                     Command::CleanUp(clean_up) => self.send_clean_up(clean_up),
@@ -365,7 +377,7 @@ impl Renewer {
             }
             self.send_due();
             self.retry_clean_ups();
-            if self.in_flight == 0 {
+            if self.in_flight == 0 && self.waiting.is_empty() {
                 for reply in settled.drain(..) {
                     let _ = reply.send(());
                 }
@@ -403,44 +415,74 @@ impl Renewer {
         }
     }
 
-    /// Reports the in-flight leases whose validity ran out, and sends every lease due now to
-    /// the worker, in batches.
+    /// Reports the in-flight leases whose validity ran out, watches every lease due now until
+    /// the end of its validity, and sends batches of them to the worker.
+    ///
+    /// A batch goes when none is with the worker, and a second one only when it is full: the
+    /// worker makes one call at a time, so under load the leases that come due while a call
+    /// runs go together in the next, instead of in many small calls queued behind it, and a
+    /// full batch waiting behind the call keeps the worker busy.
     fn send_due(&mut self) {
         let hook = &*self.hook;
+        let now = self.clock.now();
         loop {
-            let now = self.clock.now();
             let due = self.schedule.pop_due(now, self.batch_size);
             for lease in &due.overdue {
                 lease.expire_if_due(now, hook);
             }
             if due.renew.is_empty() && due.overdue.is_empty() {
-                return;
+                break;
             }
-            let mut leases = Vec::with_capacity(due.renew.len());
-            let mut timeout = Duration::MAX;
             for lease in due.renew {
                 // Lost and released leases leave the schedule here.
                 let Some(valid_until) = lease.renewable_until(now, hook) else {
                     continue;
                 };
-                timeout = timeout.min(valid_until.saturating_duration_since(now));
                 self.schedule.watch_in_flight(lease.clone(), valid_until);
-                leases.push(lease);
-            }
-            if leases.is_empty() {
-                continue;
-            }
-            let batch = Batch {
-                leases,
-                sent_at: now,
-                timeout,
-            };
-            // A worker that is gone cannot answer: the leases are reported lost when their
-            // validity ends, as in-flight leases whose answer never came.
-            if self.backend_jobs.send(Job::Renew(batch)).is_ok() {
-                self.in_flight += 1;
+                self.waiting.push_back((lease, valid_until));
             }
         }
+        while self.renewing == 0
+            || (self.renewing < MAX_BATCHES_IN_FLIGHT && self.waiting.len() >= self.batch_size)
+        {
+            if !self.send_waiting(now) {
+                return;
+            }
+        }
+    }
+
+    /// Sends the first `batch_size` waiting leases to the worker in one batch; false if none
+    /// was sent.
+    fn send_waiting(&mut self, now: Instant) -> bool {
+        let mut leases = Vec::with_capacity(self.batch_size.min(self.waiting.len()));
+        let mut timeout = Duration::MAX;
+        while leases.len() < self.batch_size {
+            let Some((lease, valid_until)) = self.waiting.pop_front() else {
+                break;
+            };
+            // Released, or reported lost when its validity ended, while it waited.
+            if !self.schedule.is_in_flight(&lease) {
+                continue;
+            }
+            timeout = timeout.min(valid_until.saturating_duration_since(now));
+            leases.push(lease);
+        }
+        if leases.is_empty() {
+            return false;
+        }
+        let batch = Batch {
+            leases,
+            sent_at: now,
+            timeout,
+        };
+        // A worker that is gone cannot answer: the leases are reported lost when their
+        // validity ends, as in-flight leases whose answer never came.
+        if self.backend_jobs.send(Job::Renew(batch)).is_err() {
+            return false;
+        }
+        self.in_flight += 1;
+        self.renewing += 1;
+        true
     }
 
     /// Applies the backend's answer to a batch.
