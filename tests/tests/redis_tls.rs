@@ -398,6 +398,30 @@ fn a_plain_text_port_is_a_handshake_timeout_within_the_timeouts() {
     assert!(message.contains("plain-text port"), "{message}");
 }
 
+/// With the default timeouts (connect and checkout 2 s each), the attempt under way may not
+/// have failed when the call gives up: the error still says TLS may be why.
+#[test]
+fn with_the_default_timeouts_a_plain_text_port_is_still_reported_as_a_tls_problem() {
+    let pki = TestPki::generate();
+    let server = RedisServer::start();
+    let url = format!("rediss://127.0.0.1:{}", server.port());
+    let backend = RedisBackend::builder(&url)
+        .tls_ca_pem(pki.ca_pem.clone())
+        .build()
+        .unwrap();
+    let started = Instant::now();
+    let error = backend
+        .try_acquire(&request("k", "t", TTL), CALL)
+        .unwrap_err();
+    let message = error_chain(&error);
+    assert!(
+        started.elapsed() < Duration::from_secs(2) + SLACK,
+        "{message}"
+    );
+    assert!(error.is_transient(), "{message}");
+    assert!(message.contains("TLS handshake"), "{message}");
+}
+
 #[test]
 fn a_silent_server_fails_the_tls_handshake_within_the_connect_timeout() {
     let pki = TestPki::generate();

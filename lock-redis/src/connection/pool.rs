@@ -291,6 +291,12 @@ impl ConnectionPool {
             pool_error
         } else if state.connections >= self.max_size() && state.idle_connections == 0 {
             format!("all {} pooled connections are in use", self.max_size())
+        } else if matches!(self, ConnectionPool::Bounded { tls: true, .. }) {
+            // With a connect timeout as long as the checkout's, the attempt under way may not
+            // have failed yet: over TLS, a silent handshake is as likely as a silent connect.
+            "the server did not accept a connection, or did not complete the TLS handshake, in \
+             time"
+                .to_owned()
         } else {
             "the server did not accept a connection in time".to_owned()
         };
