@@ -10,6 +10,9 @@ use std::time::Duration;
 use lock_core::{BackendError, BackendErrorKind};
 use redis::{ErrorKind, RedisError, ServerErrorKind};
 
+use crate::connection::tls::handshake_failure;
+use crate::TlsFailure;
+
 /// Which backend call failed, named in every [`RedisBackendError`] about a call.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 #[non_exhaustive]
@@ -94,7 +97,7 @@ pub enum RedisBackendError {
         /// What is wrong with it.
         reason: String,
     },
-    /// The URL asks for something this build cannot do (TLS, for example).
+    /// The URL or a setting asks for something this build cannot do.
     #[error("unsupported: {what}")]
     Unsupported {
         /// What is unsupported, and why.
@@ -128,6 +131,27 @@ pub enum RedisBackendError {
         waited: Duration,
         /// Why, as far as the pool knows (the last failed connection attempt).
         reason: String,
+    },
+    /// A TLS connection could not be set up: the server's certificate was rejected, the server
+    /// refused ours, or the handshake went unanswered. [`failure`](Self::Tls::failure) says which;
+    /// the source is the [`rustls::Error`] when rustls failed (downcast it), else the socket's
+    /// I/O error. Permanent unless [`TlsFailure::is_transient`].
+    #[error(
+        "redis {}: no TLS connection within {waited:?}: {failure}",
+        subject(.operation, .key)
+    )]
+    Tls {
+        /// The call.
+        operation: RedisOperation,
+        /// The user's lock key (empty for a call about no key).
+        key: String,
+        /// How long the call waited for a connection.
+        waited: Duration,
+        /// What went wrong.
+        failure: TlsFailure,
+        /// The [`rustls::Error`], or the I/O error of the socket.
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
     },
     /// Redis, or the connection to it, failed the command. What Redis said is the source.
     #[error("redis {} failed", subject(.operation, .key))]
@@ -187,6 +211,7 @@ impl RedisBackendError {
         match self {
             RedisBackendError::Timeout { operation, .. }
             | RedisBackendError::NoConnection { operation, .. }
+            | RedisBackendError::Tls { operation, .. }
             | RedisBackendError::Command { operation, .. }
             | RedisBackendError::UnexpectedReply { operation, .. } => Some(*operation),
             RedisBackendError::ReleaseOutcomeUnknown { .. } => Some(RedisOperation::Release),
@@ -200,12 +225,28 @@ impl RedisBackendError {
         match self {
             RedisBackendError::Timeout { operation, key, .. }
             | RedisBackendError::NoConnection { operation, key, .. }
+            | RedisBackendError::Tls { operation, key, .. }
             | RedisBackendError::Command { operation, key, .. }
             | RedisBackendError::UnexpectedReply { operation, key, .. } => {
                 operation.has_key().then_some(key.as_str())
             }
             RedisBackendError::ReleaseOutcomeUnknown { key }
             | RedisBackendError::NotReplicated { key, .. } => Some(key),
+            _ => None,
+        }
+    }
+
+    /// What went wrong setting up TLS, for a [`Tls`](Self::Tls) error.
+    ///
+    /// ```
+    /// use lock_redis::{RedisBackend, RedisBackendError};
+    ///
+    /// let error = RedisBackend::connect("localhost:6379").unwrap_err();
+    /// assert_eq!(error.tls_failure(), None);
+    /// ```
+    pub fn tls_failure(&self) -> Option<TlsFailure> {
+        match self {
+            RedisBackendError::Tls { failure, .. } => Some(*failure),
             _ => None,
         }
     }
@@ -231,6 +272,12 @@ pub(crate) enum CallFailure {
         reason: String,
         kind: BackendErrorKind,
     },
+    /// A TLS connection attempt failed: what went wrong, and the error that said so.
+    Tls {
+        waited: Duration,
+        failure: TlsFailure,
+        error: RedisError,
+    },
     /// A command failed.
     Redis(RedisError),
     /// A reply of the wrong shape.
@@ -251,6 +298,7 @@ impl CallFailure {
         match self {
             CallFailure::Timeout { .. } => BackendErrorKind::Transient,
             CallFailure::NoConnection { kind, .. } => *kind,
+            CallFailure::Tls { failure, .. } => failure.kind(),
             CallFailure::Redis(error) => classify(error),
             CallFailure::UnexpectedReply(_) => BackendErrorKind::Permanent,
             CallFailure::ReleaseOutcomeUnknown | CallFailure::NotReplicated { .. } => {
@@ -273,6 +321,18 @@ impl CallFailure {
                 key,
                 waited,
                 reason,
+            },
+            CallFailure::Tls {
+                waited,
+                failure,
+                error,
+            } => RedisBackendError::Tls {
+                operation,
+                key,
+                waited,
+                failure,
+                source: handshake_failure(&error)
+                    .map_or_else(|| Box::new(error) as _, |(_, source)| source),
             },
             CallFailure::Redis(source) => RedisBackendError::Command {
                 operation,
@@ -302,6 +362,24 @@ impl CallFailure {
     pub(crate) fn into_backend_error(self, operation: RedisOperation, key: &str) -> BackendError {
         let kind = self.kind();
         BackendError::new(kind, self.into_error(operation, key))
+    }
+}
+
+/// The failure of a call that got no connection because the last attempt to open one failed
+/// with `error`: a [`CallFailure::Tls`] when a TLS client's attempt failed in the TLS layer,
+/// else a [`CallFailure::NoConnection`] classified by [`classify`].
+pub(crate) fn connect_failure(waited: Duration, error: &RedisError, tls: bool) -> CallFailure {
+    match tls.then(|| handshake_failure(error)).flatten() {
+        Some((failure, _)) => CallFailure::Tls {
+            waited,
+            failure,
+            error: error.clone(),
+        },
+        None => CallFailure::NoConnection {
+            waited,
+            reason: format!("the last connection attempt failed: {error}"),
+            kind: classify(error),
+        },
     }
 }
 
@@ -548,6 +626,36 @@ pub(crate) mod tests {
     }
 
     #[test]
+    fn tls_failures_are_typed_with_the_rustls_error_as_source() {
+        let rejected = RedisError::from(io::Error::new(
+            io::ErrorKind::InvalidData,
+            rustls::Error::InvalidCertificate(rustls::CertificateError::Expired),
+        ));
+        let failure = connect_failure(Duration::from_millis(5), &rejected, true);
+        assert_eq!(failure.kind(), BackendErrorKind::Permanent);
+        let error = failure.into_error(RedisOperation::Acquire, "k");
+        assert_eq!(error.tls_failure(), Some(TlsFailure::Expired));
+        assert_eq!(error.operation(), Some(RedisOperation::Acquire));
+        assert_eq!(error.key(), Some("k"));
+        let source = std::error::Error::source(&error).unwrap();
+        assert_eq!(
+            source.downcast_ref::<rustls::Error>(),
+            Some(&rustls::Error::InvalidCertificate(
+                rustls::CertificateError::Expired
+            ))
+        );
+        assert!(chain(&error).contains("has expired"), "{}", chain(&error));
+
+        // A silent server: transient. Not TLS at all (a plain client): no TLS failure.
+        let silent = io_error(io::ErrorKind::WouldBlock);
+        let failure = connect_failure(Duration::from_secs(1), &silent, true);
+        assert_eq!(failure.kind(), BackendErrorKind::Transient);
+        assert!(matches!(failure, CallFailure::Tls { .. }));
+        let plain = connect_failure(Duration::from_secs(1), &silent, false);
+        assert!(matches!(plain, CallFailure::NoConnection { .. }));
+    }
+
+    #[test]
     fn calls_about_no_lock_key_do_not_name_one() {
         let error = CallFailure::Timeout {
             waited: Duration::from_secs(1),
@@ -574,6 +682,19 @@ pub(crate) mod tests {
             },
             CallFailure::Redis(server_error("NOPERM this user has no permissions")),
             CallFailure::Redis(io_error(io::ErrorKind::ConnectionReset)),
+            CallFailure::Tls {
+                waited: Duration::from_millis(20),
+                failure: TlsFailure::UnknownIssuer,
+                error: RedisError::from(io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    rustls::Error::InvalidCertificate(rustls::CertificateError::UnknownIssuer),
+                )),
+            },
+            CallFailure::Tls {
+                waited: Duration::from_millis(20),
+                failure: TlsFailure::HandshakeTimeout,
+                error: io_error(io::ErrorKind::WouldBlock),
+            },
             CallFailure::UnexpectedReply("Okay".into()),
             CallFailure::ReleaseOutcomeUnknown,
         ];

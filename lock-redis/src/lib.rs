@@ -40,6 +40,58 @@
 //! # Ok::<(), RedisBackendError>(())
 //! ```
 //!
+//! # TLS
+//!
+//! A `rediss://` URL connects over TLS (rustls, through the `redis` crate's `tls-rustls`):
+//! Redis 6 or later started with `--tls-port`. The builder takes the CA that signed the server's
+//! certificate and, for a server run with `tls-auth-clients yes`, a client certificate and key
+//! (mutual TLS); [`RedlockBuilder`] takes the same, for every node:
+//!
+//! ```
+//! use lock_redis::RedisBackend;
+//!
+//! # let ca = rcgen::generate_simple_self_signed(vec!["redis.internal".to_owned()])?;
+//! # let client = rcgen::generate_simple_self_signed(vec!["app".to_owned()])?;
+//! # let (ca_pem, cert_pem, key_pem) = (ca.cert.pem(), client.cert.pem(), client.signing_key.serialize_pem());
+//! let backend = RedisBackend::builder("rediss://:secret@redis.internal:6380/0")
+//!     .tls_ca_pem(ca_pem) // or .tls_ca_file("/etc/redis/tls/ca.crt")
+//!     .tls_client_cert_pem(cert_pem, key_pem.clone()) // or .tls_client_cert_files(cert, key)
+//!     .build()?;
+//! let shown = format!("{backend:?}");
+//! assert!(!shown.contains("secret") && !shown.contains(&key_pem));
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! ```
+//!
+//! - **Trust**: without a CA, the system's certificate store (read on each new connection);
+//!   with one, only the CAs given. The certificate must name the URL's host: its DNS name, or
+//!   its IP address for a URL such as `rediss://10.0.0.5:6380`.
+//! - **Checked when built**: the CA, certificate and key files are read by `build`, which fails
+//!   with [`RedisBackendError::InvalidConfig`] for a file it cannot read, PEM without a
+//!   certificate or key, or a key that does not match its certificate, and for TLS settings on a
+//!   URL that is not `rediss://`. Messages name files and problems, never a key's contents.
+//! - **Failures are typed**: a call that cannot set up TLS fails with
+//!   [`RedisBackendError::Tls`], whose [`TlsFailure`] says what went wrong and whose source is
+//!   the [`rustls::Error`] (or the socket's error). Certificate problems (unknown CA, a name
+//!   mismatch, an expired certificate, a client certificate missing or refused) and a server
+//!   that answers in plain text are permanent, reported at once. A server that stays silent
+//!   during the handshake (paused, unreachable behind a proxy, or a plain-text Redis port,
+//!   which waits silently for the end of a command) or closes the connection in its middle is
+//!   transient: each attempt ends within the connect timeout, and the call within its checkout
+//!   timeout, as for plain TCP.
+//! - **Development only**: [`danger_accept_invalid_certificates`](RedisBackendBuilder::danger_accept_invalid_certificates)
+//!   (or a URL ending in `#insecure`) accepts any certificate, and logs a warning for every
+//!   backend built with it.
+//! - **Crypto provider**: the `redis` crate builds its rustls configuration with rustls'
+//!   *process-wide default* crypto provider and cannot be given one. Building a `rediss://`
+//!   backend therefore installs rustls' ring provider as that default **if the program has
+//!   installed none** (a program that installs its own, say aws-lc-rs, before building the
+//!   backend keeps it; one that installs its own later gets an error from rustls, as the default
+//!   is set once per process). Certificates are checked at build time with ring, passed
+//!   explicitly. A [`from_pool`](RedisBackend::from_pool) pool of `rediss://` clients needs a
+//!   default provider too: install one, or build any TLS backend first.
+//! - **Cost**: a TLS handshake per new pooled connection (connections are reused), and rustls'
+//!   encryption per command.
+//!
 //! # What is stored
 //!
 //! With the default key prefix `lock:`, the lock `jobs:42` is the string key `lock:{jobs:42}`,
@@ -176,7 +228,6 @@
 //!   check them; use Redlock over independent masters to survive a node failure.
 //! - A lease's validity is measured on the client's monotonic clock, with the drift allowance
 //!   of the manager; a server whose clock runs fast can expire keys early.
-//! - No TLS in this build: `rediss://` URLs are refused.
 //!
 //! [r2d2]: https://docs.rs/r2d2
 
@@ -198,6 +249,7 @@ mod subscriber;
 pub use acl::acl_rules;
 pub use backend::builder::RedisBackendBuilder;
 pub use backend::RedisBackend;
+pub use connection::tls::TlsFailure;
 pub use connection::url::redact_url;
 pub use errors::{RedisBackendError, RedisOperation};
 pub use redlock::{NoQuorum, RedlockBackend, RedlockBuilder};
@@ -208,3 +260,6 @@ pub use r2d2;
 /// The `redis` crate this backend speaks through, for [`RedisBackend::from_pool`] and for
 /// downcasting [`RedisBackendError::Command`]'s source.
 pub use redis;
+/// The `rustls` crate that does this backend's TLS, for downcasting the source of a
+/// [`RedisBackendError::Tls`] to a `rustls::Error`.
+pub use rustls;

@@ -22,8 +22,9 @@
 //!
 //! When the connection dies, the thread reconnects with capped exponential backoff (only while
 //! somebody waits). A refusal that retrying cannot cure (the user may not subscribe to the
-//! channels: `NOPERM`, a wrong password) means no wake-ups: the thread warns once and tries
-//! again only every [`REFUSED_RETRY`], in case the server's configuration changes.
+//! channels: `NOPERM`, a wrong password; over TLS, a permanent [`TlsFailure`] such as an
+//! untrusted certificate) means no wake-ups: the thread warns once and tries again only every
+//! [`REFUSED_RETRY`], in case the server's configuration changes.
 //!
 //! The thread holds only a weak handle ([`WeakReleaseWaiters`]) to the registry, whose listener
 //! holds the only sender of the thread's channel. Dropping the backend drops both: the thread
@@ -40,8 +41,10 @@ use lock_core::{BackendErrorKind, ReleaseWaiters, ReleaseWatch, WeakReleaseWaite
 use parking_lot::Mutex;
 use redis::{PubSub, RedisError, Value};
 
+use crate::connection::tls::handshake_failure;
 use crate::errors::classify;
 use crate::scripts::keys::release_channel;
+use crate::TlsFailure;
 
 /// How long the subscriber blocks on a read, while it has subscriptions, before it looks for
 /// keys to subscribe or unsubscribe.
@@ -67,6 +70,8 @@ pub(crate) struct SubscriberSettings {
     pub(crate) command_timeout: Duration,
     /// The redacted URL, for logs.
     pub(crate) target: String,
+    /// Whether `client` connects over TLS (`rediss://`).
+    pub(crate) tls: bool,
 }
 
 /// The shared subscriber of one backend: its registry of waiters and its lazily started thread.
@@ -144,6 +149,8 @@ enum Left {
     Idle,
     /// The connection failed, or the server refused it for a reason retrying cannot cure.
     Lost(RedisError),
+    /// No connection could be opened (over TLS, this may be a [`TlsFailure`]).
+    NotConnected(RedisError),
 }
 
 /// The thread's loop: wait until somebody waits, connect, subscribe, dispatch; reconnect with
@@ -158,17 +165,29 @@ fn run(settings: &SubscriberSettings, registry: &WeakReleaseWaiters, changes: &R
         if !wait_for_waiters(registry, changes) {
             return;
         }
-        let error = match session(settings, registry, changes, &mut retry) {
+        let (error, tls_failure) = match session(settings, registry, changes, &mut retry) {
             Left::Shutdown => return,
             Left::Idle => continue,
-            Left::Lost(error) => error,
+            Left::Lost(error) => (error, None),
+            Left::NotConnected(error) => {
+                let tls_failure = settings
+                    .tls
+                    .then(|| handshake_failure(&error).map(|(failure, _)| failure))
+                    .flatten();
+                (error, tls_failure)
+            }
         };
         retry.failures = retry.failures.saturating_add(1);
         let failures = retry.failures;
-        let pause = if classify(&error) == BackendErrorKind::Permanent {
+        let kind = tls_failure.map_or_else(|| classify(&error), TlsFailure::kind);
+        let pause = if kind == BackendErrorKind::Permanent {
             if !refusal_reported {
                 refusal_reported = true;
-                tracing::warn!(redis = %settings.target, prefix = %settings.key_prefix, %error, "Redis refuses the lock-redis subscriber (a missing ACL permission on the release channels?): waiters are not woken on release and rely on backoff; retrying every {REFUSED_RETRY:?}");
+                if let Some(tls_failure) = tls_failure {
+                    tracing::warn!(redis = %settings.target, %error, "the lock-redis subscriber cannot connect over TLS: {tls_failure}: waiters are not woken on release and rely on backoff; retrying every {REFUSED_RETRY:?}");
+                } else {
+                    tracing::warn!(redis = %settings.target, prefix = %settings.key_prefix, %error, "Redis refuses the lock-redis subscriber (a missing ACL permission on the release channels?): waiters are not woken on release and rely on backoff; retrying every {REFUSED_RETRY:?}");
+                }
             } else {
                 tracing::debug!(redis = %settings.target, %error, failures, "Redis still refuses the lock-redis subscriber");
             }
@@ -230,7 +249,7 @@ fn session(
 ) -> Left {
     let mut connection = match connect(settings) {
         Ok(connection) => connection,
-        Err(error) => return Left::Lost(error),
+        Err(error) => return Left::NotConnected(error),
     };
     let Some(keys) = registry.upgrade().map(|registry| registry.keys()) else {
         return Left::Shutdown;

@@ -6,11 +6,15 @@
 //!   temporary directory, waits until it answers, and can pause (`SIGSTOP`), resume (`SIGCONT`),
 //!   kill (`SIGKILL`) and restart it on the same port. Dropping it kills the process and removes
 //!   its directory.
+//! - [`tls::TestPki`] generates the certificates of TLS tests (`rcgen`), and
+//!   [`ServerOptions::tls`] makes a server listen with TLS.
 //! - [`TcpProxy`] sits between a client and a server and can pass, delay, blackhole or reset the
 //!   traffic ([`ProxyMode`]), for existing and new connections alike.
 //! - [`cpu::pin_process`] pins a process (every thread) to one CPU, for benchmarks that choose
 //!   where the client and the servers run.
-//! - [`wait_until`] polls a condition with a deadline, so tests never rely on fixed sleeps.
+//! - [`wait_until`] polls a condition with a deadline, so tests never rely on fixed sleeps;
+//!   [`spawn_waiter`] starts a thread that waits for a lock, for tests of wake-ups.
+//! - [`conformance::RedisTarget`] runs the lock-core conformance suite on a real server.
 //! - [`captured_logs`] captures what the libraries log, for tests of their warnings.
 //! - [`error_chain`] prints an error with all its sources, as a user's error reporter would.
 //! - The `lease-holder` binary of this crate is a separate process that holds a lease (to be
@@ -34,6 +38,7 @@
 // the intended way to report it.
 #![allow(clippy::expect_used, clippy::unwrap_used, clippy::panic)]
 
+pub mod conformance;
 pub mod counting;
 pub mod cpu;
 pub mod direct;
@@ -42,6 +47,7 @@ pub mod logs;
 pub mod property;
 pub mod proxy;
 pub mod server;
+pub mod tls;
 
 pub use counting::CountingRun;
 pub use fenced::fenced_write;
@@ -50,7 +56,11 @@ pub use proxy::{ProxyMode, TcpProxy};
 pub use server::{RedisServer, ServerOptions};
 
 use std::error::Error;
+use std::sync::{Arc, Barrier};
+use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
+
+use lock_core::LockManager;
 
 /// `error`'s message and those of its sources, joined by `": "`: what an error reporter
 /// prints, for assertions on what a user would read (a message does not repeat its source, so
@@ -87,4 +97,33 @@ pub fn wait_until(what: &str, timeout: Duration, mut condition: impl FnMut() -> 
         }
         std::thread::sleep(Duration::from_millis(1));
     }
+}
+
+/// Starts a thread that acquires `key` for `ttl` through `manager` (waiting up to 60 s) and
+/// releases it at once, and returns once that thread runs. Joining it yields when it acquired:
+/// compare with when the holder released, to tell a wake-up from a backoff.
+///
+/// # Panics
+///
+/// The thread panics if the acquire or the release fails.
+pub fn spawn_waiter(
+    manager: &LockManager,
+    key: &'static str,
+    ttl: Duration,
+) -> JoinHandle<Instant> {
+    let ready = Arc::new(Barrier::new(2));
+    let handle = {
+        let (manager, ready) = (manager.clone(), ready.clone());
+        std::thread::spawn(move || {
+            ready.wait();
+            let lease = manager
+                .acquire_timeout(key, ttl, Duration::from_secs(60))
+                .unwrap();
+            let acquired = Instant::now();
+            lease.release().unwrap();
+            acquired
+        })
+    };
+    ready.wait();
+    handle
 }

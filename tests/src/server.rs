@@ -10,6 +10,10 @@
 //! [`TcpProxy`](crate::TcpProxy) that can cut the link) and promoted
 //! ([`RedisServer::promote`]); take an RDB snapshot that the next restart loads
 //! ([`RedisServer::save_snapshot`]); and get ACL users ([`RedisServer::add_acl_user`]).
+//!
+//! With [`ServerOptions::tls`], a server also listens with TLS on a second port
+//! ([`RedisServer::tls_port`]), and [`RedisServer::url`] is a `rediss://` URL for it; the
+//! harness's own connections ([`RedisServer::connection`]) keep using the plain-text port.
 
 use std::fmt;
 use std::fs::{self, File};
@@ -22,6 +26,8 @@ use std::time::{Duration, Instant};
 
 use nix::sys::signal::{self, Signal};
 use nix::unistd::Pid;
+
+use crate::tls::ServerTls;
 
 /// How long a starting server may take to answer `PING` before the start fails.
 const READY_TIMEOUT: Duration = Duration::from_secs(10);
@@ -43,6 +49,8 @@ const LOG_TAIL_BYTES: u64 = 4096;
 const LOG_FILE: &str = "redis-server.log";
 /// Name of the server's Unix socket inside its directory.
 const SOCKET_FILE: &str = "redis.sock";
+/// Names of the TLS certificate, key and CA files inside the server's directory.
+const TLS_FILES: [&str; 3] = ["tls-cert.pem", "tls-key.pem", "tls-ca.pem"];
 
 /// Distinguishes the temporary directories of servers started by the same test process.
 static NEXT_SERVER_ID: AtomicUsize = AtomicUsize::new(0);
@@ -64,6 +72,10 @@ pub struct ServerOptions {
     /// `redis+unix://` URL. The server keeps listening on its TCP port too, so
     /// [`RedisServer::addr`] still works (for example behind a [`TcpProxy`](crate::TcpProxy)).
     pub unix_socket: bool,
+    /// Also listen with TLS on a port of its own ([`RedisServer::tls_port`]), with these
+    /// certificates (see [`TestPki`](crate::tls::TestPki)); [`RedisServer::url`] is then a
+    /// `rediss://127.0.0.1` URL for it. The plain-text port stays open for the harness.
+    pub tls: Option<ServerTls>,
 }
 
 impl fmt::Debug for ServerOptions {
@@ -72,6 +84,7 @@ impl fmt::Debug for ServerOptions {
             .field("persistence", &self.persistence)
             .field("password", &self.password.as_ref().map(|_| "<redacted>"))
             .field("unix_socket", &self.unix_socket)
+            .field("tls", &self.tls)
             .finish()
     }
 }
@@ -86,6 +99,8 @@ pub struct RedisServer {
     binary: PathBuf,
     dir: PathBuf,
     port: u16,
+    /// The TLS port, with [`ServerOptions::tls`] (0 without).
+    tls_port: u16,
     /// The running process; `None` after [`RedisServer::kill`].
     child: Option<Child>,
     /// Pid of the running process, or of the last one once killed.
@@ -96,6 +111,7 @@ impl fmt::Debug for RedisServer {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("RedisServer")
             .field("port", &self.port)
+            .field("tls_port", &self.tls_port)
             .field("pid", &self.pid)
             .field("running", &self.child.is_some())
             .field("dir", &self.dir)
@@ -136,16 +152,27 @@ impl RedisServer {
     pub fn start_with(options: ServerOptions) -> RedisServer {
         let binary = find_redis_server();
         let dir = create_server_dir();
+        if let Some(tls) = &options.tls {
+            let contents = [&tls.identity.cert_pem, &tls.identity.key_pem, &tls.ca_pem];
+            for (name, contents) in TLS_FILES.iter().zip(contents) {
+                fs::write(dir.join(name), contents)
+                    .unwrap_or_else(|e| panic!("cannot write {name} in {}: {e}", dir.display()));
+            }
+        }
         let mut server = RedisServer {
             options,
             binary,
             dir,
             port: 0,
+            tls_port: 0,
             child: None,
             pid: 0,
         };
         for _ in 0..PORT_ATTEMPTS {
             server.port = free_port();
+            if server.options.tls.is_some() {
+                server.tls_port = free_port();
+            }
             match server.launch() {
                 Ok(()) => return server,
                 Err(LaunchError::PortInUse) => continue,
@@ -169,10 +196,45 @@ impl RedisServer {
         SocketAddr::from((Ipv4Addr::LOCALHOST, self.port))
     }
 
+    /// The TLS port, with [`ServerOptions::tls`] (kept across [`RedisServer::restart`]).
+    ///
+    /// # Panics
+    ///
+    /// If the server was started without TLS.
+    pub fn tls_port(&self) -> u16 {
+        assert!(
+            self.options.tls.is_some(),
+            "redis-server on port {} has no TLS port: start it with ServerOptions::tls",
+            self.port
+        );
+        self.tls_port
+    }
+
+    /// `127.0.0.1:`[`tls_port`](RedisServer::tls_port).
+    ///
+    /// # Panics
+    ///
+    /// If the server was started without TLS.
+    pub fn tls_addr(&self) -> SocketAddr {
+        SocketAddr::from((Ipv4Addr::LOCALHOST, self.tls_port()))
+    }
+
     /// The URL a client should use: `redis://127.0.0.1:PORT`, `redis://:PASSWORD@127.0.0.1:PORT`
     /// with a password (percent-encoded), or `redis+unix:///DIR/redis.sock` (with `?pass=PASSWORD`
-    /// when there is one) with [`ServerOptions::unix_socket`].
+    /// when there is one) with [`ServerOptions::unix_socket`]; with [`ServerOptions::tls`],
+    /// `rediss://127.0.0.1:TLS_PORT` (with the password, if any).
     pub fn url(&self) -> String {
+        if self.options.tls.is_none() {
+            return self.plain_url();
+        }
+        match self.options.password.as_deref().map(percent_encode) {
+            Some(password) => format!("rediss://:{password}@127.0.0.1:{}", self.tls_port),
+            None => format!("rediss://127.0.0.1:{}", self.tls_port),
+        }
+    }
+
+    /// The URL of the plain-text port (or Unix socket), which the harness uses.
+    fn plain_url(&self) -> String {
         let password = self.options.password.as_deref().map(percent_encode);
         if self.options.unix_socket {
             let path = self.socket_path();
@@ -278,13 +340,14 @@ impl RedisServer {
     }
 
     /// A client for [`RedisServer::url`], for assertions made behind the lock's back (`DEL` a
-    /// key, `KEYS *`, ...).
+    /// key, `KEYS *`, ...). For a server with [`ServerOptions::tls`], a plain-text client of
+    /// its plain-text port.
     ///
     /// # Panics
     ///
     /// If the URL is rejected by the `redis` crate (a bug in this harness).
     pub fn client(&self) -> redis::Client {
-        redis::Client::open(self.url())
+        redis::Client::open(self.plain_url())
             .unwrap_or_else(|e| panic!("invalid URL for redis-server on port {}: {e}", self.port))
     }
 
@@ -537,6 +600,18 @@ impl RedisServer {
                 .arg(self.socket_path())
                 .args(["--unixsocketperm", "700"]);
         }
+        if let Some(tls) = &self.options.tls {
+            let [cert, key, ca] = TLS_FILES.map(|name| self.dir.join(name));
+            command
+                .args(["--tls-port", &self.tls_port.to_string()])
+                .arg("--tls-cert-file")
+                .arg(cert)
+                .arg("--tls-key-file")
+                .arg(key)
+                .arg("--tls-ca-cert-file")
+                .arg(ca)
+                .args(["--tls-auth-clients", tls.client_auth.flag()]);
+        }
         command
             .current_dir(&self.dir)
             .stdin(Stdio::null())
@@ -557,7 +632,7 @@ impl RedisServer {
     /// The answer must come from `child` (checked with `INFO server`'s `process_id`): if another
     /// server stole the port, it answers `PING` too while `child` is exiting.
     fn wait_ready(&self, child: &mut Child, log_start: u64) -> Result<(), LaunchError> {
-        let client = redis::Client::open(self.url()).map_err(|e| {
+        let client = redis::Client::open(self.plain_url()).map_err(|e| {
             LaunchError::Fatal(format!(
                 "invalid URL for redis-server on port {}: {e}",
                 self.port

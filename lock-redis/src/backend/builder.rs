@@ -1,8 +1,10 @@
 //! [`RedisBackendBuilder`] and the backend's settings, with their defaults in one place.
 
 use std::fmt;
+use std::path::PathBuf;
 use std::time::Duration;
 
+use crate::connection::tls::TlsSettings;
 use crate::connection::url::{open_client, redact_url};
 use crate::{RedisBackend, RedisBackendError};
 
@@ -145,6 +147,7 @@ pub struct RedisBackendBuilder {
     config: Config,
     /// An ACL user and its password, given apart from the URL.
     credentials: Option<(String, String)>,
+    tls: TlsSettings,
 }
 
 impl fmt::Debug for RedisBackendBuilder {
@@ -161,6 +164,7 @@ impl fmt::Debug for RedisBackendBuilder {
                 "user",
                 &self.credentials.as_ref().map(|(user, _password)| user),
             )
+            .field("tls", &self.tls)
             .finish()
     }
 }
@@ -171,6 +175,7 @@ impl RedisBackendBuilder {
             url: url.to_owned(),
             config: Config::default(),
             credentials: None,
+            tls: TlsSettings::default(),
         }
     }
 
@@ -325,6 +330,155 @@ impl RedisBackendBuilder {
         self
     }
 
+    /// Trusts the certificate authorities in the PEM file at `path` (instead of the system's)
+    /// to sign the server's certificate, for a `rediss://` URL: what `redis-cli --cacert` takes.
+    /// The file is read, and checked, by [`build`](Self::build).
+    ///
+    /// Without a CA, a `rediss://` backend trusts the system's certificate store (read on each
+    /// new connection). With one, it trusts only the CAs in the file.
+    ///
+    /// ```
+    /// use lock_redis::RedisBackend;
+    ///
+    /// # let dir = std::env::temp_dir().join(format!("lock-redis-doc-ca-{}", std::process::id()));
+    /// # std::fs::create_dir_all(&dir)?;
+    /// # let ca = rcgen::generate_simple_self_signed(vec!["redis.internal".to_owned()])?;
+    /// # std::fs::write(dir.join("ca.pem"), ca.cert.pem())?;
+    /// let backend = RedisBackend::builder("rediss://:secret@redis.internal:6380/0")
+    ///     .tls_ca_file(dir.join("ca.pem")) // say, /etc/redis/tls/ca.crt
+    ///     .build()?;
+    ///
+    /// let error = RedisBackend::builder("rediss://redis.internal:6380")
+    ///     .tls_ca_file("/nonexistent/ca.pem")
+    ///     .build()
+    ///     .unwrap_err();
+    /// assert!(error.to_string().contains("cannot read the TLS CA file /nonexistent/ca.pem"));
+    /// # std::fs::remove_dir_all(&dir)?;
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
+    pub fn tls_ca_file(mut self, path: impl Into<PathBuf>) -> RedisBackendBuilder {
+        self.tls.ca_file(path.into());
+        self
+    }
+
+    /// Trusts the certificate authorities in `pem` (one or more `-----BEGIN CERTIFICATE-----`
+    /// sections), instead of the system's, to sign the server's certificate: as
+    /// [`tls_ca_file`](Self::tls_ca_file), with the PEM in memory.
+    ///
+    /// ```
+    /// use lock_redis::{RedisBackend, RedisBackendError};
+    ///
+    /// # let ca = rcgen::generate_simple_self_signed(vec!["redis.internal".to_owned()])?;
+    /// let ca_pem: String = ca.cert.pem(); // from your secret store, say
+    /// let backend = RedisBackend::builder("rediss://redis.internal:6380")
+    ///     .tls_ca_pem(ca_pem)
+    ///     .build()?;
+    ///
+    /// let error = RedisBackend::builder("rediss://redis.internal:6380")
+    ///     .tls_ca_pem("not a certificate")
+    ///     .build()
+    ///     .unwrap_err();
+    /// assert!(matches!(error, RedisBackendError::InvalidConfig { .. }));
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
+    pub fn tls_ca_pem(mut self, pem: impl Into<Vec<u8>>) -> RedisBackendBuilder {
+        self.tls.ca_pem(pem.into());
+        self
+    }
+
+    /// Presents the client certificate (chain) in the PEM file `cert` with the private key in
+    /// the PEM file `key` (PKCS#8, PKCS#1 or SEC1): mutual TLS, for a server run with
+    /// `tls-auth-clients yes`. Both files are read, and checked (the key must match the
+    /// certificate), by [`build`](Self::build). The key never shows in `Debug`, errors or logs.
+    ///
+    /// ```
+    /// use lock_redis::RedisBackend;
+    ///
+    /// # let dir = std::env::temp_dir().join(format!("lock-redis-doc-client-{}", std::process::id()));
+    /// # std::fs::create_dir_all(&dir)?;
+    /// # let client = rcgen::generate_simple_self_signed(vec!["app".to_owned()])?;
+    /// # std::fs::write(dir.join("client.crt"), client.cert.pem())?;
+    /// # std::fs::write(dir.join("client.key"), client.signing_key.serialize_pem())?;
+    /// let backend = RedisBackend::builder("rediss://redis.internal:6380")
+    ///     .tls_client_cert_files(dir.join("client.crt"), dir.join("client.key"))
+    ///     .build()?;
+    /// assert!(format!("{backend:?}").contains("rediss://redis.internal:6380"));
+    /// # std::fs::remove_dir_all(&dir)?;
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
+    pub fn tls_client_cert_files(
+        mut self,
+        cert: impl Into<PathBuf>,
+        key: impl Into<PathBuf>,
+    ) -> RedisBackendBuilder {
+        self.tls.client_cert_files(cert.into(), key.into());
+        self
+    }
+
+    /// Presents the client certificate (chain) `cert_pem` with the private key `key_pem`:
+    /// mutual TLS, as [`tls_client_cert_files`](Self::tls_client_cert_files), with the PEM in
+    /// memory. The key never shows in `Debug`, errors or logs.
+    ///
+    /// ```
+    /// use lock_redis::RedisBackend;
+    ///
+    /// # let client = rcgen::generate_simple_self_signed(vec!["app".to_owned()])?;
+    /// # let other = rcgen::generate_simple_self_signed(vec!["other".to_owned()])?;
+    /// let (cert_pem, key_pem) = (client.cert.pem(), client.signing_key.serialize_pem());
+    /// let builder = RedisBackend::builder("rediss://redis.internal:6380")
+    ///     .tls_client_cert_pem(cert_pem.clone(), key_pem.clone());
+    /// assert!(!format!("{builder:?}").contains(&key_pem));
+    /// let backend = builder.build()?;
+    ///
+    /// // A key that does not match the certificate is refused at once.
+    /// let error = RedisBackend::builder("rediss://redis.internal:6380")
+    ///     .tls_client_cert_pem(cert_pem, other.signing_key.serialize_pem())
+    ///     .build()
+    ///     .unwrap_err();
+    /// assert!(error.to_string().contains("client certificate and key"), "{error}");
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
+    pub fn tls_client_cert_pem(
+        mut self,
+        cert_pem: impl Into<Vec<u8>>,
+        key_pem: impl Into<Vec<u8>>,
+    ) -> RedisBackendBuilder {
+        self.tls.client_cert_pem(cert_pem.into(), key_pem.into());
+        self
+    }
+
+    /// **For development only**: accepts any server certificate, expired, self-signed or made
+    /// out to another host, so the connection is encrypted but the server is not
+    /// authenticated: anyone on the network path can impersonate it, read the password and
+    /// grant or steal locks. [`build`](Self::build) logs a warning (`tracing`) for every
+    /// backend built with it, and so it does for a URL ending in `#insecure`, which the
+    /// `redis` crate reads the same way. A client certificate, if given, is still presented.
+    ///
+    /// ```
+    /// use lock_redis::RedisBackend;
+    ///
+    /// let backend = RedisBackend::builder("rediss://127.0.0.1:6380")
+    ///     .danger_accept_invalid_certificates()
+    ///     .build()?;
+    ///
+    /// // A TLS setting on a plain-text URL is a mistake, and an error.
+    /// assert!(RedisBackend::builder("redis://127.0.0.1:6379")
+    ///     .danger_accept_invalid_certificates()
+    ///     .build()
+    ///     .is_err());
+    /// # Ok::<(), lock_redis::RedisBackendError>(())
+    /// ```
+    pub fn danger_accept_invalid_certificates(mut self) -> RedisBackendBuilder {
+        self.tls.accept_invalid_certificates();
+        self
+    }
+
+    /// Replaces the TLS settings (Redlock gives its own to each node).
+    pub(crate) fn tls_settings(mut self, tls: TlsSettings) -> RedisBackendBuilder {
+        self.tls = tls;
+        self
+    }
+
     /// Checks the URL and every setting, and makes the backend.
     ///
     /// Does not connect: the pool opens connections when calls need them, so a backend can be
@@ -333,9 +487,10 @@ impl RedisBackendBuilder {
     ///
     /// # Errors
     ///
-    /// [`RedisBackendError::InvalidUrl`] for a URL that does not parse,
-    /// [`RedisBackendError::Unsupported`] for `rediss://` (this build has no TLS), and
-    /// [`RedisBackendError::InvalidConfig`] for a setting out of range.
+    /// [`RedisBackendError::InvalidUrl`] for a URL that does not parse, and
+    /// [`RedisBackendError::InvalidConfig`] for a setting out of range, a TLS setting on a URL
+    /// that is not `rediss://`, or a CA, client certificate or key that cannot be read or used
+    /// (the message names the file or the problem, never the key's contents).
     ///
     /// ```
     /// use lock_redis::{RedisBackend, RedisBackendError};
@@ -346,6 +501,7 @@ impl RedisBackendBuilder {
     /// ```
     pub fn build(self) -> Result<RedisBackend, RedisBackendError> {
         self.config.validate()?;
+        let target = redact_url(&self.url);
         let mut client = open_client(&self.url)?;
         if let Some((user, password)) = &self.credentials {
             let info = client.get_connection_info().clone();
@@ -356,16 +512,13 @@ impl RedisBackendBuilder {
                 .set_password(password);
             client = redis::Client::open(info.set_redis_settings(settings)).map_err(|error| {
                 RedisBackendError::InvalidUrl {
-                    url: redact_url(&self.url),
+                    url: target.clone(),
                     reason: error.to_string(),
                 }
             })?;
         }
-        Ok(RedisBackend::from_parts(
-            client,
-            redact_url(&self.url),
-            self.config,
-        ))
+        let client = self.tls.apply(client, &target)?;
+        Ok(RedisBackend::from_parts(client, target, self.config))
     }
 }
 

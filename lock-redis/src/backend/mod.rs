@@ -18,6 +18,7 @@ use crate::backend::eviction::{read_eviction_policy, EvictionCheck};
 use crate::connection::pool::{
     pipeline_round_trip, round_trip, ConnectionPool, Deadline, PoolSettings, PooledConnection,
 };
+use crate::connection::tls::is_tls;
 use crate::errors::{closed_unread, is_retryable_elsewhere, CallFailure, RedisOperation};
 use crate::scripts::keys::{fence_key, lock_key, release_marker_key, ttl_millis};
 use crate::scripts::{
@@ -90,8 +91,9 @@ impl RedisBackend {
     /// [`RedisBackendBuilder`].
     ///
     /// `url` is `redis://[user][:password@]host[:port][/db]` (port 6379 and database 0 by
-    /// default), or `unix:///path/to/redis.sock[?db=N&pass=P]`. `rediss://` (TLS) is refused
-    /// with [`RedisBackendError::Unsupported`]: this build has no TLS.
+    /// default), `rediss://...` for TLS (trusting the system's certificate store; see
+    /// [`builder`](Self::builder) for a CA of your own, a client certificate, and the
+    /// [crate docs](crate#tls)), or `unix:///path/to/redis.sock[?db=N&pass=P]`.
     ///
     /// Checks the URL, but does not connect: a server that is down now is no error here (the
     /// calls report it, as transient errors the manager retries), and neither is a wrong
@@ -99,17 +101,18 @@ impl RedisBackend {
     ///
     /// # Errors
     ///
-    /// [`RedisBackendError::InvalidUrl`] or [`RedisBackendError::Unsupported`]. The error never
-    /// contains the password.
+    /// [`RedisBackendError::InvalidUrl`]. The error never contains the password.
     ///
     /// ```
     /// use lock_redis::{RedisBackend, RedisBackendError};
     ///
     /// // Nothing listens on port 1, and that is not an error yet.
     /// let backend = RedisBackend::connect("redis://127.0.0.1:1/0")?;
+    /// let tls = RedisBackend::connect("rediss://:hunter2@localhost:6380")?;
     ///
-    /// let error = RedisBackend::connect("rediss://:hunter2@localhost").unwrap_err();
-    /// assert!(matches!(error, RedisBackendError::Unsupported { .. }));
+    /// let error = RedisBackend::connect("rediss://:hunter2@localhost/#bogus").unwrap_err();
+    /// assert!(matches!(error, RedisBackendError::InvalidUrl { .. }));
+    /// assert!(!error.to_string().contains("hunter2"));
     /// # Ok::<(), RedisBackendError>(())
     /// ```
     pub fn connect(url: &str) -> Result<RedisBackend, RedisBackendError> {
@@ -117,7 +120,7 @@ impl RedisBackend {
     }
 
     /// A builder for a backend on the server at `url` (see [`connect`](Self::connect) for the
-    /// URL forms): pool size, timeouts, key prefix.
+    /// URL forms): pool size, timeouts, key prefix, TLS certificates.
     ///
     /// ```
     /// use std::time::Duration;
@@ -146,6 +149,9 @@ impl RedisBackend {
     ///   for a connection), but the pool may not recover until the server answers again.
     /// - The pool's `test_on_check_out` (on by default) pings each connection before use; the
     ///   ping runs with the socket timeouts of that connection's last call.
+    /// - TLS failures of a pool of `rediss://` clients are not classified
+    ///   ([`RedisBackendError::Tls`]): r2d2 keeps only their text. Such a pool also needs a
+    ///   process-default rustls crypto provider (see the [crate docs](crate#tls)).
     ///
     /// ```no_run
     /// use lock_redis::RedisBackend;
@@ -286,6 +292,7 @@ impl RedisBackend {
             target: &target,
         });
         let subscriber = Subscriber::new(SubscriberSettings {
+            tls: is_tls(&client),
             client,
             key_prefix: config.key_prefix.clone(),
             connect_timeout: config.connect_timeout,

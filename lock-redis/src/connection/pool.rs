@@ -23,7 +23,8 @@ use lock_core::BackendErrorKind;
 use parking_lot::Mutex;
 use redis::{Cmd, Connection, ConnectionLike, RedisError, Value};
 
-use crate::errors::{classify, CallFailure};
+use crate::connection::tls::is_tls;
+use crate::errors::{connect_failure, CallFailure};
 
 /// How long one slice of a pool checkout waits before the backend looks at the last connection
 /// error again (to fail fast on a wrong password instead of waiting out the whole timeout).
@@ -171,6 +172,9 @@ pub(crate) enum ConnectionPool {
     Bounded {
         pool: r2d2::Pool<BoundedClient>,
         last_error: Arc<Mutex<Option<(Instant, RedisError)>>>,
+        /// Whether connections are made over TLS (`rediss://`), so a failed attempt may be a
+        /// TLS failure.
+        tls: bool,
     },
     Given(r2d2::Pool<redis::Client>),
 }
@@ -194,6 +198,7 @@ impl ConnectionPool {
     /// A lazy pool: no connection is made until the first call needs one.
     pub(crate) fn build(settings: PoolSettings<'_>) -> ConnectionPool {
         let last_error = Arc::new(Mutex::new(None));
+        let tls = is_tls(&settings.client);
         let manager = BoundedClient {
             client: settings.client,
             connect_timeout: settings.connect_timeout,
@@ -209,7 +214,11 @@ impl ConnectionPool {
                 target: settings.target.to_owned(),
             }))
             .build_unchecked(manager);
-        ConnectionPool::Bounded { pool, last_error }
+        ConnectionPool::Bounded {
+            pool,
+            last_error,
+            tls,
+        }
     }
 
     /// The most connections the pool opens.
@@ -268,14 +277,13 @@ impl ConnectionPool {
             ConnectionPool::Bounded { pool, .. } => pool.state(),
             ConnectionPool::Given(pool) => pool.state(),
         };
-        if let ConnectionPool::Bounded { last_error, .. } = self {
+        if let ConnectionPool::Bounded {
+            last_error, tls, ..
+        } = self
+        {
             if let Some((at, error)) = &*last_error.lock() {
                 if *at >= started {
-                    return CallFailure::NoConnection {
-                        waited,
-                        reason: format!("the last connection attempt failed: {error}"),
-                        kind: classify(error),
-                    };
+                    return connect_failure(waited, error, *tls);
                 }
             }
         }
@@ -283,6 +291,12 @@ impl ConnectionPool {
             pool_error
         } else if state.connections >= self.max_size() && state.idle_connections == 0 {
             format!("all {} pooled connections are in use", self.max_size())
+        } else if matches!(self, ConnectionPool::Bounded { tls: true, .. }) {
+            // With a connect timeout as long as the checkout's, the attempt under way may not
+            // have failed yet: over TLS, a silent handshake is as likely as a silent connect.
+            "the server did not accept a connection, or did not complete the TLS handshake, in \
+             time"
+                .to_owned()
         } else {
             "the server did not accept a connection in time".to_owned()
         };
@@ -300,17 +314,16 @@ impl ConnectionPool {
         started: Instant,
         error: &r2d2::Error,
     ) -> Option<CallFailure> {
-        let (reason, kind) = match self {
-            ConnectionPool::Bounded { last_error, .. } => {
+        let failure = match self {
+            ConnectionPool::Bounded {
+                last_error, tls, ..
+            } => {
                 let last = last_error.lock();
                 let (at, error) = last.as_ref()?;
                 if *at < started {
                     return None;
                 }
-                (
-                    format!("the last connection attempt failed: {error}"),
-                    classify(error),
-                )
+                connect_failure(started.elapsed(), error, *tls)
             }
             ConnectionPool::Given(_) => {
                 // r2d2 keeps only the text of the error: recognise the permanent ones by it.
@@ -318,14 +331,17 @@ impl ConnectionPool {
                 let permanent = ["AuthenticationFailed", "WRONGPASS", "NOAUTH", "NOPERM"]
                     .iter()
                     .any(|marker| text.contains(marker));
-                (text, permanent.then_some(BackendErrorKind::Permanent)?)
+                if !permanent {
+                    return None;
+                }
+                CallFailure::NoConnection {
+                    waited: started.elapsed(),
+                    reason: text,
+                    kind: BackendErrorKind::Permanent,
+                }
             }
         };
-        (kind == BackendErrorKind::Permanent).then(|| CallFailure::NoConnection {
-            waited: started.elapsed(),
-            reason,
-            kind,
-        })
+        (failure.kind() == BackendErrorKind::Permanent).then_some(failure)
     }
 }
 

@@ -83,8 +83,8 @@ fn scheme_of(url: &str) -> Option<String> {
 
 /// Parses `url` into a client without touching the network.
 ///
-/// A URL that does not parse is [`RedisBackendError::InvalidUrl`]; a `rediss://` URL when the
-/// `redis` crate was built without TLS is [`RedisBackendError::Unsupported`].
+/// A URL that does not parse is [`RedisBackendError::InvalidUrl`]. A `rediss://` client gets its
+/// TLS settings from [`TlsSettings::apply`](super::tls::TlsSettings::apply).
 pub(crate) fn open_client(url: &str) -> Result<redis::Client, RedisBackendError> {
     let scheme = scheme_of(url);
     match scheme.as_deref() {
@@ -103,18 +103,9 @@ pub(crate) fn open_client(url: &str) -> Result<redis::Client, RedisBackendError>
             })
         }
     }
-    redis::Client::open(url).map_err(|error| {
-        let tls = matches!(scheme.as_deref(), Some("rediss" | "valkeys"));
-        if tls && error.kind() == redis::ErrorKind::InvalidClientConfig {
-            RedisBackendError::Unsupported {
-                what: "TLS (rediss:// URLs): this build of the redis crate has no TLS feature",
-            }
-        } else {
-            RedisBackendError::InvalidUrl {
-                url: redact_url(url),
-                reason: error.to_string(),
-            }
-        }
+    redis::Client::open(url).map_err(|error| RedisBackendError::InvalidUrl {
+        url: redact_url(url),
+        reason: error.to_string(),
     })
 }
 
@@ -217,12 +208,24 @@ mod tests {
     }
 
     #[test]
-    fn open_client_reports_missing_tls_support() {
-        let error = open_client("rediss://user:hunter2@localhost:6380").unwrap_err();
-        assert!(
-            matches!(error, RedisBackendError::Unsupported { .. }),
-            "{error:?}"
-        );
-        assert!(!error.to_string().contains("hunter2"));
+    fn open_client_accepts_tls_urls() {
+        for url in [
+            "rediss://user:hunter2@localhost:6380",
+            "rediss://127.0.0.1:6380/1",
+            "rediss://localhost/#insecure",
+            "valkeys://localhost",
+        ] {
+            let client = open_client(url).unwrap();
+            assert!(
+                matches!(
+                    client.get_connection_info().addr(),
+                    redis::ConnectionAddr::TcpTls { .. }
+                ),
+                "{url}"
+            );
+        }
+        let error = open_client("rediss://user:hunter2@localhost/#bogus").unwrap_err();
+        assert!(matches!(error, RedisBackendError::InvalidUrl { .. }));
+        assert!(!error.to_string().contains("hunter2"), "{error}");
     }
 }

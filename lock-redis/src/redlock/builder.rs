@@ -1,6 +1,7 @@
 //! [`RedlockBuilder`]: the settings of a [`RedlockBackend`], checked once.
 
 use std::fmt;
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -9,6 +10,7 @@ use lock_core::DriftRule;
 use super::node::Node;
 use super::quorum::Quorum;
 use super::{RedlockBackend, Shared};
+use crate::connection::tls::TlsSettings;
 use crate::{RedisBackend, RedisBackendError};
 
 /// Defaults of [`RedlockBuilder`], in one place.
@@ -44,6 +46,7 @@ pub struct RedlockBuilder {
     drift_factor: f64,
     workers_per_node: usize,
     key_prefix: Option<String>,
+    tls: TlsSettings,
 }
 
 impl fmt::Debug for RedlockBuilder {
@@ -55,6 +58,7 @@ impl fmt::Debug for RedlockBuilder {
             .field("drift_factor", &self.drift_factor)
             .field("workers_per_node", &self.workers_per_node)
             .field("key_prefix", &self.key_prefix)
+            .field("tls", &self.tls)
             .finish()
     }
 }
@@ -67,6 +71,7 @@ impl RedlockBuilder {
             drift_factor: DEFAULT_DRIFT_FACTOR,
             workers_per_node: DEFAULT_WORKERS_PER_NODE,
             key_prefix: None,
+            tls: TlsSettings::default(),
         }
     }
 
@@ -99,14 +104,84 @@ impl RedlockBuilder {
         self
     }
 
+    /// Trusts the CAs in the PEM file at `path` on every node, as
+    /// [`RedisBackendBuilder::tls_ca_file`](crate::RedisBackendBuilder::tls_ca_file). Every URL
+    /// must then be `rediss://`.
+    pub fn tls_ca_file(mut self, path: impl Into<PathBuf>) -> Self {
+        self.tls.ca_file(path.into());
+        self
+    }
+
+    /// Trusts the CAs in `pem` on every node, as
+    /// [`RedisBackendBuilder::tls_ca_pem`](crate::RedisBackendBuilder::tls_ca_pem). Every URL
+    /// must then be `rediss://`.
+    ///
+    /// ```
+    /// use lock_redis::RedlockBackend;
+    ///
+    /// # let ca = rcgen::generate_simple_self_signed(vec!["redis.internal".to_owned()])?;
+    /// let ca_pem = ca.cert.pem();
+    /// let redlock = RedlockBackend::builder(&[
+    ///     "rediss://:secret@redis-a.internal:6380",
+    ///     "rediss://:secret@redis-b.internal:6380",
+    ///     "rediss://:secret@redis-c.internal:6380",
+    /// ])
+    /// .tls_ca_pem(ca_pem)
+    /// .build()?;
+    /// # drop(redlock);
+    ///
+    /// // TLS settings with a plain-text node are refused.
+    /// let error = RedlockBackend::builder(&["rediss://redis-a.internal:6380", "redis://redis-b.internal"])
+    ///     .danger_accept_invalid_certificates()
+    ///     .build()
+    ///     .unwrap_err();
+    /// assert!(error.to_string().contains("rediss://"), "{error}");
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
+    pub fn tls_ca_pem(mut self, pem: impl Into<Vec<u8>>) -> Self {
+        self.tls.ca_pem(pem.into());
+        self
+    }
+
+    /// Presents the client certificate and key in these PEM files to every node (mutual TLS),
+    /// as [`RedisBackendBuilder::tls_client_cert_files`](crate::RedisBackendBuilder::tls_client_cert_files).
+    pub fn tls_client_cert_files(
+        mut self,
+        cert: impl Into<PathBuf>,
+        key: impl Into<PathBuf>,
+    ) -> Self {
+        self.tls.client_cert_files(cert.into(), key.into());
+        self
+    }
+
+    /// Presents this client certificate and key to every node (mutual TLS), as
+    /// [`RedisBackendBuilder::tls_client_cert_pem`](crate::RedisBackendBuilder::tls_client_cert_pem).
+    pub fn tls_client_cert_pem(
+        mut self,
+        cert_pem: impl Into<Vec<u8>>,
+        key_pem: impl Into<Vec<u8>>,
+    ) -> Self {
+        self.tls.client_cert_pem(cert_pem.into(), key_pem.into());
+        self
+    }
+
+    /// **For development only**: accepts any certificate from every node, as
+    /// [`RedisBackendBuilder::danger_accept_invalid_certificates`](crate::RedisBackendBuilder::danger_accept_invalid_certificates)
+    /// (one warning per node is logged).
+    pub fn danger_accept_invalid_certificates(mut self) -> Self {
+        self.tls.accept_invalid_certificates();
+        self
+    }
+
     /// Checks the settings, and starts each node's workers. Connects to nothing.
     ///
     /// # Errors
     ///
     /// [`RedisBackendError::InvalidConfig`] for no URL or more than 31, a drift factor outside
-    /// `[0, 0.5)`, a worker count outside `1..=64`, a zero node timeout, or a worker thread that
-    /// cannot start; [`RedisBackendError::InvalidUrl`] or [`RedisBackendError::Unsupported`] for
-    /// a URL [`RedisBackend::connect`] refuses.
+    /// `[0, 0.5)`, a worker count outside `1..=64`, a zero node timeout, TLS settings with a URL
+    /// that is not `rediss://`, TLS certificates that cannot be read or used, or a worker thread
+    /// that cannot start; [`RedisBackendError::InvalidUrl`] for a URL [`RedisBackend::connect`]
+    /// refuses.
     pub fn build(self) -> Result<RedlockBackend, RedisBackendError> {
         let invalid = |reason: String| Err(RedisBackendError::InvalidConfig { reason });
         if self.urls.is_empty() || self.urls.len() > MAX_NODES {
@@ -137,7 +212,8 @@ impl RedlockBuilder {
                 .pool_size(workers)
                 .connect_timeout(self.node_timeout)
                 .checkout_timeout(self.node_timeout)
-                .command_timeout(self.node_timeout);
+                .command_timeout(self.node_timeout)
+                .tls_settings(self.tls.clone());
             if let Some(prefix) = &self.key_prefix {
                 builder = builder.key_prefix(prefix.clone());
             }
