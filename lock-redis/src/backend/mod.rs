@@ -656,9 +656,10 @@ impl LeaseBackend for RedisBackend {
     }
 
     /// A watch woken when `key` is released through any backend with the same key prefix on the
-    /// same server, and also whenever the shared subscriber (re)connects (releases may have been
-    /// missed while it was disconnected). `None` for a backend made by
-    /// [`from_pool`](RedisBackend::from_pool).
+    /// same server, and also once whenever the key's subscription takes effect (at first, and
+    /// after the shared subscriber reconnects: releases may have been missed before). The
+    /// subscriber subscribes to the key's channel in the background, while the key has a watch.
+    /// `None` for a backend made by [`from_pool`](RedisBackend::from_pool).
     fn watch_release(&self, key: &str) -> Option<ReleaseWatch> {
         self.watch(key)
     }
