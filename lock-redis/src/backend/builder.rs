@@ -3,6 +3,9 @@
 use std::fmt;
 use std::time::Duration;
 
+use crate::connection::connector::Connector;
+use crate::connection::sentinel::spec::{Credentials, SentinelOptions};
+use crate::connection::sentinel::SentinelMaster;
 use crate::connection::url::{open_client, redact_url};
 use crate::{RedisBackend, RedisBackendError};
 
@@ -131,6 +134,8 @@ fn invalid(reason: String) -> RedisBackendError {
 pub struct RedisBackendBuilder {
     url: String,
     config: Config,
+    /// The Sentinel group, when it is not (only) in the URL.
+    sentinel: SentinelOptions,
 }
 
 impl fmt::Debug for RedisBackendBuilder {
@@ -142,6 +147,7 @@ impl fmt::Debug for RedisBackendBuilder {
             .field("connect_timeout", &self.config.connect_timeout)
             .field("command_timeout", &self.config.command_timeout)
             .field("key_prefix", &self.config.key_prefix)
+            .field("sentinel", &self.sentinel)
             .finish()
     }
 }
@@ -151,6 +157,16 @@ impl RedisBackendBuilder {
         RedisBackendBuilder {
             url: url.to_owned(),
             config: Config::default(),
+            sentinel: SentinelOptions::default(),
+        }
+    }
+
+    pub(crate) fn sentinel(sentinels: &[&str], master_name: &str) -> RedisBackendBuilder {
+        let sentinel = SentinelOptions::group(sentinels, master_name);
+        RedisBackendBuilder {
+            url: sentinel.url().unwrap_or_default(),
+            config: Config::default(),
+            sentinel,
         }
     }
 
@@ -245,6 +261,46 @@ impl RedisBackendBuilder {
         self
     }
 
+    /// Sentinel backends only: the user (`None` for `default`) and password to log in to the
+    /// master with, in place of those of a `redis+sentinel://` URL.
+    ///
+    /// ```
+    /// use lock_redis::RedisBackend;
+    ///
+    /// let backend = RedisBackend::sentinel_builder(&["10.0.0.1:26379", "10.0.0.2"], "locks")
+    ///     .master_auth(Some("locker"), "hunter2")
+    ///     .build()?;
+    /// assert!(!format!("{backend:?}").contains("hunter2"));
+    /// // A server's password belongs in its URL.
+    /// assert!(RedisBackend::builder("redis://localhost").master_auth(None, "pw").build().is_err());
+    /// # Ok::<(), lock_redis::RedisBackendError>(())
+    /// ```
+    pub fn master_auth(mut self, username: Option<&str>, password: &str) -> RedisBackendBuilder {
+        self.sentinel
+            .set_master_auth(Credentials::new(username, password));
+        self
+    }
+
+    /// Sentinel backends only: the user (`None` for `default`) and password to log in to the
+    /// sentinels with (sentinels configured with `requirepass` or ACL users), in place of the
+    /// `sentinel_username` and `sentinel_password` of a `redis+sentinel://` URL. Without them,
+    /// the sentinels are asked without logging in.
+    ///
+    /// ```
+    /// use lock_redis::RedisBackend;
+    ///
+    /// let backend = RedisBackend::sentinel_builder(&["10.0.0.1:26379"], "locks")
+    ///     .sentinel_auth(None, "sentinel-secret")
+    ///     .master_auth(None, "master-secret")
+    ///     .build()?;
+    /// # Ok::<(), lock_redis::RedisBackendError>(())
+    /// ```
+    pub fn sentinel_auth(mut self, username: Option<&str>, password: &str) -> RedisBackendBuilder {
+        self.sentinel
+            .set_sentinel_auth(Credentials::new(username, password));
+        self
+    }
+
     /// Checks the URL and every setting, and makes the backend.
     ///
     /// Does not connect: the pool opens connections when calls need them, so a backend can be
@@ -255,7 +311,9 @@ impl RedisBackendBuilder {
     ///
     /// [`RedisBackendError::InvalidUrl`] for a URL that does not parse,
     /// [`RedisBackendError::Unsupported`] for `rediss://` (this build has no TLS), and
-    /// [`RedisBackendError::InvalidConfig`] for a setting out of range.
+    /// [`RedisBackendError::InvalidConfig`] for a setting out of range, a Sentinel group
+    /// without sentinels or with a malformed address or master name, or Sentinel credentials on
+    /// a backend for one server.
     ///
     /// ```
     /// use lock_redis::{RedisBackend, RedisBackendError};
@@ -266,12 +324,16 @@ impl RedisBackendBuilder {
     /// ```
     pub fn build(self) -> Result<RedisBackend, RedisBackendError> {
         self.config.validate()?;
-        let client = open_client(&self.url)?;
-        Ok(RedisBackend::from_parts(
-            client,
-            redact_url(&self.url),
-            self.config,
-        ))
+        let target = redact_url(&self.url);
+        let connector = match self.sentinel.into_spec(&self.url)? {
+            Some(group) => Connector::Sentinel(SentinelMaster::new(
+                group,
+                self.config.connect_timeout,
+                target.clone(),
+            )),
+            None => Connector::Server(open_client(&self.url)?),
+        };
+        Ok(RedisBackend::from_parts(connector, target, self.config))
     }
 }
 
