@@ -2,51 +2,15 @@
 //! backoff when it is gone, and the renewer keeps thousands of short leases alive.
 #![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a failure is a failed test
 
-use std::sync::{Arc, Barrier};
 use std::time::{Duration, Instant};
 
 use lock_core::{LockManager, RetryPolicy};
 use lock_redis::RedisBackend;
-use lock_tests::{wait_until, RedisServer};
+use lock_tests::{spawn_waiter, wait_until, RedisServer};
 
 /// A backoff so long that only a wake-up explains a quick acquire.
 const SLEEPY: RetryPolicy = RetryPolicy::new(Duration::from_secs(30), Duration::from_secs(30));
 const TTL: Duration = Duration::from_secs(10);
-
-/// How many scripts the server has run: each acquire attempt is one.
-fn script_calls(server: &RedisServer) -> u64 {
-    let info: String = redis::cmd("INFO")
-        .arg("commandstats")
-        .query(&mut server.connection())
-        .unwrap();
-    ["cmdstat_evalsha:calls=", "cmdstat_eval:calls="]
-        .iter()
-        .filter_map(|prefix| {
-            let line = info.lines().find(|line| line.starts_with(prefix))?;
-            line[prefix.len()..].split(',').next()?.parse::<u64>().ok()
-        })
-        .sum()
-}
-
-/// Starts a waiter on `key`, returns once it has made its first attempt, and hands back the
-/// thread, which yields how long after `released` it acquired.
-fn waiter(manager: &LockManager, key: &'static str) -> std::thread::JoinHandle<Instant> {
-    let ready = Arc::new(Barrier::new(2));
-    let handle = {
-        let (manager, ready) = (manager.clone(), ready.clone());
-        std::thread::spawn(move || {
-            ready.wait();
-            let lease = manager
-                .acquire_timeout(key, TTL, Duration::from_secs(60))
-                .unwrap();
-            let acquired = Instant::now();
-            lease.release().unwrap();
-            acquired
-        })
-    };
-    ready.wait();
-    handle
-}
 
 #[test]
 fn a_release_wakes_a_waiter_long_before_its_backoff() {
@@ -54,7 +18,7 @@ fn a_release_wakes_a_waiter_long_before_its_backoff() {
     let backend = RedisBackend::connect(&server.url()).unwrap();
     let manager = LockManager::builder(backend).retry(SLEEPY).build().unwrap();
     let lease = manager.acquire("handoff", TTL).unwrap();
-    let waiting = waiter(&manager, "handoff");
+    let waiting = spawn_waiter(&manager, "handoff", TTL);
     wait_until("the waiter subscribed", Duration::from_secs(10), || {
         server.subscribers("lock:{handoff}") == 1
     });
@@ -83,7 +47,7 @@ fn waiters_fall_back_to_backoff_without_the_subscriber_and_wakeups_resume() {
         .unwrap();
     // Start the subscriber, then kill its connection.
     let lease = quick.acquire("k", TTL).unwrap();
-    let first = waiter(&quick, "k");
+    let first = spawn_waiter(&quick, "k", TTL);
     wait_until("the waiter subscribed", Duration::from_secs(10), || {
         server.subscribers("lock:{k}") == 1
     });
@@ -100,10 +64,10 @@ fn waiters_fall_back_to_backoff_without_the_subscriber_and_wakeups_resume() {
     // Wake-ups work again for the next waiter, on a new subscriber connection.
     let sleepy = LockManager::builder(backend).retry(SLEEPY).build().unwrap();
     let lease = sleepy.acquire("k", TTL).unwrap();
-    let before = script_calls(&server);
-    let second = waiter(&sleepy, "k");
+    let before = server.script_calls();
+    let second = spawn_waiter(&sleepy, "k", TTL);
     wait_until("the waiter tried", Duration::from_secs(10), || {
-        script_calls(&server) > before
+        server.script_calls() > before
     });
     wait_until(
         "the subscriber reconnected for the waiter",
