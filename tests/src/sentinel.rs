@@ -250,33 +250,62 @@ impl SentinelGroup {
         addr
     }
 
-    /// Asks a sentinel to fail over now (`SENTINEL FAILOVER mymaster`), retrying while it
-    /// refuses because a failover is in progress or no replica is ready yet; returns the
-    /// address of the master it replaces. That master keeps running, and keeps taking writes
-    /// until Sentinel turns it into a replica about 10 s later (or [`SentinelGroup::demote`]).
+    /// Asks a sentinel to fail over now (`SENTINEL FAILOVER mymaster`) and returns once it names
+    /// a new master, with the address of the master it replaces. It asks again while the
+    /// sentinel refuses (a failover is in progress, or no replica is ready yet), and when the
+    /// failover it started ends without a new master (Sentinel gives up on a replica that is
+    /// not promoted within its `failover-timeout`, which a loaded machine can make happen).
+    /// The old master keeps running, and keeps taking writes until Sentinel turns it into a
+    /// replica about 10 s later (or [`SentinelGroup::demote`]).
     ///
     /// # Panics
     ///
-    /// If no sentinel accepts within 15 s.
+    /// If the sentinel names no new master within 15 s (its log's end is in the message).
     pub fn force_failover(&self) -> SocketAddr {
         let old = self.master_addr();
+        let sentinel = &self.sentinels[0];
         let deadline = Instant::now() + AGREEMENT_TIMEOUT;
+        let mut refused = None;
         loop {
             let answer = redis::cmd("SENTINEL")
                 .arg("FAILOVER")
                 .arg(MASTER_NAME)
-                .exec(&mut self.sentinels[0].connection());
+                .exec(&mut sentinel.connection());
             match answer {
-                Ok(()) => return old,
-                Err(error) if Instant::now() < deadline => {
-                    let _ = error; // INPROG or NOGOODSLAVE: the group is still settling
-                    std::thread::sleep(POLL_INTERVAL);
+                Ok(()) => {
+                    // Wait for the new master, or for the failover to end without one.
+                    while failing_over(sentinel) {
+                        if named_master(sentinel) != Some(old) {
+                            return old;
+                        }
+                        self.assert_before(deadline, &format!("a master other than {old}"));
+                        std::thread::sleep(POLL_INTERVAL);
+                    }
+                    if named_master(sentinel) != Some(old) {
+                        return old;
+                    }
                 }
-                Err(error) => {
-                    panic!("SENTINEL FAILOVER refused for {AGREEMENT_TIMEOUT:?}: {error}")
-                }
+                // INPROG or NOGOODSLAVE: the group is still settling.
+                Err(error) => refused = Some(error),
             }
+            self.assert_before(
+                deadline,
+                &format!("a failover that replaces {old} (last refusal: {refused:?})"),
+            );
+            std::thread::sleep(POLL_INTERVAL);
         }
+    }
+
+    /// Panics, with the ends of the sentinels' logs, if `deadline` has passed while waiting for
+    /// `what`.
+    fn assert_before(&self, deadline: Instant, what: &str) {
+        assert!(
+            Instant::now() < deadline,
+            "the sentinels of {self:?} did not bring {what} within {AGREEMENT_TIMEOUT:?}; they \
+             name {:?}; their logs end:\n{}",
+            self.named_masters(),
+            self.sentinel_logs()
+        );
     }
 
     /// Waits until every sentinel names the same master other than `old` and that server
@@ -295,11 +324,7 @@ impl SentinelGroup {
                     return *first;
                 }
             }
-            assert!(
-                Instant::now() < deadline,
-                "the sentinels of {self:?} did not agree on a master other than {old} within \
-                 {AGREEMENT_TIMEOUT:?}: they name {named:?}"
-            );
+            self.assert_before(deadline, &format!("agreement on a master other than {old}"));
             std::thread::sleep(POLL_INTERVAL);
         }
     }
@@ -313,6 +338,15 @@ impl SentinelGroup {
     /// As [`SentinelGroup::master_addr`] and [`RedisServer::replicate`].
     pub fn demote(&self, old: SocketAddr) {
         self.server(old).replicate(self.master_addr());
+    }
+
+    /// The ends of the sentinels' logs, for failure messages.
+    fn sentinel_logs(&self) -> String {
+        self.sentinels
+            .iter()
+            .map(|sentinel| format!("--- sentinel {}:\n{}", sentinel.addr(), sentinel.log_tail()))
+            .collect::<Vec<_>>()
+            .join("\n")
     }
 
     /// Waits until every sentinel names the first master and knows `replicas` replicas and
@@ -384,4 +418,16 @@ fn is_master(server: &RedisServer) -> bool {
         redis::cmd("ROLE").query(&mut connection),
         Ok(redis::Role::Primary { .. })
     )
+}
+
+/// Whether `sentinel` has a failover of the master in progress.
+fn failing_over(sentinel: &RedisServer) -> bool {
+    let master: HashMap<String, String> = redis::cmd("SENTINEL")
+        .arg("MASTER")
+        .arg(MASTER_NAME)
+        .query(&mut sentinel.connection())
+        .unwrap_or_else(|e| panic!("SENTINEL MASTER on {}: {e}", sentinel.addr()));
+    master
+        .get("flags")
+        .is_some_and(|flags| flags.contains("failover_in_progress"))
 }

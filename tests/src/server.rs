@@ -360,6 +360,11 @@ impl RedisServer {
             .unwrap_or_else(|e| panic!("invalid URL for redis-server on port {}: {e}", self.port))
     }
 
+    /// The end of the server's log (its last 4 KiB), for failure messages.
+    pub fn log_tail(&self) -> String {
+        log_tail(&self.dir)
+    }
+
     /// How many of the server's client connections (`CLIENT LIST` lines) match `filter`.
     pub fn clients_where(&self, filter: impl Fn(&str) -> bool) -> usize {
         let clients: String = redis::cmd("CLIENT")
