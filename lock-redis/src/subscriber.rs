@@ -20,6 +20,11 @@
 //! blocks on the crossbeam channel alone and reads nothing. The `redis` crate's sync connection
 //! offers no way to wait on a socket and a channel at once.
 //!
+//! Connections are opened by the backend's [`Connector`], as the pool's are: behind Sentinel,
+//! to the master the sentinels name. When a failover moves the master, the connector says the
+//! connection is stale (within its watch's interval), and the thread leaves it at once and
+//! subscribes again on the new master, waking every waiter once as after any reconnection.
+//!
 //! When the connection dies, the thread reconnects with capped exponential backoff (only while
 //! somebody waits). A refusal that retrying cannot cure (the user may not subscribe to the
 //! channels: `NOPERM`, a wrong password; over TLS, a permanent [`TlsFailure`] such as an
@@ -41,6 +46,7 @@ use lock_core::{BackendErrorKind, ReleaseWaiters, ReleaseWatch, WeakReleaseWaite
 use parking_lot::Mutex;
 use redis::{PubSub, RedisError, Value};
 
+use crate::connection::connector::{Connector, Generation, OpenConnection};
 use crate::connection::tls::handshake_failure;
 use crate::errors::classify;
 use crate::scripts::keys::release_channel;
@@ -64,7 +70,7 @@ const REFUSED_RETRY: Duration = Duration::from_secs(60);
 /// What the subscriber thread needs to (re)connect.
 #[derive(Clone)]
 pub(crate) struct SubscriberSettings {
-    pub(crate) client: redis::Client,
+    pub(crate) connector: Connector,
     pub(crate) key_prefix: String,
     pub(crate) connect_timeout: Duration,
     pub(crate) command_timeout: Duration,
@@ -151,6 +157,9 @@ enum Left {
     Lost(RedisError),
     /// No connection could be opened (over TLS, this may be a [`TlsFailure`]).
     NotConnected(RedisError),
+    /// The connection leads to a server that no longer takes the writes: a failover moved the
+    /// master, and releases are published on the new one.
+    Stale,
 }
 
 /// The thread's loop: wait until somebody waits, connect, subscribe, dispatch; reconnect with
@@ -168,6 +177,10 @@ fn run(settings: &SubscriberSettings, registry: &WeakReleaseWaiters, changes: &R
         let (error, tls_failure) = match session(settings, registry, changes, &mut retry) {
             Left::Shutdown => return,
             Left::Idle => continue,
+            Left::Stale => {
+                tracing::info!(redis = %settings.target, "the Redis master moved; the lock-redis subscriber follows it");
+                continue;
+            }
             Left::Lost(error) => (error, None),
             Left::NotConnected(error) => {
                 let tls_failure = settings
@@ -273,8 +286,16 @@ fn session(
     };
     channels.wake_every_waiter(&live);
     drop(live);
+    let generation = connection.generation();
     let mut pubsub = connection.as_pubsub();
-    listen(&mut pubsub, &mut channels, settings, registry, changes)
+    listen(
+        &mut pubsub,
+        &mut channels,
+        settings,
+        registry,
+        changes,
+        generation,
+    )
 }
 
 /// The channels a connection is subscribed to, and the key of each.
@@ -354,29 +375,31 @@ fn subscribe_checked(
 }
 
 /// A dedicated connection (not one of the pool's), with bounded reads and writes.
-fn connect(settings: &SubscriberSettings) -> Result<redis::Connection, RedisError> {
-    let connection = settings
-        .client
-        .get_connection_with_timeout(settings.connect_timeout)?;
+fn connect(settings: &SubscriberSettings) -> Result<OpenConnection, RedisError> {
+    let connection = settings.connector.open(settings.connect_timeout)?;
     connection.set_write_timeout(Some(settings.command_timeout))?;
     connection.set_read_timeout(Some(settings.command_timeout))?;
     Ok(connection)
 }
 
-/// Follows changes and dispatches messages until the connection fails, nobody waits, or the
-/// backend is dropped.
+/// Follows changes and dispatches messages until the connection fails or goes stale (it was
+/// opened as `generation`), nobody waits, or the backend is dropped.
 fn listen(
     pubsub: &mut PubSub<'_>,
     channels: &mut Channels<'_>,
     settings: &SubscriberSettings,
     registry: &WeakReleaseWaiters,
     changes: &Receiver<Box<str>>,
+    generation: Generation,
 ) -> Left {
     if let Err(error) = pubsub.set_read_timeout(Some(POLL_INTERVAL)) {
         return Left::Lost(error);
     }
     let mut last_heard = Instant::now();
     loop {
+        if !settings.connector.is_current(generation) {
+            return Left::Stale;
+        }
         let changed = if channels.keys.is_empty() {
             // Nothing to read: wait for a waiter. The connection stays open for it.
             match changes.recv() {

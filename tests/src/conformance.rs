@@ -1,5 +1,5 @@
-//! The lock-core conformance suite's target for a [`RedisBackend`] on one real server, plain or
-//! TLS: [`RedisTarget`].
+//! The target of `lock_core`'s conformance suite on a [`RedisBackend`] against real servers:
+//! real time, keys deleted and the server paused behind the backend's back.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -9,33 +9,39 @@ use lock_core::{LeaseBackend, LockManager, LockManagerBuilder};
 use lock_redis::RedisBackend;
 use redis::Commands;
 
-use crate::RedisServer;
+use crate::{RedisServer, SentinelGroup};
 
-/// A [`RedisBackend`] on its own [`RedisServer`], in real time: keys expire by the server's
-/// clock, and the server is made unreachable by pausing it (`SIGSTOP`).
-///
-/// ```no_run
-/// use lock_redis::RedisBackend;
-/// use lock_tests::conformance::RedisTarget;
-/// use lock_tests::RedisServer;
-///
-/// fn real_redis() -> RedisTarget {
-///     let server = RedisServer::start();
-///     let backend = RedisBackend::connect(&server.url()).unwrap();
-///     RedisTarget { server, backend }
-/// }
-///
-/// lock_core::conformance_tests!(real_redis());
-/// ```
+/// Where a [`RedisTarget`]'s backend keeps its keys.
+pub trait KeyServer {
+    /// The server that holds the keys now.
+    fn key_server(&self) -> &RedisServer;
+}
+
+impl KeyServer for RedisServer {
+    fn key_server(&self) -> &RedisServer {
+        self
+    }
+}
+
+/// The master the sentinels name.
+impl KeyServer for SentinelGroup {
+    fn key_server(&self) -> &RedisServer {
+        self.master()
+    }
+}
+
+/// A Redis backend under the conformance suite, and the servers it talks to:
+/// `lock_core::conformance_tests!(make_target())` with a `make_target` that returns one.
 #[derive(Debug)]
-pub struct RedisTarget {
-    /// The server, reached by the harness over its plain-text port.
-    pub server: RedisServer,
+pub struct RedisTarget<S> {
+    /// One server, or a Sentinel group (whose sentinels must not fail over while the master is
+    /// paused by [`ConformanceTarget::set_unreachable`]).
+    pub servers: S,
     /// The backend under test.
     pub backend: RedisBackend,
 }
 
-impl ConformanceTarget for RedisTarget {
+impl<S: KeyServer> ConformanceTarget for RedisTarget<S> {
     fn builder(&self) -> LockManagerBuilder {
         LockManager::builder(self.backend.clone())
     }
@@ -55,7 +61,8 @@ impl ConformanceTarget for RedisTarget {
 
     fn delete_key(&self, key: &str) {
         let deleted: u64 = self
-            .server
+            .servers
+            .key_server()
             .connection()
             .del(self.backend.lock_key(key))
             .unwrap();
@@ -63,10 +70,11 @@ impl ConformanceTarget for RedisTarget {
     }
 
     fn set_unreachable(&self, unreachable: bool) {
+        let server = self.servers.key_server();
         if unreachable {
-            self.server.pause();
+            server.pause();
         } else {
-            self.server.resume();
+            server.resume();
         }
     }
 }

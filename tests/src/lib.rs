@@ -8,13 +8,16 @@
 //!   its directory.
 //! - [`tls::TestPki`] generates the certificates of TLS tests (`rcgen`), and
 //!   [`ServerOptions::tls`] makes a server listen with TLS.
+//! - [`SentinelGroup`] starts a master, its replicas and three sentinels on free ports, and can
+//!   kill the master, force a failover and wait until the sentinels agree on the new master.
 //! - [`TcpProxy`] sits between a client and a server and can pass, delay, blackhole or reset the
 //!   traffic ([`ProxyMode`]), for existing and new connections alike.
 //! - [`cpu::pin_process`] pins a process (every thread) to one CPU, for benchmarks that choose
 //!   where the client and the servers run.
-//! - [`wait_until`] polls a condition with a deadline, so tests never rely on fixed sleeps;
-//!   [`spawn_waiter`] starts a thread that waits for a lock, for tests of wake-ups.
-//! - [`conformance::RedisTarget`] runs the lock-core conformance suite on a real server.
+//! - [`conformance::RedisTarget`] runs `lock_core`'s conformance suite on a Redis backend, on one
+//!   server or through a Sentinel group.
+//! - [`wait_until`] polls a condition with a deadline, so tests never rely on fixed sleeps.
+//! - [`spawn_waiter`] starts a thread that waits for a lock, for tests of wake-ups.
 //! - [`captured_logs`] captures what the libraries log, for tests of their warnings.
 //! - [`error_chain`] prints an error with all its sources, as a user's error reporter would.
 //! - The `lease-holder` binary of this crate is a separate process that holds a lease (to be
@@ -46,6 +49,7 @@ pub mod fenced;
 pub mod logs;
 pub mod property;
 pub mod proxy;
+pub mod sentinel;
 pub mod server;
 pub mod tls;
 
@@ -53,7 +57,8 @@ pub use counting::CountingRun;
 pub use fenced::fenced_write;
 pub use logs::{captured_logs, CapturedLogs};
 pub use proxy::{ProxyMode, TcpProxy};
-pub use server::{RedisServer, ServerOptions};
+pub use sentinel::{GroupOptions, SentinelGroup};
+pub use server::{RedisServer, SentinelConfig, ServerOptions};
 
 use std::error::Error;
 use std::sync::{Arc, Barrier};
@@ -99,25 +104,20 @@ pub fn wait_until(what: &str, timeout: Duration, mut condition: impl FnMut() -> 
     }
 }
 
-/// Starts a thread that acquires `key` for `ttl` through `manager` (waiting up to 60 s) and
-/// releases it at once, and returns once that thread runs. Joining it yields when it acquired:
-/// compare with when the holder released, to tell a wake-up from a backoff.
+/// Starts a thread that waits up to a minute for `key` through `manager` (and takes it with
+/// `ttl`), releases it at once, and yields when it acquired it; returns once the thread runs.
 ///
 /// # Panics
 ///
 /// The thread panics if the acquire or the release fails.
-pub fn spawn_waiter(
-    manager: &LockManager,
-    key: &'static str,
-    ttl: Duration,
-) -> JoinHandle<Instant> {
+pub fn spawn_waiter(manager: &LockManager, key: &str, ttl: Duration) -> JoinHandle<Instant> {
     let ready = Arc::new(Barrier::new(2));
     let handle = {
-        let (manager, ready) = (manager.clone(), ready.clone());
+        let (manager, ready, key) = (manager.clone(), ready.clone(), key.to_owned());
         std::thread::spawn(move || {
             ready.wait();
             let lease = manager
-                .acquire_timeout(key, ttl, Duration::from_secs(60))
+                .acquire_timeout(&key, ttl, Duration::from_secs(60))
                 .unwrap();
             let acquired = Instant::now();
             lease.release().unwrap();

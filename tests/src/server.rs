@@ -13,7 +13,9 @@
 //!
 //! With [`ServerOptions::tls`], a server also listens with TLS on a second port
 //! ([`RedisServer::tls_port`]), and [`RedisServer::url`] is a `rediss://` URL for it; the
-//! harness's own connections ([`RedisServer::connection`]) keep using the plain-text port.
+//! harness's own connections ([`RedisServer::connection`]) keep using the plain-text port. A
+//! server can also run as a Sentinel ([`ServerOptions::sentinel`]); [`SentinelGroup`](crate::SentinelGroup)
+//! builds whole groups of them.
 
 use std::fmt;
 use std::fs::{self, File};
@@ -51,6 +53,8 @@ const LOG_FILE: &str = "redis-server.log";
 const SOCKET_FILE: &str = "redis.sock";
 /// Names of the TLS certificate, key and CA files inside the server's directory.
 const TLS_FILES: [&str; 3] = ["tls-cert.pem", "tls-key.pem", "tls-ca.pem"];
+/// Name of a sentinel's configuration file inside its directory (the sentinel rewrites it).
+const SENTINEL_CONFIG_FILE: &str = "sentinel.conf";
 
 /// Distinguishes the temporary directories of servers started by the same test process.
 static NEXT_SERVER_ID: AtomicUsize = AtomicUsize::new(0);
@@ -64,9 +68,9 @@ pub struct ServerOptions {
     /// Without it (`--save "" --appendonly no`), a restarted server starts empty, or with the
     /// data of the last [`RedisServer::save_snapshot`].
     pub persistence: bool,
-    /// Require this password (`--requirepass`). [`RedisServer::url`] then carries it, so
-    /// [`RedisServer::client`] authenticates; a client built from [`RedisServer::addr`] alone
-    /// gets `NOAUTH` errors.
+    /// Require this password (`--requirepass`; a data server also replicates with it,
+    /// `--masterauth`). [`RedisServer::url`] then carries it, so [`RedisServer::client`]
+    /// authenticates; a client built from [`RedisServer::addr`] alone gets `NOAUTH` errors.
     pub password: Option<String>,
     /// Also listen on a Unix socket in the server's directory and make [`RedisServer::url`] a
     /// `redis+unix://` URL. The server keeps listening on its TCP port too, so
@@ -76,6 +80,73 @@ pub struct ServerOptions {
     /// certificates (see [`TestPki`](crate::tls::TestPki)); [`RedisServer::url`] is then a
     /// `rediss://127.0.0.1` URL for it. The plain-text port stays open for the harness.
     pub tls: Option<ServerTls>,
+    /// Run as a Sentinel (`redis-server sentinel.conf --sentinel`) that monitors this master,
+    /// instead of as a data server. Its configuration file lives in the server's directory and
+    /// keeps what the sentinel learns across [`RedisServer::restart`].
+    pub sentinel: Option<SentinelConfig>,
+}
+
+/// What a server started as a Sentinel monitors, and how quickly it fails over
+/// ([`ServerOptions::sentinel`]). Its own password, if any, is [`ServerOptions::password`].
+#[derive(Clone)]
+pub struct SentinelConfig {
+    /// The name the master is monitored under (`sentinel monitor NAME ...`).
+    pub master_name: String,
+    /// Where the master listens when the sentinel starts.
+    pub master: SocketAddr,
+    /// How many sentinels must agree that the master is down before a failover.
+    pub quorum: u32,
+    /// How long the master must be silent to be deemed down (`down-after-milliseconds`).
+    pub down_after: Duration,
+    /// `failover-timeout`: also how long a sentinel waits before it tries a failover again.
+    pub failover_timeout: Duration,
+    /// The password of the master and its replicas (`sentinel auth-pass`).
+    pub auth_pass: Option<String>,
+    /// The password of the other sentinels (`sentinel sentinel-pass`).
+    pub sentinel_pass: Option<String>,
+}
+
+impl fmt::Debug for SentinelConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let redacted = |password: &Option<String>| password.as_ref().map(|_| "<redacted>");
+        f.debug_struct("SentinelConfig")
+            .field("master_name", &self.master_name)
+            .field("master", &self.master)
+            .field("quorum", &self.quorum)
+            .field("down_after", &self.down_after)
+            .field("failover_timeout", &self.failover_timeout)
+            .field("auth_pass", &redacted(&self.auth_pass))
+            .field("sentinel_pass", &redacted(&self.sentinel_pass))
+            .finish()
+    }
+}
+
+impl SentinelConfig {
+    /// The configuration file's lines.
+    fn file(&self) -> String {
+        let name = &self.master_name;
+        let (ip, port) = (self.master.ip(), self.master.port());
+        let mut lines = vec![
+            format!("sentinel monitor {name} {ip} {port} {}", self.quorum),
+            format!(
+                "sentinel down-after-milliseconds {name} {}",
+                self.down_after.as_millis()
+            ),
+            format!(
+                "sentinel failover-timeout {name} {}",
+                self.failover_timeout.as_millis()
+            ),
+        ];
+        // Quoted, for passwords with spaces.
+        let quoted = |text: &str| format!("{:?}", text);
+        if let Some(password) = &self.auth_pass {
+            lines.push(format!("sentinel auth-pass {name} {}", quoted(password)));
+        }
+        if let Some(password) = &self.sentinel_pass {
+            lines.push(format!("sentinel sentinel-pass {}", quoted(password)));
+        }
+        lines.join("\n") + "\n"
+    }
 }
 
 impl fmt::Debug for ServerOptions {
@@ -85,6 +156,7 @@ impl fmt::Debug for ServerOptions {
             .field("password", &self.password.as_ref().map(|_| "<redacted>"))
             .field("unix_socket", &self.unix_socket)
             .field("tls", &self.tls)
+            .field("sentinel", &self.sentinel)
             .finish()
     }
 }
@@ -351,6 +423,11 @@ impl RedisServer {
             .unwrap_or_else(|e| panic!("invalid URL for redis-server on port {}: {e}", self.port))
     }
 
+    /// The end of the server's log (its last 4 KiB), for failure messages.
+    pub fn log_tail(&self) -> String {
+        log_tail(&self.dir)
+    }
+
     /// How many of the server's client connections (`CLIENT LIST` lines) match `filter`.
     pub fn clients_where(&self, filter: impl Fn(&str) -> bool) -> usize {
         let clients: String = redis::cmd("CLIENT")
@@ -358,6 +435,22 @@ impl RedisServer {
             .query(&mut self.connection())
             .unwrap();
         clients.lines().filter(|line| filter(line)).count()
+    }
+
+    /// How many scripts the server has run (`INFO commandstats`: `EVALSHA` and `EVAL` calls):
+    /// each lease operation of a Redis backend is one.
+    pub fn script_calls(&self) -> u64 {
+        let info: String = redis::cmd("INFO")
+            .arg("commandstats")
+            .query(&mut self.connection())
+            .unwrap();
+        ["cmdstat_evalsha:calls=", "cmdstat_eval:calls="]
+            .iter()
+            .filter_map(|prefix| {
+                let line = info.lines().find(|line| line.starts_with(prefix))?;
+                line[prefix.len()..].split(',').next()?.parse::<u64>().ok()
+            })
+            .sum()
     }
 
     /// How many clients are subscribed to `channel` (`PUBSUB NUMSUB`).
@@ -400,7 +493,7 @@ impl RedisServer {
     /// Makes this server a replica of the server at `master` (the master's
     /// [`addr`](RedisServer::addr), or that of a [`TcpProxy`](crate::TcpProxy) in front of it, so
     /// a test can cut the link), and waits until the initial synchronisation is done. The master
-    /// must not require a password.
+    /// must require no password, or this server's own ([`ServerOptions::password`]).
     ///
     /// # Panics
     ///
@@ -571,6 +664,16 @@ impl RedisServer {
             .map_err(|e| LaunchError::Fatal(format!("cannot clone {}: {e}", log_path.display())))?;
 
         let mut command = Command::new(&self.binary);
+        if let Some(sentinel) = &self.options.sentinel {
+            let config = self.dir.join(SENTINEL_CONFIG_FILE);
+            // A restarted sentinel keeps what it rewrote into its file.
+            if !config.exists() {
+                fs::write(&config, sentinel.file()).map_err(|e| {
+                    LaunchError::Fatal(format!("cannot write {}: {e}", config.display()))
+                })?;
+            }
+            command.arg(&config).arg("--sentinel");
+        }
         command
             .args(["--port", &self.port.to_string()])
             .args(["--bind", "127.0.0.1"])
@@ -593,6 +696,10 @@ impl RedisServer {
         }
         if let Some(password) = &self.options.password {
             command.args(["--requirepass", password]);
+            if self.options.sentinel.is_none() {
+                // Replicating a master that has the same password.
+                command.args(["--masterauth", password]);
+            }
         }
         if self.options.unix_socket {
             command
@@ -780,7 +887,7 @@ fn log_tail(dir: &Path) -> String {
 }
 
 /// Percent-encodes everything but RFC 3986 unreserved characters, for a password in a URL.
-fn percent_encode(text: &str) -> String {
+pub(crate) fn percent_encode(text: &str) -> String {
     let mut encoded = String::with_capacity(text.len());
     for byte in text.bytes() {
         if byte.is_ascii_alphanumeric() || b"-._~".contains(&byte) {

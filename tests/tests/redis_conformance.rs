@@ -7,13 +7,16 @@ use lock_redis::RedisBackend;
 use lock_tests::conformance::RedisTarget;
 use lock_tests::RedisServer;
 
-fn real_redis() -> RedisTarget {
+fn real_redis() -> RedisTarget<RedisServer> {
     let server = RedisServer::start();
     let backend = RedisBackend::builder(&server.url())
         .command_timeout(Duration::from_secs(2))
         .build()
         .unwrap();
-    RedisTarget { server, backend }
+    RedisTarget {
+        servers: server,
+        backend,
+    }
 }
 
 lock_core::conformance_tests!(real_redis());
@@ -23,7 +26,7 @@ lock_core::conformance_tests!(real_redis());
 mod as_the_minimal_acl_user {
     use super::*;
 
-    fn acl_redis() -> RedisTarget {
+    fn acl_redis() -> RedisTarget<RedisServer> {
         let server = RedisServer::start();
         server.add_acl_user("locker", "locker-pw", &lock_redis::acl_rules("lock:"));
         let backend = RedisBackend::builder(&server.url())
@@ -31,7 +34,10 @@ mod as_the_minimal_acl_user {
             .command_timeout(Duration::from_secs(2))
             .build()
             .unwrap();
-        RedisTarget { server, backend }
+        RedisTarget {
+            servers: server,
+            backend,
+        }
     }
 
     lock_core::conformance_tests!(acl_redis());

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use lock_core::{LeaseBackend, LockManager, Ownership, RetryPolicy};
 use lock_tests::direct::{acquire, backend_at, fence_of, wait_for_wakeup, CALL};
-use lock_tests::{wait_until, ProxyMode, RedisServer, TcpProxy};
+use lock_tests::{spawn_waiter, wait_until, ProxyMode, RedisServer, TcpProxy};
 use parking_lot::{Mutex, MutexGuard};
 
 /// Deadline of `wait_until` and of waiting for a release notification.
@@ -244,19 +244,6 @@ fn sleepy_manager(url: &str) -> LockManager {
         .unwrap()
 }
 
-/// A thread that waits for `key` through `manager`, and yields when it acquired it.
-fn waiter(manager: &LockManager, key: &str) -> std::thread::JoinHandle<Instant> {
-    let (manager, key) = (manager.clone(), key.to_owned());
-    std::thread::spawn(move || {
-        let lease = manager
-            .acquire_timeout(&key, TTL, Duration::from_secs(60))
-            .unwrap();
-        let acquired = Instant::now();
-        lease.release().unwrap();
-        acquired
-    })
-}
-
 #[test]
 fn an_uncontended_cycle_reaches_no_other_process_and_starts_no_subscriber() {
     let _alone = alone();
@@ -311,7 +298,7 @@ fn a_release_racing_a_new_subscription_still_wakes_the_waiter() {
     for round in 0..50 {
         let key = format!("race-{round}");
         fence_of(acquire(&holder, &key, "holder", TTL));
-        let waiting = waiter(&manager, &key);
+        let waiting = spawn_waiter(&manager, &key, TTL);
         std::thread::sleep(Duration::from_micros(fastrand::u64(0..3000)));
         let released = Instant::now();
         assert_eq!(

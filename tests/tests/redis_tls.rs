@@ -126,7 +126,7 @@ mod conformance {
     use super::*;
     use lock_tests::conformance::RedisTarget;
 
-    fn tls_redis() -> RedisTarget {
+    fn tls_redis() -> RedisTarget<RedisServer> {
         let pki = TestPki::generate();
         let server = tls_server(&pki, &pki.server, ClientAuth::No);
         let backend = RedisBackend::builder(&server.url())
@@ -134,7 +134,10 @@ mod conformance {
             .command_timeout(Duration::from_secs(2))
             .build()
             .unwrap();
-        RedisTarget { server, backend }
+        RedisTarget {
+            servers: server,
+            backend,
+        }
     }
 
     lock_core::conformance_tests!(tls_redis());

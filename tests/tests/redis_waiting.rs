@@ -12,21 +12,6 @@ use lock_tests::{spawn_waiter, wait_until, RedisServer};
 const SLEEPY: RetryPolicy = RetryPolicy::new(Duration::from_secs(30), Duration::from_secs(30));
 const TTL: Duration = Duration::from_secs(10);
 
-/// How many scripts the server has run: each acquire attempt is one.
-fn script_calls(server: &RedisServer) -> u64 {
-    let info: String = redis::cmd("INFO")
-        .arg("commandstats")
-        .query(&mut server.connection())
-        .unwrap();
-    ["cmdstat_evalsha:calls=", "cmdstat_eval:calls="]
-        .iter()
-        .filter_map(|prefix| {
-            let line = info.lines().find(|line| line.starts_with(prefix))?;
-            line[prefix.len()..].split(',').next()?.parse::<u64>().ok()
-        })
-        .sum()
-}
-
 #[test]
 fn a_release_wakes_a_waiter_long_before_its_backoff() {
     let server = RedisServer::start();
@@ -79,10 +64,10 @@ fn waiters_fall_back_to_backoff_without_the_subscriber_and_wakeups_resume() {
     // Wake-ups work again for the next waiter, on a new subscriber connection.
     let sleepy = LockManager::builder(backend).retry(SLEEPY).build().unwrap();
     let lease = sleepy.acquire("k", TTL).unwrap();
-    let before = script_calls(&server);
+    let before = server.script_calls();
     let second = spawn_waiter(&sleepy, "k", TTL);
     wait_until("the waiter tried", Duration::from_secs(10), || {
-        script_calls(&server) > before
+        server.script_calls() > before
     });
     wait_until(
         "the subscriber reconnected for the waiter",

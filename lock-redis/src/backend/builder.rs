@@ -4,6 +4,9 @@ use std::fmt;
 use std::path::PathBuf;
 use std::time::Duration;
 
+use crate::connection::connector::Connector;
+use crate::connection::sentinel::spec::{Credentials, SentinelOptions};
+use crate::connection::sentinel::SentinelMaster;
 use crate::connection::tls::TlsSettings;
 use crate::connection::url::{open_client, redact_url};
 use crate::{RedisBackend, RedisBackendError};
@@ -148,6 +151,8 @@ pub struct RedisBackendBuilder {
     /// An ACL user and its password, given apart from the URL.
     credentials: Option<(String, String)>,
     tls: TlsSettings,
+    /// The Sentinel group, when it is not (only) in the URL.
+    sentinel: SentinelOptions,
 }
 
 impl fmt::Debug for RedisBackendBuilder {
@@ -165,6 +170,7 @@ impl fmt::Debug for RedisBackendBuilder {
                 &self.credentials.as_ref().map(|(user, _password)| user),
             )
             .field("tls", &self.tls)
+            .field("sentinel", &self.sentinel)
             .finish()
     }
 }
@@ -176,6 +182,18 @@ impl RedisBackendBuilder {
             config: Config::default(),
             credentials: None,
             tls: TlsSettings::default(),
+            sentinel: SentinelOptions::default(),
+        }
+    }
+
+    pub(crate) fn sentinel(sentinels: &[&str], master_name: &str) -> RedisBackendBuilder {
+        let sentinel = SentinelOptions::group(sentinels, master_name);
+        RedisBackendBuilder {
+            url: sentinel.url().unwrap_or_default(),
+            config: Config::default(),
+            credentials: None,
+            tls: TlsSettings::default(),
+            sentinel,
         }
     }
 
@@ -479,6 +497,46 @@ impl RedisBackendBuilder {
         self
     }
 
+    /// Sentinel backends only: the user (`None` for `default`) and password to log in to the
+    /// master with, in place of those of a `redis+sentinel://` URL.
+    ///
+    /// ```
+    /// use lock_redis::RedisBackend;
+    ///
+    /// let backend = RedisBackend::sentinel_builder(&["10.0.0.1:26379", "10.0.0.2"], "locks")
+    ///     .master_auth(Some("locker"), "hunter2")
+    ///     .build()?;
+    /// assert!(!format!("{backend:?}").contains("hunter2"));
+    /// // A server's password belongs in its URL.
+    /// assert!(RedisBackend::builder("redis://localhost").master_auth(None, "pw").build().is_err());
+    /// # Ok::<(), lock_redis::RedisBackendError>(())
+    /// ```
+    pub fn master_auth(mut self, username: Option<&str>, password: &str) -> RedisBackendBuilder {
+        self.sentinel
+            .set_master_auth(Credentials::new(username, password));
+        self
+    }
+
+    /// Sentinel backends only: the user (`None` for `default`) and password to log in to the
+    /// sentinels with (sentinels configured with `requirepass` or ACL users), in place of the
+    /// `sentinel_username` and `sentinel_password` of a `redis+sentinel://` URL. Without them,
+    /// the sentinels are asked without logging in.
+    ///
+    /// ```
+    /// use lock_redis::RedisBackend;
+    ///
+    /// let backend = RedisBackend::sentinel_builder(&["10.0.0.1:26379"], "locks")
+    ///     .sentinel_auth(None, "sentinel-secret")
+    ///     .master_auth(None, "master-secret")
+    ///     .build()?;
+    /// # Ok::<(), lock_redis::RedisBackendError>(())
+    /// ```
+    pub fn sentinel_auth(mut self, username: Option<&str>, password: &str) -> RedisBackendBuilder {
+        self.sentinel
+            .set_sentinel_auth(Credentials::new(username, password));
+        self
+    }
+
     /// Checks the URL and every setting, and makes the backend.
     ///
     /// Does not connect: the pool opens connections when calls need them, so a backend can be
@@ -489,8 +547,10 @@ impl RedisBackendBuilder {
     ///
     /// [`RedisBackendError::InvalidUrl`] for a URL that does not parse, and
     /// [`RedisBackendError::InvalidConfig`] for a setting out of range, a TLS setting on a URL
-    /// that is not `rediss://`, or a CA, client certificate or key that cannot be read or used
-    /// (the message names the file or the problem, never the key's contents).
+    /// that is not `rediss://`, a CA, client certificate or key that cannot be read or used
+    /// (the message names the file or the problem, never the key's contents), a Sentinel group
+    /// without sentinels or with a malformed address or master name, Sentinel credentials on a
+    /// backend for one server, or TLS settings on a Sentinel backend (not supported yet).
     ///
     /// ```
     /// use lock_redis::{RedisBackend, RedisBackendError};
@@ -502,23 +562,44 @@ impl RedisBackendBuilder {
     pub fn build(self) -> Result<RedisBackend, RedisBackendError> {
         self.config.validate()?;
         let target = redact_url(&self.url);
-        let mut client = open_client(&self.url)?;
-        if let Some((user, password)) = &self.credentials {
-            let info = client.get_connection_info().clone();
-            let settings = info
-                .redis_settings()
-                .clone()
-                .set_username(user)
-                .set_password(password);
-            client = redis::Client::open(info.set_redis_settings(settings)).map_err(|error| {
-                RedisBackendError::InvalidUrl {
-                    url: target.clone(),
-                    reason: error.to_string(),
+        let connector = match self.sentinel.into_spec(&self.url)? {
+            Some(mut group) => {
+                if self.tls.is_set() {
+                    return Err(RedisBackendError::InvalidConfig {
+                        reason: "TLS settings on a Sentinel backend: Sentinel connections are \
+                                 plain TCP in this version"
+                            .to_owned(),
+                    });
                 }
-            })?;
-        }
-        let client = self.tls.apply(client, &target)?;
-        Ok(RedisBackend::from_parts(client, target, self.config))
+                if let Some((user, password)) = &self.credentials {
+                    group.master_auth = Credentials::new(Some(user), password);
+                }
+                Connector::Sentinel(SentinelMaster::new(
+                    group,
+                    self.config.connect_timeout,
+                    target.clone(),
+                ))
+            }
+            None => {
+                let mut client = open_client(&self.url)?;
+                if let Some((user, password)) = &self.credentials {
+                    let info = client.get_connection_info().clone();
+                    let settings = info
+                        .redis_settings()
+                        .clone()
+                        .set_username(user)
+                        .set_password(password);
+                    client = redis::Client::open(info.set_redis_settings(settings)).map_err(
+                        |error| RedisBackendError::InvalidUrl {
+                            url: target.clone(),
+                            reason: error.to_string(),
+                        },
+                    )?;
+                }
+                Connector::Server(self.tls.apply(client, &target)?)
+            }
+        };
+        Ok(RedisBackend::from_parts(connector, target, self.config))
     }
 }
 

@@ -5,7 +5,8 @@ use std::sync::atomic::{AtomicU8, Ordering};
 
 use redis::Value;
 
-use crate::connection::pool::{round_trip, Deadline, PooledConnection};
+use crate::connection::deadline::Deadline;
+use crate::connection::pool::{round_trip, PooledConnection};
 use crate::errors::CallFailure;
 
 /// The one policy under which a server never evicts a key.

@@ -15,8 +15,10 @@ use redis::{Cmd, Value};
 
 use crate::backend::builder::Config;
 use crate::backend::eviction::{read_eviction_policy, EvictionCheck};
+use crate::connection::connector::Connector;
+use crate::connection::deadline::Deadline;
 use crate::connection::pool::{
-    pipeline_round_trip, round_trip, ConnectionPool, Deadline, PoolSettings, PooledConnection,
+    pipeline_round_trip, round_trip, ConnectionPool, PoolSettings, PooledConnection,
 };
 use crate::connection::tls::is_tls;
 use crate::errors::{closed_unread, is_retryable_elsewhere, CallFailure, RedisOperation};
@@ -93,7 +95,10 @@ impl RedisBackend {
     /// `url` is `redis://[user][:password@]host[:port][/db]` (port 6379 and database 0 by
     /// default), `rediss://...` for TLS (trusting the system's certificate store; see
     /// [`builder`](Self::builder) for a CA of your own, a client certificate, and the
-    /// [crate docs](crate#tls)), or `unix:///path/to/redis.sock[?db=N&pass=P]`.
+    /// [crate docs](crate#tls)), `unix:///path/to/redis.sock[?db=N&pass=P]`, or the master of a
+    /// Sentinel group,
+    /// `redis+sentinel://[user][:password@]host[:port][,host[:port]...]/master-name[/db]`
+    /// (see [Sentinel](crate#sentinel); plain TCP only).
     ///
     /// Checks the URL, but does not connect: a server that is down now is no error here (the
     /// calls report it, as transient errors the manager retries), and neither is a wrong
@@ -134,6 +139,38 @@ impl RedisBackend {
     /// ```
     pub fn builder(url: &str) -> RedisBackendBuilder {
         RedisBackendBuilder::new(url)
+    }
+
+    /// A builder for a backend on the master of a Sentinel group: `sentinels` are the
+    /// sentinels' addresses (`host:port`, `host` for port 26379, or `[ipv6]:port`), asked in
+    /// turn; `master_name` is the name they monitor the master under. The same as
+    /// [`builder`](Self::builder) with a `redis+sentinel://` URL; credentials come from
+    /// [`master_auth`](RedisBackendBuilder::master_auth) and
+    /// [`sentinel_auth`](RedisBackendBuilder::sentinel_auth). See [Sentinel](crate#sentinel)
+    /// for how a failover is followed.
+    ///
+    /// Like every builder, it does not connect: the sentinels are first asked when a call
+    /// needs a connection.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use lock_redis::{RedisBackend, RedisBackendError};
+    ///
+    /// let backend = RedisBackend::sentinel_builder(
+    ///     &["10.0.0.1:26379", "10.0.0.2:26379", "10.0.0.3:26379"],
+    ///     "locks",
+    /// )
+    /// .master_auth(Some("locker"), "hunter2")
+    /// .command_timeout(Duration::from_millis(500))
+    /// .build()?;
+    /// assert!(format!("{backend:?}").contains("redis+sentinel://10.0.0.1:26379,"));
+    ///
+    /// let error = RedisBackend::sentinel_builder(&[], "locks").build().unwrap_err();
+    /// assert!(matches!(error, RedisBackendError::InvalidConfig { .. }));
+    /// # Ok::<(), RedisBackendError>(())
+    /// ```
+    pub fn sentinel_builder(sentinels: &[&str], master_name: &str) -> RedisBackendBuilder {
+        RedisBackendBuilder::sentinel(sentinels, master_name)
     }
 
     /// A backend over your own r2d2 pool, with the default timeouts and key prefix.
@@ -280,20 +317,16 @@ impl RedisBackend {
     }
 
     /// A backend with a pool of its own; `config` is valid.
-    pub(crate) fn from_parts(
-        client: redis::Client,
-        target: String,
-        config: Config,
-    ) -> RedisBackend {
+    pub(crate) fn from_parts(connector: Connector, target: String, config: Config) -> RedisBackend {
         let pool = ConnectionPool::build(PoolSettings {
-            client: client.clone(),
+            connector: connector.clone(),
             size: config.pool_size,
             connect_timeout: config.connect_timeout,
             target: &target,
         });
         let subscriber = Subscriber::new(SubscriberSettings {
-            tls: is_tls(&client),
-            client,
+            tls: matches!(&connector, Connector::Server(client) if is_tls(client)),
+            connector,
             key_prefix: config.key_prefix.clone(),
             connect_timeout: config.connect_timeout,
             command_timeout: config.command_timeout,

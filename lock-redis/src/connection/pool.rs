@@ -1,8 +1,10 @@
 //! The connection pool and the bounded round trips every call is made of.
 //!
 //! Pools built by [`RedisBackendBuilder`](crate::RedisBackendBuilder) use [`BoundedClient`], a
-//! connection manager that connects with a timeout (the `redis::Client` manager of r2d2 has
-//! none, so a silent server would hold r2d2's connecting threads forever). Pools given to
+//! connection manager that opens connections through a [`Connector`] with a timeout (the
+//! `redis::Client` manager of r2d2 has none, so a silent server would hold r2d2's connecting
+//! threads forever), and drops those that no longer lead to the server that takes the writes
+//! (behind Sentinel, after a failover) or whose server answered `READONLY`. Pools given to
 //! [`RedisBackend::from_pool`](crate::RedisBackend::from_pool) are used as they are.
 //!
 //! Every round trip sets the socket's read and write timeouts to what is left of the call's
@@ -21,8 +23,10 @@ use std::time::{Duration, Instant};
 
 use lock_core::BackendErrorKind;
 use parking_lot::Mutex;
-use redis::{Cmd, Connection, ConnectionLike, RedisError, Value};
+use redis::{Cmd, Connection, ConnectionLike, RedisError, ServerErrorKind, Value};
 
+use crate::connection::connector::{Connector, OpenConnection};
+use crate::connection::deadline::Deadline;
 use crate::connection::tls::is_tls;
 use crate::errors::{connect_failure, CallFailure};
 
@@ -39,72 +43,11 @@ const NO_CONNECTION_YET: &str = "timed out waiting for connection";
 /// enough to notice soon that it is back.
 const R2D2_CONNECTION_TIMEOUT: Duration = Duration::from_secs(2);
 
-/// When a call must be done by: the caller's timeout, narrowed per phase by the configured
-/// checkout and command timeouts.
-#[derive(Debug, Clone, Copy)]
-pub(crate) struct Deadline {
-    started: Instant,
-    /// `None`: the caller set no limit (`Duration::MAX`).
-    at: Option<Instant>,
-}
-
-impl Deadline {
-    /// A deadline `timeout` from now (none if that is beyond what `Instant` can hold).
-    pub(crate) fn after(timeout: Duration) -> Deadline {
-        let started = Instant::now();
-        Deadline {
-            started,
-            at: started.checked_add(timeout),
-        }
-    }
-
-    /// This deadline, or `limit` from now if that comes first.
-    pub(crate) fn narrowed(&self, limit: Duration) -> Deadline {
-        let limit_at = Instant::now().checked_add(limit);
-        let at = match (self.at, limit_at) {
-            (Some(at), Some(limit_at)) => Some(at.min(limit_at)),
-            (at, None) => at,
-            (None, limit_at) => limit_at,
-        };
-        Deadline {
-            started: self.started,
-            at,
-        }
-    }
-
-    /// Time left, or `None` for no limit.
-    pub(crate) fn remaining(&self) -> Option<Duration> {
-        self.at
-            .map(|at| at.saturating_duration_since(Instant::now()))
-    }
-
-    /// How long the call has run.
-    pub(crate) fn elapsed(&self) -> Duration {
-        self.started.elapsed()
-    }
-
-    /// The timeout failure for this call.
-    pub(crate) fn timed_out(&self) -> CallFailure {
-        CallFailure::Timeout {
-            waited: self.elapsed(),
-        }
-    }
-
-    /// Turns a `redis` error into a call failure, naming socket timeouts as such.
-    pub(crate) fn failure(&self, error: RedisError) -> CallFailure {
-        if error.is_timeout() {
-            self.timed_out()
-        } else {
-            CallFailure::Redis(error)
-        }
-    }
-}
-
-/// The r2d2 connection manager of pools this crate builds: a [`redis::Client`] that connects
-/// (TCP connect and handshake) within `connect_timeout`, and remembers its last failure so a
-/// checkout timeout can say why.
+/// The r2d2 connection manager of pools this crate builds: a [`Connector`] that opens
+/// connections within `connect_timeout`, and remembers its last failure so a checkout timeout
+/// can say why.
 pub(crate) struct BoundedClient {
-    client: redis::Client,
+    connector: Connector,
     connect_timeout: Duration,
     last_error: Arc<Mutex<Option<(Instant, RedisError)>>>,
 }
@@ -118,14 +61,11 @@ impl fmt::Debug for BoundedClient {
 }
 
 impl r2d2::ManageConnection for BoundedClient {
-    type Connection = Connection;
+    type Connection = OpenConnection;
     type Error = RedisError;
 
-    fn connect(&self) -> Result<Connection, RedisError> {
-        match self
-            .client
-            .get_connection_with_timeout(self.connect_timeout)
-        {
+    fn connect(&self) -> Result<OpenConnection, RedisError> {
+        match self.connector.open(self.connect_timeout) {
             Ok(connection) => {
                 *self.last_error.lock() = None;
                 Ok(connection)
@@ -137,12 +77,12 @@ impl r2d2::ManageConnection for BoundedClient {
         }
     }
 
-    fn is_valid(&self, connection: &mut Connection) -> Result<(), RedisError> {
-        redis::cmd("PING").query::<()>(connection)
+    fn is_valid(&self, connection: &mut OpenConnection) -> Result<(), RedisError> {
+        redis::cmd("PING").query::<()>(&mut **connection)
     }
 
-    fn has_broken(&self, connection: &mut Connection) -> bool {
-        !connection.is_open()
+    fn has_broken(&self, connection: &mut OpenConnection) -> bool {
+        self.connector.must_drop(connection)
     }
 }
 
@@ -160,7 +100,7 @@ impl r2d2::HandleError<RedisError> for ConnectErrorLogger {
 
 /// Settings of a pool this crate builds.
 pub(crate) struct PoolSettings<'a> {
-    pub(crate) client: redis::Client,
+    pub(crate) connector: Connector,
     pub(crate) size: u32,
     pub(crate) connect_timeout: Duration,
     /// The redacted URL, for logs.
@@ -175,6 +115,8 @@ pub(crate) enum ConnectionPool {
         /// Whether connections are made over TLS (`rediss://`), so a failed attempt may be a
         /// TLS failure.
         tls: bool,
+        /// The pool's connector, which says whether a pooled connection is stale.
+        connector: Connector,
     },
     Given(r2d2::Pool<redis::Client>),
 }
@@ -198,9 +140,9 @@ impl ConnectionPool {
     /// A lazy pool: no connection is made until the first call needs one.
     pub(crate) fn build(settings: PoolSettings<'_>) -> ConnectionPool {
         let last_error = Arc::new(Mutex::new(None));
-        let tls = is_tls(&settings.client);
+        let tls = matches!(&settings.connector, Connector::Server(client) if is_tls(client));
         let manager = BoundedClient {
-            client: settings.client,
+            connector: settings.connector.clone(),
             connect_timeout: settings.connect_timeout,
             last_error: Arc::clone(&last_error),
         };
@@ -218,6 +160,7 @@ impl ConnectionPool {
             pool,
             last_error,
             tls,
+            connector: settings.connector,
         }
     }
 
@@ -229,7 +172,9 @@ impl ConnectionPool {
         }
     }
 
-    /// A connection, within `deadline` and at most `limit`.
+    /// A connection, within `deadline` and at most `limit`. A pooled connection that no longer
+    /// leads to the server that takes the writes (behind Sentinel, the master changed) is
+    /// dropped, and another is taken or opened.
     pub(crate) fn checkout(
         &self,
         deadline: &Deadline,
@@ -246,9 +191,13 @@ impl ConnectionPool {
             }
             let slice = left.min(CHECKOUT_SLICE);
             let result = match self {
-                ConnectionPool::Bounded { pool, .. } => {
-                    pool.get_timeout(slice).map(Pooled::Bounded)
-                }
+                ConnectionPool::Bounded {
+                    pool, connector, ..
+                } => match pool.get_timeout(slice) {
+                    // Back to the pool, which drops it (`has_broken`).
+                    Ok(stale) if !connector.is_current(stale.generation()) => continue,
+                    result => result.map(Pooled::Bounded),
+                },
                 ConnectionPool::Given(pool) => pool.get_timeout(slice).map(Pooled::Given),
             };
             let result = result.map(|pooled| PooledConnection {
@@ -437,14 +386,21 @@ impl PooledConnection {
     }
 
     /// Reads one reply within `deadline`. On failure, replies may still be due: the connection
-    /// is marked for a resync.
+    /// is marked for a resync. A `READONLY` reply (the server is a replica now: it was demoted
+    /// by a failover) marks the connection to be dropped when it goes back to the pool.
     fn receive(&mut self, deadline: &Deadline) -> Result<Value, CallFailure> {
         let reply = set_timeouts(self, deadline).and_then(|()| {
             self.recv_response()
                 .map_err(|error| deadline.failure(error))
         });
-        if reply.is_err() {
-            self.mark_needs_resync();
+        match &reply {
+            Err(_) => self.mark_needs_resync(),
+            Ok(Value::ServerError(error)) if error.kind() == Some(ServerErrorKind::ReadOnly) => {
+                if let Pooled::Bounded(connection) = &mut self.pooled {
+                    connection.mark_refused_write();
+                }
+            }
+            Ok(_) => {}
         }
         reply
     }
@@ -579,38 +535,5 @@ mod tests {
             !socket_timeout_fits(ms(400), ms(100)),
             "it would end 300 ms late"
         );
-    }
-
-    #[test]
-    fn deadline_without_limit_never_overflows() {
-        let deadline = Deadline::after(Duration::MAX);
-        assert_eq!(deadline.remaining(), None);
-        let narrowed = deadline.narrowed(Duration::from_secs(2));
-        let left = narrowed.remaining().unwrap();
-        assert!(left <= Duration::from_secs(2) && left > Duration::from_secs(1));
-    }
-
-    #[test]
-    fn narrowing_keeps_the_earlier_deadline() {
-        let deadline = Deadline::after(Duration::from_millis(50));
-        assert!(
-            deadline
-                .narrowed(Duration::from_secs(5))
-                .remaining()
-                .unwrap()
-                <= Duration::from_millis(50)
-        );
-    }
-
-    #[test]
-    fn an_expired_deadline_is_a_timeout_not_a_zero_socket_timeout() {
-        let deadline = Deadline::after(Duration::ZERO);
-        assert_eq!(deadline.remaining(), Some(Duration::ZERO));
-        assert!(matches!(deadline.timed_out(), CallFailure::Timeout { .. }));
-        let error = RedisError::from(std::io::Error::new(std::io::ErrorKind::WouldBlock, "slow"));
-        assert!(matches!(
-            deadline.failure(error),
-            CallFailure::Timeout { .. }
-        ));
     }
 }

@@ -333,7 +333,7 @@ impl TlsSettings {
     }
 
     /// Whether any TLS setting was made.
-    fn is_set(&self) -> bool {
+    pub(crate) fn is_set(&self) -> bool {
         self.ca.is_some() || self.client.is_some() || self.accept_invalid_certificates
     }
 

@@ -6,8 +6,9 @@ use crate::RedisBackendError;
 /// What replaces a secret in a redacted URL.
 const REDACTED: &str = "***";
 
-/// Query parameters that carry a password (`unix://` URLs use `?pass=`).
-const SECRET_QUERY_KEYS: &[&str] = &["pass", "password"];
+/// Query parameters that carry a password (`unix://` URLs use `?pass=`, `redis+sentinel://`
+/// URLs `?sentinel_password=`).
+const SECRET_QUERY_KEYS: &[&str] = &["pass", "password", "sentinel_password"];
 
 /// Returns `url` with its password replaced by `***`, for logs and error messages.
 ///
@@ -15,7 +16,8 @@ const SECRET_QUERY_KEYS: &[&str] = &["pass", "password"];
 /// `://` and the **last** `@` is the user information, and the part after its first `:` is the
 /// password (a password may contain unescaped `@`, `/` or `:`). User information without a `:`
 /// is redacted whole, since it is sometimes a password written in the wrong place. The values
-/// of `pass=` and `password=` query parameters (used by `unix://` URLs) are redacted too.
+/// of `pass=` and `password=` query parameters (used by `unix://` URLs) and of
+/// `sentinel_password=` (used by `redis+sentinel://` URLs) are redacted too.
 ///
 /// ```
 /// use lock_redis::redact_url;
@@ -24,6 +26,10 @@ const SECRET_QUERY_KEYS: &[&str] = &["pass", "password"];
 /// assert_eq!(redact_url("redis://:s3cret@cache"), "redis://:***@cache");
 /// assert_eq!(redact_url("redis://cache:6379"), "redis://cache:6379");
 /// assert_eq!(redact_url("unix:///run/redis.sock?db=1&pass=s3cret"), "unix:///run/redis.sock?db=1&pass=***");
+/// assert_eq!(
+///     redact_url("redis+sentinel://:s3cret@s1:26379,s2:26379/locks?sentinel_password=s3cret"),
+///     "redis+sentinel://:***@s1:26379,s2:26379/locks?sentinel_password=***"
+/// );
 /// ```
 pub fn redact_url(url: &str) -> String {
     let (scheme, rest) = match url.find("://") {
@@ -93,7 +99,8 @@ pub(crate) fn open_client(url: &str) -> Result<redis::Client, RedisBackendError>
         Some(_) => {
             return Err(RedisBackendError::InvalidUrl {
                 url: redact_url(url),
-                reason: "the scheme must be redis://, rediss:// or unix://".to_owned(),
+                reason: "the scheme must be redis://, rediss://, unix:// or redis+sentinel://"
+                    .to_owned(),
             })
         }
         None => {
@@ -158,6 +165,16 @@ mod tests {
         ] {
             assert_eq!(redact_url(url), url);
         }
+    }
+
+    #[test]
+    fn redacts_sentinel_urls() {
+        assert_eq!(
+            redact_url(
+                "redis+sentinel://app:pw@a:1,b:2/m/1?sentinel_username=s&sentinel_password=spw"
+            ),
+            "redis+sentinel://app:***@a:1,b:2/m/1?sentinel_username=s&sentinel_password=***"
+        );
     }
 
     #[test]

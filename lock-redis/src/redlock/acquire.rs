@@ -9,7 +9,7 @@ use lock_core::{AcquireOutcome, BackendError, LeaseRequest};
 use super::node::Job;
 use super::quorum::Quorum;
 use super::{RedlockBackend, REPLY_GRACE};
-use crate::connection::pool::Deadline;
+use crate::connection::deadline::Deadline;
 
 /// The nodes' answers to one acquire, as they stood when a majority granted or the rest failed.
 struct Votes {

@@ -20,7 +20,7 @@ use lock_core::{BackendError, DriftRule, LeaseBackend, LeaseRequest, Ownership, 
 pub use builder::RedlockBuilder;
 pub use quorum::NoQuorum;
 
-use crate::connection::pool::Deadline;
+use crate::connection::deadline::Deadline;
 use crate::RedisBackend;
 use node::{Job, Node, OwnedRequest, Reply};
 use quorum::{Quorum, Tally};

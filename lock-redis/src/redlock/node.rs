@@ -9,7 +9,7 @@ use crossbeam_channel::{RecvTimeoutError, Sender};
 use lock_core::{AcquireOutcome, BackendError, KeyState, LeaseBackend, LeaseRequest, Ownership};
 use parking_lot::Mutex;
 
-use crate::connection::pool::Deadline;
+use crate::connection::deadline::Deadline;
 use crate::{RedisBackend, RedisBackendError};
 
 /// How often idle workers retry the releases their node missed.

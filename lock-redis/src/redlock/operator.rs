@@ -11,7 +11,7 @@ use lock_core::{BackendError, KeyState};
 use super::node::Job;
 use super::quorum::Quorum;
 use super::{RedlockBackend, REPLY_GRACE};
-use crate::connection::pool::Deadline;
+use crate::connection::deadline::Deadline;
 
 impl RedlockBackend {
     /// Inspects `key` on every node at once, waits for every answer (each within the node

@@ -1,8 +1,9 @@
 //! A separate process that holds leases on a Redis server, for tests that pause or kill a
 //! *holder* rather than a server.
 //!
-//! LOCKS is one Redis URL, or several separated by commas for a Redlock over those masters;
-//! DATA is the Redis URL where the counter, the fence log and the fenced store live.
+//! LOCKS is one Redis URL (a `redis+sentinel://` one too), or several separated by commas for a
+//! Redlock over those masters; DATA is the Redis URL where the counter, the fence log and the
+//! fenced store live.
 //!
 //! ```text
 //! lease-holder hold LOCKS DATA KEY TTL_MS
@@ -16,9 +17,17 @@
 //! lease-holder count LOCKS DATA KEY THREADS ITERATIONS COUNTER LOG
 //!     THREADS threads each do ITERATIONS guarded increments of the Redis key COUNTER (a GET then
 //!     a SET), appending each critical section's fence to the list LOG; prints `done`.
+//! lease-holder fenced-count LOCKS DATA KEY THREADS RESOURCE
+//!     THREADS threads each repeat, until a line or the end of stdin: acquire KEY, read the
+//!     counter in the fenced resource RESOURCE with the lease's fence, write it back plus one
+//!     with the same fence, release. A lost lease is no failure (the fences protect the counter).
+//!     Prints `accepted N` (increments whose read and write the fences accepted), `refused N` and
+//!     `lost N` (leases found lost at their release).
 //! ```
 
 use std::io::BufRead;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use lock_core::conformance::renew_one;
@@ -49,12 +58,19 @@ fn main() -> Result {
             counter,
             log,
         ),
+        ["fenced-count", locks, data, key, threads, resource] => {
+            fenced_count(locks, data, key, threads.parse()?, resource)
+        }
         _ => Err(format!("usage: see the docs of lease-holder; got {args:?}").into()),
     }
 }
 
-/// A manager on one server, or on a Redlock when `urls` lists several.
+/// A manager on one server (or Sentinel group), or on a Redlock when `urls` lists several.
 fn manager(urls: &str) -> Result<LockManager> {
+    if urls.starts_with("redis+sentinel://") {
+        // Its commas separate sentinels, not Redlock nodes.
+        return Ok(LockManager::new(RedisBackend::connect(urls)?));
+    }
     let urls: Vec<&str> = urls.split(',').collect();
     Ok(match urls.as_slice() {
         [url] => LockManager::new(RedisBackend::connect(url)?),
@@ -141,37 +157,83 @@ fn count(
     counter: &str,
     log: &str,
 ) -> Result {
-    let manager = manager(locks)?;
-    let client = redis::Client::open(data)?;
-    let workers: Vec<_> = (0..threads)
-        .map(|_| {
-            let (manager, client) = (manager.clone(), client.clone());
-            let (key, counter, log) = (key.to_owned(), counter.to_owned(), log.to_owned());
-            std::thread::spawn(move || -> Result {
-                let mut connection = client.get_connection()?;
-                for _ in 0..iterations {
-                    let lease = manager.acquire_timeout(
-                        &key,
-                        Duration::from_secs(10),
-                        Duration::from_secs(60),
-                    )?;
-                    let value: u64 = connection.get::<_, Option<u64>>(&counter)?.unwrap_or(0);
-                    let () = connection.set(&counter, value + 1)?;
-                    let _: u64 = connection.rpush(&log, lease.fence())?;
-                    // A release the backend could not confirm (a node timed out) is no loss:
-                    // the key is deleted, or expires. A loss is.
-                    match lease.release() {
-                        Err(error) if error.is_lost() => return Err(error.into()),
-                        _ => {}
-                    }
-                }
-                Ok(())
-            })
-        })
-        .collect();
-    for worker in workers {
-        worker.join().map_err(|_| "a worker thread panicked")??;
-    }
+    on_threads(locks, data, threads, |manager, connection| {
+        for _ in 0..iterations {
+            let lease =
+                manager.acquire_timeout(key, Duration::from_secs(10), Duration::from_secs(60))?;
+            let value: u64 = connection.get::<_, Option<u64>>(counter)?.unwrap_or(0);
+            let () = connection.set(counter, value + 1)?;
+            let _: u64 = connection.rpush(log, lease.fence())?;
+            // A release the backend could not confirm (a node timed out) is no loss: the key
+            // is deleted, or expires. A loss is.
+            match lease.release() {
+                Err(error) if error.is_lost() => return Err(error.into()),
+                _ => {}
+            }
+        }
+        Ok(())
+    })?;
     println!("done");
     Ok(())
+}
+
+fn fenced_count(locks: &str, data: &str, key: &str, threads: usize, resource: &str) -> Result {
+    let stop = Arc::new(AtomicBool::new(false));
+    let [accepted, refused, lost] = [(); 3].map(|()| Arc::new(AtomicU64::new(0)));
+    let stopper = {
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            let _ = std::io::stdin().lock().lines().next();
+            stop.store(true, Ordering::Relaxed);
+        })
+    };
+    on_threads(locks, data, threads, |manager, connection| {
+        while !stop.load(Ordering::Relaxed) {
+            let lease =
+                manager.acquire_timeout(key, Duration::from_secs(2), Duration::from_secs(60))?;
+            let fence = lease.fence();
+            let incremented = match lock_tests::fenced::fenced_read(connection, resource, fence)? {
+                Some(value) => {
+                    let next = value.parse::<u64>().unwrap_or(0) + 1;
+                    lock_tests::fenced_write(connection, resource, fence, &next.to_string())?
+                }
+                None => false,
+            };
+            let outcome = if incremented { &accepted } else { &refused };
+            outcome.fetch_add(1, Ordering::Relaxed);
+            if lease.release().is_err_and(|error| error.is_lost()) {
+                lost.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        Ok(())
+    })?;
+    stopper.join().map_err(|_| "the stdin thread panicked")?;
+    for (name, count) in [("accepted", accepted), ("refused", refused), ("lost", lost)] {
+        println!("{name} {}", count.load(Ordering::Relaxed));
+    }
+    Ok(())
+}
+
+/// Runs `work` on `threads` threads sharing one manager on `locks`, each with its own
+/// connection to `data`; the first error of any thread is the result.
+fn on_threads(
+    locks: &str,
+    data: &str,
+    threads: usize,
+    work: impl Fn(&LockManager, &mut redis::Connection) -> Result + Sync,
+) -> Result {
+    let manager = manager(locks)?;
+    let client = redis::Client::open(data)?;
+    std::thread::scope(|scope| {
+        let workers: Vec<_> = (0..threads)
+            .map(|_| {
+                let (manager, client, work) = (&manager, &client, &work);
+                scope.spawn(move || work(manager, &mut client.get_connection()?))
+            })
+            .collect();
+        for worker in workers {
+            worker.join().map_err(|_| "a worker thread panicked")??;
+        }
+        Ok(())
+    })
 }
