@@ -596,7 +596,7 @@ impl RedisBackendBuilder {
                         },
                     )?;
                 }
-                Connector::Server(self.tls.apply(client, &target)?)
+                Connector::Server(Box::new(self.tls.apply(client, &target)?))
             }
         };
         Ok(RedisBackend::from_parts(connector, target, self.config))

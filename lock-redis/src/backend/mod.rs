@@ -20,7 +20,6 @@ use crate::connection::deadline::Deadline;
 use crate::connection::pool::{
     pipeline_round_trip, round_trip, ConnectionPool, PoolSettings, PooledConnection,
 };
-use crate::connection::tls::is_tls;
 use crate::errors::{closed_unread, is_retryable_elsewhere, CallFailure, RedisOperation};
 use crate::scripts::keys::{fence_key, lock_key, release_marker_key, ttl_millis};
 use crate::scripts::{
@@ -325,7 +324,7 @@ impl RedisBackend {
             target: &target,
         });
         let subscriber = Subscriber::new(SubscriberSettings {
-            tls: matches!(&connector, Connector::Server(client) if is_tls(client)),
+            tls: connector.is_tls(),
             connector,
             key_prefix: config.key_prefix.clone(),
             connect_timeout: config.connect_timeout,

@@ -14,12 +14,18 @@ use crate::connection::sentinel::SentinelMaster;
 #[derive(Clone)]
 pub(crate) enum Connector {
     /// One server at a fixed address (`redis://`, `unix://`).
-    Server(redis::Client),
+    Server(Box<redis::Client>),
     /// The master of a Sentinel group, asked of its sentinels (`redis+sentinel://`).
     Sentinel(SentinelMaster),
 }
 
 impl Connector {
+    /// Whether connections are made over TLS (`rediss://`), so a failed attempt may be a TLS
+    /// failure.
+    pub(crate) fn is_tls(&self) -> bool {
+        matches!(self, Connector::Server(client) if crate::connection::tls::is_tls(client))
+    }
+
     /// Opens a connection (TCP, handshake and, behind Sentinel, asking the sentinels and
     /// checking `ROLE`) within `timeout`. Its socket has no read or write timeout set for
     /// certain: the caller sets its own.

@@ -27,7 +27,6 @@ use redis::{Cmd, Connection, ConnectionLike, RedisError, ServerErrorKind, Value}
 
 use crate::connection::connector::{Connector, OpenConnection};
 use crate::connection::deadline::Deadline;
-use crate::connection::tls::is_tls;
 use crate::errors::{connect_failure, CallFailure};
 
 /// How long one slice of a pool checkout waits before the backend looks at the last connection
@@ -140,7 +139,7 @@ impl ConnectionPool {
     /// A lazy pool: no connection is made until the first call needs one.
     pub(crate) fn build(settings: PoolSettings<'_>) -> ConnectionPool {
         let last_error = Arc::new(Mutex::new(None));
-        let tls = matches!(&settings.connector, Connector::Server(client) if is_tls(client));
+        let tls = settings.connector.is_tls();
         let manager = BoundedClient {
             connector: settings.connector.clone(),
             connect_timeout: settings.connect_timeout,
