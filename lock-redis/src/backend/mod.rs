@@ -429,7 +429,7 @@ impl RedisBackend {
             after_unanswered_attempt |= connection.request_sent() && !closed_unread(&failure);
             let retry_elsewhere =
                 matches!(&failure, CallFailure::Redis(error) if is_retryable_elsewhere(error));
-            let time_left = deadline.remaining().map_or(true, |left| !left.is_zero());
+            let time_left = deadline.remaining().is_none_or(|left| !left.is_zero());
             if retry_elsewhere && attempt < attempts && time_left {
                 tracing::debug!(%operation, key, error = ?failure, "pooled Redis connection was closed or interrupted; retrying on another");
                 continue;
