@@ -164,12 +164,13 @@ fn count(
             let value: u64 = connection.get::<_, Option<u64>>(counter)?.unwrap_or(0);
             let () = connection.set(counter, value + 1)?;
             let _: u64 = connection.rpush(log, lease.fence())?;
-            // A release the backend could not confirm (a node timed out) is no loss: the key
-            // is deleted, or expires. A loss is.
-            match lease.release() {
-                Err(error) if error.is_lost() => return Err(error.into()),
-                _ => {}
-            }
+            // The release's outcome is not this run's question; the counter is. A release the
+            // backend could not confirm (a node timed out) is no loss: the key is deleted, or
+            // expires. A loss reported here is no lost update either: with Redlock, a lease
+            // granted by exactly a majority loses it when one of those nodes dies, yet no one
+            // else can get a majority while its other keys live, and the run's check of the
+            // counter catches any update an overlapping holder would have lost.
+            let _ = lease.release();
         }
         Ok(())
     })?;
