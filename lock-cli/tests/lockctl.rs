@@ -193,6 +193,26 @@ fn holder_script(scratch: &Scratch) -> String {
     )
 }
 
+/// Starts `lockctl run KEY --ttl TTL` on a command that writes its fence and `ready` to
+/// `scratch`, then idles; returns once it is ready.
+fn hold(url: &str, key: &str, ttl: &str, scratch: &Scratch) -> Running {
+    let holder = Running::start(lockctl(
+        url,
+        &[
+            "run",
+            key,
+            "--ttl",
+            ttl,
+            "--",
+            "sh",
+            "-c",
+            &holder_script(scratch),
+        ],
+    ));
+    scratch.line("ready");
+    holder
+}
+
 /// A URL on which nothing listens.
 fn closed_port_url() -> String {
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
@@ -266,20 +286,7 @@ fn a_second_run_waits_for_the_first_and_runs_after_it() {
 fn no_wait_fails_at_once_with_the_conflict_code_and_names_the_holders_ttl() {
     let server = RedisServer::start();
     let scratch = Scratch::new("no-wait");
-    let holder = Running::start(lockctl(
-        &server.url(),
-        &[
-            "run",
-            "busy",
-            "--ttl",
-            "20s",
-            "--",
-            "sh",
-            "-c",
-            &holder_script(&scratch),
-        ],
-    ));
-    scratch.line("ready");
+    let holder = hold(&server.url(), "busy", "20s", &scratch);
     let refused = run(lockctl(
         &server.url(),
         &["run", "busy", "--no-wait", "--", "true"],
@@ -311,20 +318,7 @@ fn no_wait_fails_at_once_with_the_conflict_code_and_names_the_holders_ttl() {
 fn wait_1s_gives_up_after_about_a_second() {
     let server = RedisServer::start();
     let scratch = Scratch::new("wait-1s");
-    let holder = Running::start(lockctl(
-        &server.url(),
-        &[
-            "run",
-            "busy",
-            "--ttl",
-            "20s",
-            "--",
-            "sh",
-            "-c",
-            &holder_script(&scratch),
-        ],
-    ));
-    scratch.line("ready");
+    let holder = hold(&server.url(), "busy", "20s", &scratch);
     let refused = run(lockctl(
         &server.url(),
         &["run", "busy", "--wait", "1s", "--", "true"],
@@ -629,21 +623,8 @@ fn status_and_force_release_on_a_held_key() {
     let free = run(lockctl(&url, &["status", "stuck"]));
     assert_eq!(free.code(), 0);
     assert_eq!(free.stdout.trim(), "lock \"stuck\" is free (never locked)");
-    let holder = Running::start(lockctl(
-        &url,
-        &[
-            "run",
-            "stuck",
-            "--ttl",
-            "3s",
-            "--",
-            "sh",
-            "-c",
-            &holder_script(&scratch),
-        ],
-    ));
+    let holder = hold(&url, "stuck", "3s", &scratch);
     let fence: u64 = scratch.line("fence").parse().unwrap();
-    scratch.line("ready");
 
     let text = run(lockctl(&url, &["status", "stuck"]));
     assert_eq!(text.code(), 0, "{text:?}");

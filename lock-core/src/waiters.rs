@@ -163,15 +163,6 @@ impl ReleaseWaiters {
         }
     }
 
-    /// Wakes every waiter of every key: after releases may have gone unheard (a reconnection).
-    pub fn wake_all(&self) {
-        for waiters in self.registry.waiters.lock().values() {
-            for (_, sender) in waiters {
-                let _ = sender.try_send(());
-            }
-        }
-    }
-
     /// How many waiters `key` has.
     pub fn waiting(&self, key: &str) -> usize {
         self.registry.waiters.lock().get(key).map_or(0, Vec::len)
@@ -251,10 +242,6 @@ mod tests {
         assert_eq!(a2.receiver().try_recv(), Ok(()));
         assert!(b.receiver().try_recv().is_err());
 
-        waiters.wake_all();
-        for watch in [&a, &a2, &b] {
-            assert_eq!(watch.receiver().try_recv(), Ok(()));
-        }
         waiters.wake_every("a");
         assert_eq!(a.receiver().try_recv(), Ok(()));
         assert_eq!(a2.receiver().try_recv(), Ok(()));
