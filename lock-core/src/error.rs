@@ -174,6 +174,14 @@ impl Error {
         matches!(self, Error::Backend(error) if error.is_transient())
     }
 
+    /// The reason a lease was lost, for [`Error::Lost`], taking the error.
+    pub(crate) fn into_lost_reason(self) -> Option<LostReason> {
+        match self {
+            Error::Lost { reason, .. } => Some(reason),
+            _ => None,
+        }
+    }
+
     /// The reason a lease was lost, for [`Error::Lost`].
     pub fn lost_reason(&self) -> Option<&LostReason> {
         match self {

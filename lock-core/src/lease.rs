@@ -133,7 +133,9 @@ impl Lease {
     ///
     /// Every call returns a receiver of the same channel; a loss that happened before the call is
     /// delivered too. Nothing is sent when the lease is released normally. Use it with
-    /// `crossbeam_channel::select!` to abandon work the moment the lease is gone.
+    /// [`channel::select!`](crate::channel::select) to abandon work the moment the lease is
+    /// gone (the [`channel`](crate::channel) module re-exports the crossbeam-channel this
+    /// crate uses).
     ///
     /// ```
     /// use std::time::Duration;
@@ -178,6 +180,44 @@ impl Drop for Lease {
         }
         if let Err(error) = self.manager.release(&self.shared) {
             tracing::debug!(key = %self.shared.key, %error, "releasing a dropped lease failed");
+        }
+    }
+}
+
+/// What [`LockManager::with_lease_outcome`](crate::LockManager::with_lease_outcome) returns
+/// once its closure has run: the closure's value, and whether the lease was lost before the
+/// closure returned (or found lost by the release after it).
+///
+/// With `lost` set, the closure's effects were not protected by the lease alone: another holder
+/// may have acted meanwhile. `value` is what lets the caller tell what happened, typically the
+/// protected resource's answer to a fenced write, made with [`fence`](LeaseOutcome::fence).
+#[derive(Debug, Clone)]
+#[must_use = "check `lost` before trusting `value`"]
+pub struct LeaseOutcome<T> {
+    /// What the closure returned.
+    pub value: T,
+    /// The lease's fence, the one the closure saw.
+    pub fence: u64,
+    /// Why the lease was lost, if it was lost before the closure returned or found lost by
+    /// the release; `None` when it was held throughout.
+    pub lost: Option<LostReason>,
+}
+
+impl<T> LeaseOutcome<T> {
+    /// True if the lease was lost before the closure returned.
+    pub fn is_lost(&self) -> bool {
+        self.lost.is_some()
+    }
+
+    /// The value if the lease was held throughout, else [`Error::Lost`]: what
+    /// [`with_lease`](crate::LockManager::with_lease) returns.
+    pub(crate) fn into_result(self, key: &str) -> Result<T, Error> {
+        match self.lost {
+            None => Ok(self.value),
+            Some(reason) => Err(Error::Lost {
+                key: key.to_owned(),
+                reason,
+            }),
         }
     }
 }

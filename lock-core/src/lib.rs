@@ -99,12 +99,34 @@ mod waiters;
 #[cfg(feature = "conformance")]
 pub mod conformance;
 
+/// The channel crate whose types this API hands out ([`Lease::lost`] returns a
+/// [`channel::Receiver`]), re-exported so that you need not add `crossbeam-channel` yourself
+/// nor guess its version. Wait on a loss and on your own work at once with
+/// [`channel::select!`]:
+///
+/// ```
+/// use std::time::Duration;
+/// use lock_core::{channel, LockManager};
+/// use lock_memory::MemoryBackend;
+///
+/// let manager = LockManager::new(MemoryBackend::new());
+/// let lease = manager.acquire("import", Duration::from_secs(30))?;
+/// let (done_tx, done) = channel::bounded::<()>(1);
+/// done_tx.send(()).expect("the receiver is alive"); // the work finished
+/// channel::select! {
+///     recv(lease.lost()) -> reason => println!("abandoning the import: {reason:?}"),
+///     recv(done) -> _ => lease.release()?,
+/// }
+/// # Ok::<(), lock_core::Error>(())
+/// ```
+pub use crossbeam_channel as channel;
+
 pub use backend::{AcquireOutcome, LeaseBackend, LeaseRequest, Ownership, ReleaseWatch};
 pub use clock::{Clock, ManualClock};
 pub use error::{BackendError, BackendErrorKind, Error, LostReason};
 pub use event::{EventHook, LeaseEvent, NoopHook, TracingHook};
 pub use inspect::{KeyState, Unsupported};
-pub use lease::Lease;
+pub use lease::{Lease, LeaseOutcome};
 pub use manager::{LockManager, LockManagerBuilder, RENEWER_THREAD_NAME};
 pub use retry::RetryPolicy;
 pub use shared::CLEANUP_TIMEOUT;

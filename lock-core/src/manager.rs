@@ -14,8 +14,8 @@ use crate::schedule::renewal_due;
 use crate::shared::ManagerShared;
 use crate::state::{LeaseShared, Token};
 use crate::{
-    AcquireOutcome, BackendError, Clock, DriftRule, Error, Lease, LeaseBackend, LeaseRequest,
-    MAX_TTL,
+    AcquireOutcome, BackendError, Clock, DriftRule, Error, Lease, LeaseBackend, LeaseOutcome,
+    LeaseRequest, MAX_TTL,
 };
 
 mod operator;
@@ -57,6 +57,7 @@ pub struct LockManager {
 
 #[derive(Debug, Clone)]
 struct Config {
+    default_ttl: Duration,
     default_wait: Duration,
     renew_fraction: f64,
     retry: RetryPolicy,
@@ -66,6 +67,7 @@ struct Config {
 impl Default for Config {
     fn default() -> Config {
         Config {
+            default_ttl: Duration::from_secs(30),
             default_wait: Duration::from_secs(10),
             renew_fraction: 1.0 / 3.0,
             retry: RetryPolicy::default(),
@@ -108,8 +110,32 @@ impl fmt::Debug for LockManagerBuilder {
 }
 
 impl LockManagerBuilder {
-    /// How long [`LockManager::acquire`] waits for a busy key. Default: 10 seconds.
-    /// `Duration::MAX` waits without a deadline.
+    /// The TTL of the `*_default` calls ([`acquire_default`](LockManager::acquire_default),
+    /// [`try_acquire_default`](LockManager::try_acquire_default),
+    /// [`with_lease_default`](LockManager::with_lease_default)), so that call sites can leave
+    /// it out. Default: 30 seconds. [`build`](LockManagerBuilder::build) refuses a TTL that
+    /// [`try_acquire`](LockManager::try_acquire) would refuse.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use lock_core::LockManager;
+    /// use lock_memory::MemoryBackend;
+    ///
+    /// let manager = LockManager::builder(MemoryBackend::new())
+    ///     .default_ttl(Duration::from_secs(60))
+    ///     .default_wait(Duration::from_secs(5))
+    ///     .build()?;
+    /// let lease = manager.acquire_default("billing")?; // 60 s TTL, waits up to 5 s
+    /// assert_eq!(lease.ttl(), Duration::from_secs(60));
+    /// # Ok::<(), lock_core::Error>(())
+    /// ```
+    pub fn default_ttl(mut self, ttl: Duration) -> Self {
+        self.config.default_ttl = ttl;
+        self
+    }
+
+    /// How long [`LockManager::acquire`] and the `*_default` calls wait for a busy key.
+    /// Default: 10 seconds. `Duration::MAX` waits without a deadline.
     pub fn default_wait(mut self, wait: Duration) -> Self {
         self.config.default_wait = wait;
         self
@@ -151,9 +177,19 @@ impl LockManagerBuilder {
     }
 
     /// Checks the settings and starts the manager's renewer thread.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::InvalidConfig`] for a setting out of range (a `default_ttl` that leaves no
+    /// validity after the backend's drift or exceeds [`MAX_TTL`], a `renew_fraction` outside
+    /// (0, 1), a zero `batch_size`, a bad retry policy), or when the operating system refuses
+    /// to start the renewer thread.
     pub fn build(self) -> Result<LockManager, Error> {
         let config = self.config;
         let invalid = |reason: String| Err(Error::InvalidConfig { reason });
+        if let Err(error) = validate_ttl(config.default_ttl, self.backend.drift()) {
+            return invalid(format!("default_ttl: {error}"));
+        }
         if !(config.renew_fraction > 0.0 && config.renew_fraction < 1.0) {
             return invalid(format!(
                 "renew_fraction must be strictly between 0 and 1, not {}",
@@ -347,6 +383,11 @@ impl LockManager {
     /// its TTL if it was not deleted. If `f` panics, the lease is released and the panic
     /// continues in the caller.
     ///
+    /// A loss drops `f`'s value. When the value says what happened to the protected resource
+    /// (a fenced write that the resource accepted or refused), use
+    /// [`with_lease_outcome`](LockManager::with_lease_outcome), which returns it with the loss:
+    /// this call is that one, with a loss turned into [`Error::Lost`].
+    ///
     /// ```
     /// use std::time::Duration;
     /// use lock_core::LockManager;
@@ -359,6 +400,11 @@ impl LockManager {
     /// assert!(fence > 0);
     /// # Ok::<(), lock_core::Error>(())
     /// ```
+    ///
+    /// # Errors
+    ///
+    /// Those of [`acquire_timeout`](LockManager::acquire_timeout) (the closure did not run),
+    /// and [`Error::Lost`] when the lease was lost while the closure ran (it did run).
     pub fn with_lease<T>(
         &self,
         key: &str,
@@ -366,19 +412,128 @@ impl LockManager {
         wait: Duration,
         f: impl FnOnce(&Lease) -> T,
     ) -> Result<T, Error> {
+        self.with_lease_outcome(key, ttl, wait, f)?.into_result(key)
+    }
+
+    /// Runs `f` under a lease on `key` (waiting up to `wait` for it), releases the lease, and
+    /// returns `f`'s value together with whether the lease was lost before `f` returned.
+    ///
+    /// The same as [`with_lease`](LockManager::with_lease), except that a loss does not
+    /// drop the value: [`LeaseOutcome::lost`] says why the lease was lost, and
+    /// [`LeaseOutcome::value`] is still there to tell, say, whether the resource accepted
+    /// the closure's fenced write (it was made before the next holder's) or refused it (a
+    /// newer fence had been seen). A loss is reported once, through [`Lease::lost`], the
+    /// event hook and here, as on every path.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use lock_core::{LockManager, ManualClock};
+    /// use lock_memory::MemoryBackend;
+    ///
+    /// let clock = ManualClock::new();
+    /// let backend = MemoryBackend::with_clock(clock.clone());
+    /// let manager = LockManager::builder(backend.clone()).clock(clock.clone()).build()?;
+    /// let outcome = manager.with_lease_outcome("ledger", Duration::from_secs(30), Duration::ZERO, |lease| {
+    ///     backend.revoke("ledger");               // the key vanishes while we work...
+    ///     clock.advance(Duration::from_secs(10)); // ...and the next renewal finds out
+    ///     manager.settle();
+    ///     "write accepted at fence" // what the resource answered to our fenced write
+    /// })?;
+    /// assert_eq!(outcome.value, "write accepted at fence");
+    /// assert!(outcome.lost.is_some());
+    /// # Ok::<(), lock_core::Error>(())
+    /// ```
+    ///
+    /// # Errors
+    ///
+    /// Those of [`acquire_timeout`](LockManager::acquire_timeout): the closure did not run.
+    /// Once it has run, the answer is always `Ok`.
+    pub fn with_lease_outcome<T>(
+        &self,
+        key: &str,
+        ttl: Duration,
+        wait: Duration,
+        f: impl FnOnce(&Lease) -> T,
+    ) -> Result<LeaseOutcome<T>, Error> {
         let lease = self.acquire_timeout(key, ttl, wait)?;
+        let fence = lease.fence();
         let value = f(&lease);
         let held = lease.ensure_held();
         let released = lease.release();
-        held?;
-        match released {
-            Err(error) if error.is_lost() => Err(error),
-            Err(error) => {
+        let lost = match (held, released) {
+            (Err(error), _) | (Ok(()), Err(error)) if error.is_lost() => error.into_lost_reason(),
+            (Ok(()), Err(error)) => {
                 tracing::warn!(key, %error, "releasing the lease after with_lease failed; it expires after its TTL");
-                Ok(value)
+                None
             }
-            Ok(()) => Ok(value),
-        }
+            _ => None,
+        };
+        Ok(LeaseOutcome { value, fence, lost })
+    }
+
+    /// [`acquire`](LockManager::acquire) with the builder's
+    /// [`default_ttl`](LockManagerBuilder::default_ttl): waits up to its
+    /// [`default_wait`](LockManagerBuilder::default_wait).
+    ///
+    /// ```
+    /// use lock_core::LockManager;
+    /// use lock_memory::MemoryBackend;
+    ///
+    /// let manager = LockManager::new(MemoryBackend::new());
+    /// let lease = manager.acquire_default("reports")?; // 30 s TTL, waits up to 10 s
+    /// lease.release()?;
+    /// # Ok::<(), lock_core::Error>(())
+    /// ```
+    ///
+    /// # Errors
+    ///
+    /// As [`acquire_timeout`](LockManager::acquire_timeout).
+    pub fn acquire_default(&self, key: &str) -> Result<Lease, Error> {
+        self.acquire_timeout(key, self.config.default_ttl, self.config.default_wait)
+    }
+
+    /// [`try_acquire`](LockManager::try_acquire) with the builder's
+    /// [`default_ttl`](LockManagerBuilder::default_ttl): one attempt, `Ok(None)` when
+    /// another holder has the key.
+    ///
+    /// ```
+    /// use lock_core::LockManager;
+    /// use lock_memory::MemoryBackend;
+    ///
+    /// let backend = MemoryBackend::new();
+    /// let (ours, theirs) = (LockManager::new(backend.clone()), LockManager::new(backend));
+    /// let lease = ours.try_acquire_default("reports")?.expect("free");
+    /// assert!(theirs.try_acquire_default("reports")?.is_none());
+    /// # drop(lease);
+    /// # Ok::<(), lock_core::Error>(())
+    /// ```
+    ///
+    /// # Errors
+    ///
+    /// As [`try_acquire`](LockManager::try_acquire).
+    pub fn try_acquire_default(&self, key: &str) -> Result<Option<Lease>, Error> {
+        self.try_acquire(key, self.config.default_ttl)
+    }
+
+    /// [`with_lease`](LockManager::with_lease) with the builder's
+    /// [`default_ttl`](LockManagerBuilder::default_ttl) and
+    /// [`default_wait`](LockManagerBuilder::default_wait).
+    ///
+    /// ```
+    /// use lock_core::LockManager;
+    /// use lock_memory::MemoryBackend;
+    ///
+    /// let manager = LockManager::new(MemoryBackend::new());
+    /// let fence = manager.with_lease_default("reports", |lease| lease.fence())?;
+    /// assert!(fence > 0);
+    /// # Ok::<(), lock_core::Error>(())
+    /// ```
+    ///
+    /// # Errors
+    ///
+    /// As [`with_lease`](LockManager::with_lease).
+    pub fn with_lease_default<T>(&self, key: &str, f: impl FnOnce(&Lease) -> T) -> Result<T, Error> {
+        self.with_lease(key, self.config.default_ttl, self.config.default_wait, f)
     }
 
     /// Waits until the renewer thread has applied every lease acquired or released before this
@@ -474,6 +629,11 @@ impl fmt::Debug for LockManager {
 /// the TTL.
 fn validate(key: &str, ttl: Duration, drift: DriftRule) -> Result<Duration, Error> {
     validate_key(key)?;
+    validate_ttl(ttl, drift)
+}
+
+/// Checks a TTL before any backend sees it; returns the validity `drift` leaves of it.
+pub(crate) fn validate_ttl(ttl: Duration, drift: DriftRule) -> Result<Duration, Error> {
     if ttl.is_zero() {
         return Err(Error::InvalidTtl {
             ttl,
