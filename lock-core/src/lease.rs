@@ -155,6 +155,65 @@ impl Lease {
         self.shared.lost_receiver()
     }
 
+    /// Runs `callback` once, with the reason, when the lease is lost: the way to react to a
+    /// loss while the holder's thread is blocked (in a database query, say), without a thread
+    /// per lease.
+    ///
+    /// - It runs on the thread that finds the loss: usually the manager's renewer thread (a
+    ///   renewal answered that the key is no longer ours, or the lease's validity ran out), or
+    ///   the holder's own thread when its [`is_held`](Lease::is_held),
+    ///   [`ensure_held`](Lease::ensure_held), [`lost`](Lease::lost) or
+    ///   [`release`](Lease::release) finds the loss first. It runs after the
+    ///   [`Lost`](crate::LeaseEvent::Lost) event and the [`lost`](Lease::lost) message.
+    /// - It runs at once, on this thread, if the lease is lost already.
+    /// - It never runs if the lease is released first (it is dropped then).
+    /// - Every callback registered runs, in the order registered; a panic in one is caught and
+    ///   logged.
+    ///
+    /// **Callbacks must be quick and must not block**: they run on the renewer thread, which
+    /// keeps every lease of the manager renewed. Send a message, set a flag, or fire a
+    /// non-blocking request; never acquire or release a lease of the same manager there.
+    ///
+    /// The typical use: a worker runs a long database query under the lease. Before starting
+    /// it, the worker registers a callback that holds the connection's cancel handle (for
+    /// PostgreSQL, the client's cancel token), and the callback asks the server to cancel the
+    /// query: the worker's blocked call then returns with an error, and the worker stops
+    /// instead of committing work it no longer owns. Here, a flag stands in for the query:
+    ///
+    /// ```
+    /// use std::sync::atomic::{AtomicBool, Ordering};
+    /// use std::sync::Arc;
+    /// use std::time::Duration;
+    /// use lock_core::{LockManager, ManualClock};
+    /// use lock_memory::MemoryBackend;
+    ///
+    /// let clock = ManualClock::new();
+    /// let backend = MemoryBackend::with_clock(clock.clone());
+    /// let manager = LockManager::builder(backend.clone()).clock(clock.clone()).build()?;
+    /// let lease = manager.acquire("monthly-close", Duration::from_secs(30))?;
+    ///
+    /// let cancel_query = Arc::new(AtomicBool::new(false)); // e.g. a query's cancel token
+    /// let cancel = cancel_query.clone();
+    /// lease.on_lost(move |reason| {
+    ///     // Quick: ask for the cancel and return; the blocked worker sees its query fail.
+    ///     eprintln!("lease lost ({reason}): cancelling the query");
+    ///     cancel.store(true, Ordering::SeqCst);
+    /// });
+    ///
+    /// backend.revoke("monthly-close");        // the key vanishes behind the holder's back
+    /// clock.advance(Duration::from_secs(10)); // the next renewal finds out
+    /// manager.settle();
+    /// assert!(cancel_query.load(Ordering::SeqCst));
+    /// # Ok::<(), lock_core::Error>(())
+    /// ```
+    pub fn on_lost(&self, callback: impl FnOnce(LostReason) + Send + 'static) {
+        self.shared.on_lost(
+            self.manager.clock.now(),
+            &*self.manager.hook,
+            Box::new(callback),
+        );
+    }
+
     /// Releases the lease: stops renewing it, then deletes the key if this lease still owns it.
     ///
     /// - `Ok(())`: the key was deleted.

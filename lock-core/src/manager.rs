@@ -532,7 +532,11 @@ impl LockManager {
     /// # Errors
     ///
     /// As [`with_lease`](LockManager::with_lease).
-    pub fn with_lease_default<T>(&self, key: &str, f: impl FnOnce(&Lease) -> T) -> Result<T, Error> {
+    pub fn with_lease_default<T>(
+        &self,
+        key: &str,
+        f: impl FnOnce(&Lease) -> T,
+    ) -> Result<T, Error> {
         self.with_lease(key, self.config.default_ttl, self.config.default_wait, f)
     }
 

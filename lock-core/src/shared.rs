@@ -60,6 +60,7 @@ impl ManagerShared {
             // Reported when it was found; the key is someone else's or gone.
             (Some(reason), _) => Err(lost_error(reason)),
             (None, Ok(Ownership::Owned)) => {
+                lease.drop_loss_callbacks();
                 released();
                 Ok(())
             }
@@ -69,6 +70,7 @@ impl ManagerShared {
             }
             // Unknown or refused: no loss. The key is gone, or expires after its TTL.
             (None, Err(error)) => {
+                lease.drop_loss_callbacks();
                 released();
                 Err(error.into())
             }

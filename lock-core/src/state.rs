@@ -93,9 +93,32 @@ enum Phase {
 struct LeaseState {
     valid_until: Instant,
     phase: Phase,
-    /// Created on the first call to [`LeaseShared::lost_receiver`], so leases nobody watches
-    /// stay small.
-    lost_channel: Option<Box<(Sender<LostReason>, Receiver<LostReason>)>>,
+    /// Created on the first call to [`LeaseShared::lost_receiver`] or
+    /// [`LeaseShared::on_lost`], so leases nobody watches stay small.
+    watchers: Option<Box<LossWatchers>>,
+}
+
+/// A callback to run once, when a lease is lost.
+pub(crate) type LostCallback = Box<dyn FnOnce(LostReason) + Send>;
+
+/// Who is told of a lease's loss, besides the event hook.
+#[derive(Default)]
+struct LossWatchers {
+    /// The channel of [`LeaseShared::lost_receiver`], made on its first call.
+    channel: Option<(Sender<LostReason>, Receiver<LostReason>)>,
+    /// Callbacks registered by [`LeaseShared::on_lost`], not run yet.
+    callbacks: Vec<LostCallback>,
+}
+
+impl LossWatchers {
+    /// Tells the channel, and hands over the callbacks to run once the state's lock is dropped.
+    fn lost(&mut self, reason: &LostReason) -> Vec<LostCallback> {
+        if let Some((sender, _)) = &self.channel {
+            // Capacity one, sent once: never blocks, never full.
+            let _ = sender.try_send(reason.clone());
+        }
+        std::mem::take(&mut self.callbacks)
+    }
 }
 
 /// What a lease was when its holder began to release it.
@@ -112,7 +135,8 @@ pub(crate) enum BeforeRelease {
 #[must_use]
 enum Report {
     Nothing,
-    Lost(LostReason),
+    /// Lost, with the callbacks to run.
+    Lost(LostReason, Vec<LostCallback>),
     Suspect(Instant),
     Renewed(Instant),
 }
@@ -173,7 +197,7 @@ impl LeaseShared {
             state: Mutex::new(LeaseState {
                 valid_until: saturating_add(sent_at, validity),
                 phase: Phase::Held,
-                lost_channel: None,
+                watchers: None,
             }),
         }
     }
@@ -316,36 +340,75 @@ impl LeaseShared {
     ///
     /// [`begin_release`]: LeaseShared::begin_release
     pub(crate) fn lost_before_release(&self, reason: LostReason, hook: &dyn EventHook) {
-        if let Some(channel) = &self.state.lock().lost_channel {
-            let _ = channel.0.try_send(reason.clone());
+        let callbacks = match &mut self.state.lock().watchers {
+            Some(watchers) => watchers.lost(&reason),
+            None => Vec::new(),
+        };
+        self.report(Report::Lost(reason, callbacks), hook);
+    }
+
+    /// The release ended without a loss: the loss callbacks will never run, so they are
+    /// dropped now rather than with the last handle on the lease.
+    pub(crate) fn drop_loss_callbacks(&self) {
+        if let Some(watchers) = &mut self.state.lock().watchers {
+            watchers.callbacks = Vec::new();
         }
-        self.report(Report::Lost(reason), hook);
     }
 
     /// The receiver of this lease's loss: one channel per lease, made on first use.
     pub(crate) fn lost_receiver(&self) -> Receiver<LostReason> {
         let mut state = self.state.lock();
         let state = &mut *state;
-        if let Some(channel) = &state.lost_channel {
-            return channel.1.clone();
+        let watchers = state.watchers.get_or_insert_with(Box::default);
+        if let Some((_, receiver)) = &watchers.channel {
+            return receiver.clone();
         }
         let (sender, receiver) = crossbeam_channel::bounded(1);
         if let Phase::Lost(reason) = &state.phase {
             let _ = sender.try_send(reason.clone());
         }
-        state.lost_channel = Some(Box::new((sender, receiver.clone())));
+        watchers.channel = Some((sender, receiver.clone()));
         receiver
+    }
+
+    /// Runs `callback` once when the lease is lost: at once (on this thread) if it is lost at
+    /// `now` already, never if it is released first.
+    pub(crate) fn on_lost(&self, now: Instant, hook: &dyn EventHook, callback: LostCallback) {
+        let (report, run_now) = {
+            let mut state = self.state.lock();
+            let state = &mut *state;
+            let report = expire_locked(state, now);
+            let run_now = match &state.phase {
+                Phase::Held | Phase::Suspect => {
+                    let watchers = state.watchers.get_or_insert_with(Box::default);
+                    watchers.callbacks.push(callback);
+                    None
+                }
+                Phase::Lost(reason) => Some((reason.clone(), callback)),
+                Phase::Released => None,
+            };
+            (report, run_now)
+        };
+        self.report(report, hook);
+        if let Some((reason, callback)) = run_now {
+            run_lost_callback(&self.key, reason, callback);
+        }
     }
 
     fn report(&self, report: Report, hook: &dyn EventHook) {
         let (key, fence) = (&*self.key, self.fence);
         match report {
             Report::Nothing => {}
-            Report::Lost(reason) => hook.on_event(&LeaseEvent::Lost {
-                key,
-                fence,
-                reason: &reason,
-            }),
+            Report::Lost(reason, callbacks) => {
+                hook.on_event(&LeaseEvent::Lost {
+                    key,
+                    fence,
+                    reason: &reason,
+                });
+                for callback in callbacks {
+                    run_lost_callback(key, reason.clone(), callback);
+                }
+            }
             Report::Suspect(valid_until) => hook.on_event(&LeaseEvent::Suspect {
                 key,
                 fence,
@@ -360,17 +423,26 @@ impl LeaseShared {
     }
 }
 
-/// Moves to `Lost` unless lost or released already, and sends on the lost channel.
+/// Runs a loss callback; a panic in it is caught and logged, like the event hook's.
+fn run_lost_callback(key: &str, reason: LostReason, callback: LostCallback) {
+    let call = std::panic::AssertUnwindSafe(|| callback(reason));
+    if std::panic::catch_unwind(call).is_err() {
+        tracing::error!(key, "a lease's on_lost callback panicked");
+    }
+}
+
+/// Moves to `Lost` unless lost or released already, sends on the lost channel and hands over
+/// the callbacks.
 fn lose_locked(state: &mut LeaseState, reason: LostReason) -> Report {
     if matches!(state.phase, Phase::Lost(_) | Phase::Released) {
         return Report::Nothing;
     }
     state.phase = Phase::Lost(reason.clone());
-    if let Some(channel) = &state.lost_channel {
-        // Capacity one, sent once: never blocks, never full.
-        let _ = channel.0.try_send(reason.clone());
-    }
-    Report::Lost(reason)
+    let callbacks = match &mut state.watchers {
+        Some(watchers) => watchers.lost(&reason),
+        None => Vec::new(),
+    };
+    Report::Lost(reason, callbacks)
 }
 
 /// A lease whose validity has run out at `now` is lost.

@@ -2,9 +2,12 @@
 //! keep the closure's value, loss callbacks, extending by hand, re-entrancy and statistics.
 #![allow(clippy::unwrap_used)] // test helpers: a failed setup is a failed test
 
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use lock_core::{LockManager, LockManagerBuilder, LostReason, ManualClock, MAX_TTL};
+use lock_core::{
+    LockManager, LockManagerBuilder, LostReason, ManualClock, MAX_TTL, RENEWER_THREAD_NAME,
+};
 use lock_memory::MemoryBackend;
 
 const TTL: Duration = Duration::from_secs(30);
@@ -43,7 +46,9 @@ fn default_calls_use_the_builders_ttl_and_wait() {
     let lease = other.try_acquire_default("k").unwrap().unwrap();
     assert_eq!(lease.ttl(), TTL, "the default TTL is 30 seconds");
     drop(lease);
-    let ttl = manager.with_lease_default("k", |lease| lease.ttl()).unwrap();
+    let ttl = manager
+        .with_lease_default("k", |lease| lease.ttl())
+        .unwrap();
     assert_eq!(ttl, Duration::from_secs(7));
 }
 
@@ -93,4 +98,125 @@ fn with_lease_outcome_reports_a_loss_found_by_the_release() {
         .with_lease("a", TTL, Duration::ZERO, |_| backend.revoke("a"))
         .unwrap_err();
     assert!(error.is_lost());
+}
+
+/// Records the loss callbacks that ran: which, with what reason, on which thread.
+#[derive(Clone, Default)]
+struct Calls(Arc<Mutex<Vec<(&'static str, LostReason, Option<String>)>>>);
+
+impl Calls {
+    fn callback(&self, name: &'static str) -> impl FnOnce(LostReason) + Send + 'static {
+        let calls = self.0.clone();
+        move |reason| {
+            let thread = std::thread::current().name().map(str::to_owned);
+            calls.lock().unwrap().push((name, reason, thread));
+        }
+    }
+
+    fn names(&self) -> Vec<&'static str> {
+        self.0
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|(name, _, _)| *name)
+            .collect()
+    }
+}
+
+#[test]
+fn on_lost_runs_once_on_the_renewer_thread_in_the_order_registered() {
+    let (manager, backend, clock) = virtual_manager();
+    let calls = Calls::default();
+    let lease = manager.acquire("k", TTL).unwrap();
+    lease.on_lost(calls.callback("first"));
+    lease.on_lost(calls.callback("second"));
+    clock.advance(TTL / 4);
+    manager.settle();
+    assert!(calls.names().is_empty(), "renewed, not lost");
+    backend.revoke("k");
+    clock.advance(TTL / 2);
+    manager.settle();
+    assert_eq!(calls.names(), ["first", "second"]);
+    for (_, reason, thread) in calls.0.lock().unwrap().iter() {
+        assert!(matches!(reason, LostReason::TakenOver));
+        assert_eq!(thread.as_deref(), Some(RENEWER_THREAD_NAME));
+    }
+    // Every other path that could find the loss finds it reported already.
+    assert!(lease.ensure_held().unwrap_err().is_lost());
+    assert!(lease.release().unwrap_err().is_lost());
+    assert_eq!(calls.names().len(), 2);
+}
+
+#[test]
+fn on_lost_registered_after_the_loss_runs_at_once_on_the_callers_thread() {
+    let (manager, backend, clock) = virtual_manager();
+    let lease = manager.acquire("k", TTL).unwrap();
+    backend.set_unreachable(true);
+    clock.advance(TTL * 2); // past the validity, renewals failing
+    let calls = Calls::default();
+    std::thread::Builder::new()
+        .name("late-registration".into())
+        .spawn({
+            let calls = calls.clone();
+            move || lease.on_lost(calls.callback("late"))
+        })
+        .unwrap()
+        .join()
+        .unwrap();
+    let recorded = calls.0.lock().unwrap().clone();
+    assert_eq!(recorded.len(), 1);
+    assert!(matches!(recorded[0].1, LostReason::Expired));
+    assert_eq!(recorded[0].2.as_deref(), Some("late-registration"));
+    manager.settle();
+    assert_eq!(calls.names().len(), 1);
+}
+
+#[test]
+fn on_lost_never_runs_after_a_release_and_its_callback_is_dropped() {
+    let (manager, backend, clock) = virtual_manager();
+    let calls = Calls::default();
+    let lease = manager.acquire("k", TTL).unwrap();
+    let token = Arc::new(());
+    let held_by_callback = token.clone();
+    let callback = calls.callback("released");
+    lease.on_lost(move |reason| {
+        let _keep = held_by_callback;
+        callback(reason);
+    });
+    lease.release().unwrap();
+    assert_eq!(Arc::strong_count(&token), 1, "dropped at the release");
+    backend.revoke("k");
+    clock.advance(TTL * 2);
+    manager.settle();
+    assert!(calls.names().is_empty());
+}
+
+#[test]
+fn on_lost_runs_when_the_release_finds_the_loss() {
+    let (manager, backend, _clock) = virtual_manager();
+    let calls = Calls::default();
+    let lease = manager.acquire("k", TTL).unwrap();
+    lease.on_lost(calls.callback("found by release"));
+    backend.revoke("k");
+    assert!(lease.release().unwrap_err().is_lost());
+    assert_eq!(calls.names(), ["found by release"]);
+}
+
+#[test]
+fn a_panicking_on_lost_callback_stops_neither_the_others_nor_the_renewer() {
+    let (manager, backend, clock) = virtual_manager();
+    let calls = Calls::default();
+    let lease = manager.acquire("k", TTL).unwrap();
+    let other = manager.acquire("other", TTL).unwrap();
+    lease.on_lost(|_| panic!("a careless callback"));
+    lease.on_lost(calls.callback("after the panic"));
+    backend.revoke("k");
+    clock.advance(TTL / 2);
+    manager.settle();
+    assert_eq!(calls.names(), ["after the panic"]);
+    for _ in 0..8 {
+        clock.advance(TTL / 4);
+        manager.settle();
+    }
+    assert!(other.is_held(), "the renewer still renews");
 }
