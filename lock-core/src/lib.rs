@@ -93,6 +93,7 @@ mod retry;
 mod schedule;
 mod shared;
 mod state;
+mod stats;
 mod validity;
 mod waiters;
 
@@ -131,6 +132,7 @@ pub use manager::{LockManager, LockManagerBuilder, RENEWER_THREAD_NAME};
 pub use retry::RetryPolicy;
 pub use shared::CLEANUP_TIMEOUT;
 pub use state::LeaseStatus;
+pub use stats::{AcquireCounts, LossCounts, ManagerStats, RenewalCounts};
 pub use validity::DriftRule;
 pub use waiters::{ReleaseWaiters, WeakReleaseWaiters};
 

@@ -7,15 +7,16 @@ use std::time::Duration;
 use parking_lot::Mutex;
 
 use crate::clock::saturating_add;
-use crate::event::{EventHook, GuardedHook, LeaseEvent, NoopHook};
+use crate::event::{EventHook, GuardedHook, LeaseEvent};
 use crate::renewer::{start, CleanUp, Command, RenewerSettings, Wake};
 use crate::retry::RetryPolicy;
 use crate::schedule::renewal_due;
 use crate::shared::ManagerShared;
 use crate::state::{LeaseShared, Token};
+use crate::stats::{Counters, CountingHook};
 use crate::{
     AcquireOutcome, BackendError, Clock, DriftRule, Error, Lease, LeaseBackend, LeaseOutcome,
-    LeaseRequest, MAX_TTL,
+    LeaseRequest, ManagerStats, MAX_TTL,
 };
 
 mod operator;
@@ -96,7 +97,8 @@ impl Default for Config {
 pub struct LockManagerBuilder {
     backend: Arc<dyn LeaseBackend>,
     clock: Clock,
-    hook: Arc<dyn EventHook>,
+    /// The user's hook, if any; the manager counts every event before passing it on.
+    hook: Option<Box<dyn EventHook>>,
     config: Config,
 }
 
@@ -163,10 +165,10 @@ impl LockManagerBuilder {
         self
     }
 
-    /// Where lease events go. Default: [`NoopHook`]; [`TracingHook`](crate::TracingHook) logs
-    /// them.
+    /// Where lease events go. Default: nowhere (as [`NoopHook`](crate::NoopHook));
+    /// [`TracingHook`](crate::TracingHook) logs them.
     pub fn event_hook(mut self, hook: impl EventHook) -> Self {
-        self.hook = Arc::new(GuardedHook(Box::new(hook)));
+        self.hook = Some(Box::new(GuardedHook(Box::new(hook))));
         self
     }
 
@@ -202,10 +204,16 @@ impl LockManagerBuilder {
         if let Err(reason) = config.retry.validate() {
             return invalid(reason);
         }
+        let counters = Arc::new(Counters::default());
+        let hook: Arc<dyn EventHook> = Arc::new(CountingHook {
+            counters: counters.clone(),
+            user: self.hook,
+        });
         let (mailbox, renewer) = start(RenewerSettings {
             backend: self.backend.clone(),
             clock: self.clock.clone(),
-            hook: self.hook.clone(),
+            hook: hook.clone(),
+            counters: counters.clone(),
             renew_fraction: config.renew_fraction,
             batch_size: config.batch_size,
             thread_name: RENEWER_THREAD_NAME,
@@ -217,7 +225,8 @@ impl LockManagerBuilder {
             shared: Arc::new(ManagerShared {
                 backend: self.backend,
                 clock: self.clock,
-                hook: self.hook,
+                hook,
+                counters,
                 mailbox,
                 renewer: Mutex::new(Some(renewer)),
             }),
@@ -260,7 +269,7 @@ impl LockManager {
         LockManagerBuilder {
             backend: Arc::new(backend),
             clock: Clock::default(),
-            hook: Arc::new(NoopHook),
+            hook: None,
             config: Config::default(),
         }
     }
@@ -274,6 +283,17 @@ impl LockManager {
     /// Leases are not re-entrant: a second acquire of a key this caller already holds waits for
     /// (or, here, is refused by) the first lease like any other holder's.
     pub fn try_acquire(&self, key: &str, ttl: Duration) -> Result<Option<Lease>, Error> {
+        let result = self.try_acquire_uncounted(key, ttl);
+        match &result {
+            Ok(Some(_)) => {} // counted by its `Acquired` event
+            Ok(None) => self.shared.counters.not_acquired(None),
+            Err(error) => self.shared.counters.not_acquired(Some(error)),
+        }
+        result
+    }
+
+    /// [`try_acquire`](LockManager::try_acquire), leaving a refusal uncounted.
+    fn try_acquire_uncounted(&self, key: &str, ttl: Duration) -> Result<Option<Lease>, Error> {
         let validity = self.validate(key, ttl)?;
         let token = Token::random();
         match self.attempt(key, ttl, validity, token) {
@@ -306,6 +326,20 @@ impl LockManager {
     /// outcome is unknown gives the key back, best effort, with its token: the renewer's worker
     /// releases it in the background, with the backend's own timeouts.
     pub fn acquire_timeout(
+        &self,
+        key: &str,
+        ttl: Duration,
+        wait: Duration,
+    ) -> Result<Lease, Error> {
+        let result = self.acquire_timeout_uncounted(key, ttl, wait);
+        if let Err(error) = &result {
+            self.shared.counters.not_acquired(Some(error));
+        }
+        result
+    }
+
+    /// [`acquire_timeout`](LockManager::acquire_timeout), leaving a refusal uncounted.
+    fn acquire_timeout_uncounted(
         &self,
         key: &str,
         ttl: Duration,
@@ -550,6 +584,30 @@ impl LockManager {
         self.shared.mailbox.send(Command::Settle(reply), Wake::Now);
         // Disconnected (the renewer is gone) ends the wait too.
         let _ = done.recv();
+    }
+
+    /// A snapshot of what this manager (all its clones) has done: leases held, acquires,
+    /// renewals, losses by reason and releases. Counted with relaxed atomics as things
+    /// happen, so keeping count costs the hot path nothing measurable; reading is a few loads.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use lock_core::LockManager;
+    /// use lock_memory::MemoryBackend;
+    ///
+    /// let manager = LockManager::new(MemoryBackend::new());
+    /// let lease = manager.acquire("stats", Duration::from_secs(30))?;
+    /// assert!(manager.try_acquire("stats", Duration::from_secs(30))?.is_none()); // busy
+    /// lease.release()?;
+    /// let stats = manager.stats();
+    /// assert_eq!(stats.acquires.granted, 1);
+    /// assert_eq!(stats.acquires.busy, 1);
+    /// assert_eq!(stats.releases, 1);
+    /// assert_eq!(stats.leases_held, 0);
+    /// # Ok::<(), lock_core::Error>(())
+    /// ```
+    pub fn stats(&self) -> ManagerStats {
+        self.shared.counters.snapshot()
     }
 
     /// The clock this manager times leases with.

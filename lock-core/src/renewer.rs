@@ -22,6 +22,7 @@ use crate::event::{EventHook, LeaseEvent};
 use crate::handoff::Handoff;
 use crate::schedule::{nanos, renewal_due, retry_due, Schedule};
 use crate::state::{LeaseShared, Token, TokenText};
+use crate::stats::Counters;
 use crate::{BackendError, Clock, LeaseBackend, LeaseRequest, LostReason, Ownership};
 
 /// The name of the renewer's I/O worker thread (Linux shows its first 15 bytes).
@@ -88,6 +89,7 @@ pub(crate) struct RenewerSettings {
     pub(crate) backend: Arc<dyn LeaseBackend>,
     pub(crate) clock: Clock,
     pub(crate) hook: Arc<dyn EventHook>,
+    pub(crate) counters: Arc<Counters>,
     pub(crate) renew_fraction: f64,
     pub(crate) batch_size: usize,
     pub(crate) thread_name: &'static str,
@@ -108,6 +110,7 @@ pub(crate) fn start(settings: RenewerSettings) -> std::io::Result<(Mailbox, Join
         backend_jobs: jobs,
         clock: settings.clock,
         hook: settings.hook,
+        counters: settings.counters,
         schedule: Schedule::new(epoch),
         renew_fraction: settings.renew_fraction,
         batch_size: settings.batch_size,
@@ -180,6 +183,7 @@ struct Renewer {
     backend_jobs: Sender<Job>,
     clock: Clock,
     hook: Arc<dyn EventHook>,
+    counters: Arc<Counters>,
     schedule: Schedule<Arc<LeaseShared>>,
     renew_fraction: f64,
     batch_size: usize,
@@ -489,6 +493,8 @@ impl Renewer {
     fn apply(&mut self, answer: Answer) {
         let hook = &*self.hook;
         let now = self.clock.now();
+        self.counters
+            .batch_answered(now.saturating_duration_since(answer.sent_at));
         let mut results = answer.results.into_iter();
         for lease in answer.leases {
             let result = results.next().unwrap_or_else(|| {

@@ -10,6 +10,7 @@ use parking_lot::Mutex;
 use crate::event::{EventHook, LeaseEvent};
 use crate::renewer::{Command, Mailbox, Wake};
 use crate::state::{BeforeRelease, LeaseShared};
+use crate::stats::Counters;
 use crate::{Clock, Error, LeaseBackend, LostReason, Ownership};
 
 /// How long a best-effort backend call may take: the release of a lease that is already lost,
@@ -22,6 +23,7 @@ pub(crate) struct ManagerShared {
     pub(crate) backend: Arc<dyn LeaseBackend>,
     pub(crate) clock: Clock,
     pub(crate) hook: Arc<dyn EventHook>,
+    pub(crate) counters: Arc<Counters>,
     pub(crate) mailbox: Mailbox,
     pub(crate) renewer: Mutex<Option<JoinHandle<()>>>,
 }

@@ -220,3 +220,75 @@ fn a_panicking_on_lost_callback_stops_neither_the_others_nor_the_renewer() {
     }
     assert!(other.is_held(), "the renewer still renews");
 }
+
+#[test]
+fn stats_count_a_scripted_run() {
+    let (manager, backend, clock) = virtual_manager();
+    let step = |by: Duration| {
+        clock.advance(by);
+        manager.settle();
+    };
+    let a = manager.acquire("a", TTL).unwrap();
+    let b = manager.acquire("b", TTL).unwrap();
+    // Busy: another thread finds "a" held, once without waiting and once with a zero wait.
+    std::thread::scope(|scope| {
+        scope.spawn(|| {
+            assert!(manager.try_acquire("a", TTL).unwrap().is_none());
+            assert!(manager
+                .acquire_timeout("a", TTL, Duration::ZERO)
+                .unwrap_err()
+                .is_timeout());
+        });
+    });
+    // Failed: bad input, and a backend that does not answer.
+    assert!(manager.try_acquire("", TTL).is_err());
+    backend.set_unreachable(true);
+    assert!(manager.try_acquire("c", TTL).is_err());
+    backend.set_unreachable(false);
+    manager.settle();
+
+    let stats = manager.stats();
+    assert_eq!(
+        (
+            stats.acquires.granted,
+            stats.acquires.busy,
+            stats.acquires.failed
+        ),
+        (2, 2, 2)
+    );
+    assert_eq!(stats.leases_held, 2);
+    assert_eq!(stats.renewals.batches, 0);
+
+    step(TTL / 3); // both renewed, in one batch
+    let stats = manager.stats();
+    assert_eq!((stats.renewals.ok, stats.renewals.batches), (2, 1));
+
+    backend.revoke("b");
+    step(TTL / 3); // "a" renewed, "b" found taken over
+    let stats = manager.stats();
+    assert_eq!((stats.renewals.ok, stats.renewals.batches), (3, 2));
+    assert_eq!(stats.losses.taken_over, 1);
+    assert_eq!(stats.leases_held, 1);
+
+    backend.set_unreachable(true);
+    step(TTL / 3); // "a"'s renewal fails
+    assert_eq!(manager.stats().renewals.failed, 1);
+    step(TTL); // past its validity: lost, with no more calls
+    backend.set_unreachable(false);
+    let stats = manager.stats();
+    assert_eq!(stats.losses.expired, 1);
+    assert_eq!(stats.renewals.batches, 3);
+    assert_eq!(stats.renewals.failed, 1);
+
+    // Releasing lost leases counts no release; a normal release does.
+    assert!(a.release().unwrap_err().is_lost());
+    assert!(b.release().unwrap_err().is_lost());
+    manager.acquire("d", TTL).unwrap().release().unwrap();
+    let stats = manager.stats();
+    assert_eq!(stats.releases, 1);
+    assert_eq!(stats.acquires.granted, 3);
+    assert_eq!(stats.losses.total(), 2);
+    assert_eq!(stats.losses.rejected, 0);
+    assert_eq!(stats.leases_held, 0);
+    assert!(stats.renewals.max_batch_latency >= stats.renewals.last_batch_latency);
+}
