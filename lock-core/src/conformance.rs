@@ -133,7 +133,8 @@ pub fn renew_one(
         .unwrap_or_else(|| panic!("renew_batch returned no result for a batch of one"))
 }
 
-/// Contract 1: while a lease is held and renewed, no other token can acquire the key.
+/// Contract 1: while a lease is held and renewed, no other token can acquire the key; the
+/// holder's own thread is told it holds it ([`Error::AlreadyHeld`](crate::Error::AlreadyHeld)).
 pub fn mutual_exclusion(target: &dyn ConformanceTarget) {
     let key = target.key("mutual_exclusion");
     let ttl = target.ttl();
@@ -146,10 +147,19 @@ pub fn mutual_exclusion(target: &dyn ConformanceTarget) {
         second.try_acquire(&key, ttl).unwrap().is_none(),
         "a second manager acquired a held key"
     );
+    let again = first.try_acquire(&key, ttl);
     assert!(
-        first.try_acquire(&key, ttl).unwrap().is_none(),
-        "the same manager acquired a held key twice"
+        matches!(&again, Err(error) if error.is_already_held()),
+        "the holder's thread acquired its key again, or was not told it holds it: {again:?}"
     );
+    std::thread::scope(|scope| {
+        let other_thread =
+            scope.spawn(|| first.try_acquire(&key, ttl).map(|lease| lease.is_none()));
+        assert!(
+            other_thread.join().unwrap().unwrap(),
+            "another thread of the same manager acquired a held key"
+        );
+    });
     let outcome = target
         .backend()
         .try_acquire(&request(&key, "intruder", ttl), NO_LIMIT)
@@ -444,7 +454,10 @@ pub fn release_after_loss_is_safe(target: &dyn ConformanceTarget) {
     assert!(error.is_lost(), "{error}");
     assert!(next.is_held());
     assert!(
-        manager.try_acquire(&key, ttl).unwrap().is_none(),
+        self::manager(target)
+            .try_acquire(&key, ttl)
+            .unwrap()
+            .is_none(),
         "the stale release deleted the next holder's key"
     );
     step(target, &[&manager], ttl / 2);
@@ -848,7 +861,9 @@ pub fn a_zero_wait_makes_one_real_attempt(target: &dyn ConformanceTarget) {
         .with_lease(&key, ttl, Duration::ZERO, |lease| lease.fence())
         .expect("a free key with a zero wait");
     assert!(fence > 0);
-    let holder = manager.acquire_timeout(&key, ttl, Duration::ZERO).unwrap();
+    let holder = self::manager(target)
+        .acquire_timeout(&key, ttl, Duration::ZERO)
+        .unwrap();
     let started = Instant::now();
     let error = manager
         .acquire_timeout(&key, ttl, Duration::ZERO)

@@ -61,7 +61,9 @@
 //!   [`CLEANUP_TIMEOUT`].
 //! - **Renewals never revive a key**: a renewal only extends a key that still holds our token,
 //!   and a lease is untracked before it is deleted.
-//! - **Not re-entrant**: a second acquire of a key the caller holds waits like any other.
+//! - **Not re-entrant**: a thread's second acquire of a key it holds through the same manager
+//!   fails at once with [`Error::AlreadyHeld`]; other threads (and other managers) wait for
+//!   the holder as for any other.
 //!
 //! # Conformance
 //!
@@ -85,6 +87,7 @@ mod clock;
 mod error;
 mod event;
 mod handoff;
+mod holdings;
 mod inspect;
 mod lease;
 mod manager;

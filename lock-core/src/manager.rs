@@ -8,6 +8,7 @@ use parking_lot::Mutex;
 
 use crate::clock::saturating_add;
 use crate::event::{EventHook, GuardedHook, LeaseEvent};
+use crate::holdings;
 use crate::renewer::{start, CleanUp, Command, RenewerSettings, Wake};
 use crate::retry::RetryPolicy;
 use crate::schedule::renewal_due;
@@ -280,8 +281,8 @@ impl LockManager {
     /// returned as they are: nothing is retried. After a transient error the attempt may still
     /// have taken the key on the server; it is given back, best effort, with the same token.
     ///
-    /// Leases are not re-entrant: a second acquire of a key this caller already holds waits for
-    /// (or, here, is refused by) the first lease like any other holder's.
+    /// Leases are not re-entrant: see [`acquire`](LockManager::acquire). Here, a key this
+    /// thread holds through this manager is [`Error::AlreadyHeld`], not `Ok(None)`.
     pub fn try_acquire(&self, key: &str, ttl: Duration) -> Result<Option<Lease>, Error> {
         let result = self.try_acquire_uncounted(key, ttl);
         match &result {
@@ -298,7 +299,10 @@ impl LockManager {
         let token = Token::random();
         match self.attempt(key, ttl, validity, token) {
             Ok(Attempt::Acquired(lease)) => Ok(Some(lease)),
-            Ok(Attempt::Held { .. }) => Ok(None),
+            Ok(Attempt::Held { .. }) => {
+                self.refuse_if_held_here(key)?;
+                Ok(None)
+            }
             Err(Error::Backend(error)) if error.is_transient() => {
                 self.clean_up(key, ttl, token);
                 Err(Error::Backend(error))
@@ -309,6 +313,32 @@ impl LockManager {
 
     /// Acquires `key` for `ttl`, waiting up to the builder's
     /// [`default_wait`](LockManagerBuilder::default_wait).
+    ///
+    /// **Not re-entrant.** A lease excludes every other acquire of its key, this thread's
+    /// included: a thread's second acquire of a key it already holds through this manager fails
+    /// at once with [`Error::AlreadyHeld`] (rather than waiting its whole wait for itself);
+    /// pass the first [`Lease`] down instead. Other threads, even through this manager, wait
+    /// for the holder as for any other. The check looks only at the leases this thread
+    /// acquired, and only once an attempt found the key held, so it costs an uncontended
+    /// acquire nothing. A lease acquired on this thread and moved to another still counts as
+    /// this thread's.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use lock_core::LockManager;
+    /// use lock_memory::MemoryBackend;
+    ///
+    /// let manager = LockManager::new(MemoryBackend::new());
+    /// let lease = manager.acquire("import", Duration::from_secs(30))?;
+    /// let again = manager.acquire("import", Duration::from_secs(30)).unwrap_err();
+    /// assert!(again.is_already_held()); // at once, not after the default wait
+    /// # drop(lease);
+    /// # Ok::<(), lock_core::Error>(())
+    /// ```
+    ///
+    /// # Errors
+    ///
+    /// As [`acquire_timeout`](LockManager::acquire_timeout).
     pub fn acquire(&self, key: &str, ttl: Duration) -> Result<Lease, Error> {
         self.acquire_timeout(key, ttl, self.config.default_wait)
     }
@@ -360,7 +390,14 @@ impl LockManager {
         loop {
             let refused = match self.attempt(key, ttl, validity, token) {
                 Ok(Attempt::Acquired(lease)) => return Ok(lease),
-                Ok(Attempt::Held { remaining }) => Refused::Held { remaining },
+                Ok(Attempt::Held { remaining }) => {
+                    if watch.is_none() {
+                        // Only after the first attempt: an acquire that gets the key, or one
+                        // that waits, never looks.
+                        self.refuse_if_held_here(key)?;
+                    }
+                    Refused::Held { remaining }
+                }
                 Err(Error::Backend(error)) if error.is_transient() => Refused::Failed(error),
                 Err(error) => return Err(error),
             };
@@ -597,7 +634,8 @@ impl LockManager {
     ///
     /// let manager = LockManager::new(MemoryBackend::new());
     /// let lease = manager.acquire("stats", Duration::from_secs(30))?;
-    /// assert!(manager.try_acquire("stats", Duration::from_secs(30))?.is_none()); // busy
+    /// let again = manager.try_acquire("stats", Duration::from_secs(30)).unwrap_err();
+    /// assert!(again.is_already_held()); // counted as busy
     /// lease.release()?;
     /// let stats = manager.stats();
     /// assert_eq!(stats.acquires.granted, 1);
@@ -646,6 +684,7 @@ impl LockManager {
             )));
         }
         let due = renewal_due(self.config.renew_fraction, sent_at, validity, valid_until);
+        holdings::record(self.id(), &lease);
         shared.mailbox.track(lease.clone(), due);
         shared.hook.on_event(&LeaseEvent::Acquired {
             key,
@@ -653,6 +692,22 @@ impl LockManager {
             valid_until,
         });
         Ok(Attempt::Acquired(Lease::new(lease, shared.clone())))
+    }
+
+    /// [`Error::AlreadyHeld`] if this thread holds `key` through this manager: called once an
+    /// attempt found the key held, so the uncontended path never pays for it.
+    fn refuse_if_held_here(&self, key: &str) -> Result<(), Error> {
+        if holdings::holds(self.id(), key, self.shared.clock.now()) {
+            return Err(Error::AlreadyHeld {
+                key: key.to_owned(),
+            });
+        }
+        Ok(())
+    }
+
+    /// This manager's identity among live managers: the address of its shared state.
+    fn id(&self) -> usize {
+        Arc::as_ptr(&self.shared) as usize
     }
 
     /// Gives back, best effort, a key that an attempt with an unknown outcome may have taken

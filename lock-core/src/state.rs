@@ -219,6 +219,13 @@ impl LeaseShared {
         self.state.get_mut().valid_until
     }
 
+    /// Whether the lease is neither lost nor released, and within its validity at `now`
+    /// (without reporting an expiry: the caller has no hook at hand).
+    pub(crate) fn is_valid_at(&self, now: Instant) -> bool {
+        let state = self.state.lock();
+        matches!(state.phase, Phase::Held | Phase::Suspect) && now < state.valid_until
+    }
+
     /// The status at `now`; a lease past its validity is lost now, whoever asks.
     pub(crate) fn status(&self, now: Instant, hook: &dyn EventHook) -> LeaseStatus {
         let (status, report) = {

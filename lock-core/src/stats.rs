@@ -42,7 +42,8 @@ pub struct AcquireCounts {
     /// Calls that returned a lease.
     pub granted: u64,
     /// Calls that found the key held and gave up: `try_acquire`'s `Ok(None)`, a timeout whose
-    /// last attempt found another holder.
+    /// last attempt found another holder, and a key this thread holds already
+    /// ([`Error::AlreadyHeld`]).
     pub busy: u64,
     /// Calls that failed otherwise: bad input, a backend error, a timeout whose last attempt
     /// failed.
@@ -111,7 +112,7 @@ impl Counters {
     /// Counts a call that acquired nothing: busy when the key was held, failed otherwise.
     pub(crate) fn not_acquired(&self, error: Option<&Error>) {
         let busy = match error {
-            None => true,
+            None | Some(Error::AlreadyHeld { .. }) => true,
             Some(Error::Timeout { last_error, .. }) => last_error.is_none(),
             Some(_) => false,
         };

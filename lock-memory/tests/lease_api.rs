@@ -3,7 +3,7 @@
 #![allow(clippy::unwrap_used)] // test helpers: a failed setup is a failed test
 
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use lock_core::{
     LockManager, LockManagerBuilder, LostReason, ManualClock, MAX_TTL, RENEWER_THREAD_NAME,
@@ -291,4 +291,87 @@ fn stats_count_a_scripted_run() {
     assert_eq!(stats.losses.rejected, 0);
     assert_eq!(stats.leases_held, 0);
     assert!(stats.renewals.max_batch_latency >= stats.renewals.last_batch_latency);
+}
+
+#[test]
+fn a_threads_second_acquire_of_a_key_it_holds_fails_at_once() {
+    let backend = MemoryBackend::new();
+    let manager = LockManager::new(backend.clone());
+    let lease = manager.acquire("k", TTL).unwrap();
+    let started = Instant::now();
+    let error = manager
+        .acquire_timeout("k", TTL, Duration::from_secs(5))
+        .unwrap_err();
+    assert!(error.is_already_held(), "{error}");
+    assert!(!error.is_timeout() && !error.is_lost() && !error.is_invalid_input());
+    assert!(error.to_string().contains("not re-entrant"), "{error}");
+    assert!(
+        started.elapsed() < Duration::from_secs(1),
+        "refused at once"
+    );
+    assert!(manager.try_acquire("k", TTL).unwrap_err().is_already_held());
+    let nested = manager.with_lease("k", TTL, Duration::from_secs(5), |_| ());
+    assert!(nested.unwrap_err().is_already_held());
+    // The same thread through another manager is another holder: it is refused as usual.
+    let other = LockManager::new(backend);
+    assert!(other.try_acquire("k", TTL).unwrap().is_none());
+    assert!(other
+        .acquire_timeout("k", TTL, Duration::from_millis(20))
+        .unwrap_err()
+        .is_timeout());
+    // Other threads sharing the manager wait for the holder, as ever.
+    std::thread::scope(|scope| {
+        let waiter = scope.spawn(|| manager.acquire_timeout("k", TTL, Duration::from_secs(5)));
+        lease.release().unwrap();
+        let waited = waiter.join().unwrap().unwrap();
+        assert!(waited.is_held());
+        // Held by the other thread now: this thread is one more waiter, not its holder.
+        assert!(manager
+            .acquire_timeout("k", TTL, Duration::from_millis(20))
+            .unwrap_err()
+            .is_timeout());
+    });
+    // Released: this thread gets the key again.
+    let again = manager.try_acquire("k", TTL).unwrap();
+    assert!(again.is_some());
+}
+
+#[test]
+fn a_lost_lease_does_not_make_its_thread_refuse_itself() {
+    let (manager, backend, clock) = virtual_manager();
+    let lease = manager.acquire("k", TTL).unwrap();
+    backend.revoke("k");
+    let thief = LockManager::builder(backend.clone())
+        .clock(clock.clone())
+        .build()
+        .unwrap();
+    let theirs = thief.acquire("k", TTL).unwrap();
+    clock.advance(TTL / 2);
+    manager.settle();
+    assert!(!lease.is_held());
+    // The key is the thief's: this thread waits for it like any other, not AlreadyHeld.
+    assert!(manager.try_acquire("k", TTL).unwrap().is_none());
+    drop(theirs);
+    assert!(manager.try_acquire("k", TTL).unwrap().is_some());
+}
+
+#[test]
+fn many_acquires_and_releases_on_one_thread_keep_the_check_right() {
+    let manager = LockManager::new(MemoryBackend::new());
+    let held: Vec<_> = (0..50)
+        .map(|i| manager.acquire(&format!("held-{i}"), TTL).unwrap())
+        .collect();
+    for round in 0..2_000 {
+        let key = format!("cycled-{}", round % 7);
+        manager.acquire(&key, TTL).unwrap().release().unwrap();
+    }
+    for i in [0, 25, 49] {
+        let key = format!("held-{i}");
+        assert!(manager
+            .try_acquire(&key, TTL)
+            .unwrap_err()
+            .is_already_held());
+    }
+    drop(held);
+    assert!(manager.try_acquire("held-0", TTL).unwrap().is_some());
 }
