@@ -1105,6 +1105,56 @@ pub fn force_release_frees_the_key_and_fences_keep_growing(target: &dyn Conforma
     );
 }
 
+/// Contract 18: a renewal sets the TTL it asks for, longer or shorter than the lease's, and
+/// [`Lease::extend`](crate::Lease::extend) uses that: the lease is trusted for the drift rule's
+/// validity of the new TTL from before the call, the key's TTL on the backend is the new one
+/// (checked with `inspect` where the backend offers it), and background renewals go on with
+/// it.
+pub fn extend_replaces_the_ttl(target: &dyn ConformanceTarget) {
+    let key = target.key("extend");
+    let ttl = target.ttl();
+    let manager = manager(target);
+    let backend = target.backend();
+    let drift = backend.drift();
+    let lease = manager.acquire(&key, ttl).unwrap();
+    for new_ttl in [ttl * 4, ttl / 2] {
+        let validity = drift
+            .validity(new_ttl)
+            .expect("the check's TTLs leave validity");
+        let before = manager.clock().now();
+        lease.extend(new_ttl).unwrap();
+        let after = manager.clock().now();
+        assert_eq!(lease.ttl(), new_ttl);
+        let valid_until = lease.valid_until();
+        assert!(
+            valid_until >= before + validity && valid_until <= after + validity,
+            "extended to {new_ttl:?}: valid until {:?} after the call, not {validity:?}",
+            valid_until.saturating_duration_since(after)
+        );
+        if let Some(state) = offered(backend.inspect(&key, NO_LIMIT), "inspect") {
+            let remaining = state.remaining();
+            assert!(
+                remaining.is_some_and(|left| left <= new_ttl && left > new_ttl / 2),
+                "extended to {new_ttl:?}, the key's TTL is {remaining:?}"
+            );
+        }
+    }
+    // Renewed in the background with the new (short) TTL, past the old one.
+    let short = ttl / 2;
+    for _ in 0..8 {
+        step(target, &[&manager], short / 4);
+        lease.ensure_held().unwrap();
+    }
+    assert_eq!(lease.ttl(), short);
+    if let Some(state) = offered(backend.inspect(&key, NO_LIMIT), "inspect") {
+        assert!(
+            state.remaining().is_some_and(|left| left <= short),
+            "renewals went back to the old TTL: {state:?}"
+        );
+    }
+    lease.release().unwrap();
+}
+
 /// Stamps one `#[test]` per conformance check, each calling `$target` for a fresh
 /// [`ConformanceTarget`].
 ///
@@ -1134,6 +1184,7 @@ macro_rules! conformance_tests {
             releasing_a_lost_lease_returns_promptly,
             inspect_reports_the_holder_and_its_fence,
             force_release_frees_the_key_and_fences_keep_growing,
+            extend_replaces_the_ttl,
         );
     };
     (@checks $target:expr; $($check:ident,)*) => {

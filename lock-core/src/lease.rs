@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 
 use crossbeam_channel::Receiver;
 
+use crate::manager::validate_ttl;
 use crate::shared::ManagerShared;
 use crate::state::{LeaseShared, LeaseStatus};
 use crate::{Error, LostReason};
@@ -153,6 +154,56 @@ impl Lease {
         // A lease past its validity is lost now, whether or not the renewer has run.
         let _ = self.status();
         self.shared.lost_receiver()
+    }
+
+    /// Replaces the lease's TTL now: renews it at once, if it is still ours, to expire `ttl`
+    /// from now, and renews it with `ttl` from then on.
+    ///
+    /// For holders that want to renew at their own checkpoints (before a step that must not
+    /// run on a lease about to expire), or to lengthen (or shorten) a lease whose work turned
+    /// out longer (or shorter) than planned. The backend call is the renewer's, owner-checked
+    /// like every renewal: it never revives a key that is gone. On success,
+    /// [`valid_until`](Lease::valid_until) counts from just before the call, with the
+    /// backend's [`DriftRule`](crate::DriftRule) applied to `ttl` as for every renewal, and
+    /// the next background renewal falls due at the usual fraction of the new validity. The
+    /// call goes through the manager's renewal worker, after any renewal of this lease already
+    /// sent, so that an earlier renewal with the old TTL never lands after it.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use lock_core::{LockManager, ManualClock};
+    /// use lock_memory::MemoryBackend;
+    ///
+    /// let clock = ManualClock::new();
+    /// let backend = MemoryBackend::with_clock(clock.clone());
+    /// let manager = LockManager::builder(backend).clock(clock.clone()).build()?;
+    /// let lease = manager.acquire("migration", Duration::from_secs(10))?;
+    /// lease.extend(Duration::from_secs(600))?; // the migration turned out long
+    /// assert_eq!(lease.ttl(), Duration::from_secs(600));
+    /// assert!(lease.valid_until() > clock.now() + Duration::from_secs(590));
+    /// # Ok::<(), lock_core::Error>(())
+    /// ```
+    ///
+    /// # Errors
+    ///
+    /// - [`Error::InvalidTtl`] (and [`is_invalid_input`](Error::is_invalid_input)) for a TTL
+    ///   outside [`MIN_TTL`](crate::MIN_TTL)`..=`[`MAX_TTL`](crate::MAX_TTL), or one that
+    ///   leaves no validity after the backend's drift allowance; nothing is sent.
+    /// - [`Error::Lost`] if the lease was lost already, or the backend answered that the key no
+    ///   longer holds our token (or refused the renewal for good): the loss is reported once,
+    ///   through [`lost`](Lease::lost), [`on_lost`](Lease::on_lost) and the event hook, as on
+    ///   every path.
+    /// - [`Error::Backend`] (transient) if the backend could not answer within what is left of
+    ///   the lease's validity: the lease keeps its TTL and its background renewals, and the
+    ///   call may be retried.
+    pub fn extend(&self, ttl: Duration) -> Result<(), Error> {
+        let validity = validate_ttl(ttl, self.manager.backend.drift())?;
+        self.ensure_held()?;
+        match self.manager.extend(&self.shared, ttl, validity) {
+            Err(error) if error.is_transient() => Err(Error::Backend(error)),
+            // Applied, or found lost (and reported) by the renewer.
+            _ => self.ensure_held(),
+        }
     }
 
     /// Runs `callback` once, with the reason, when the lease is lost: the way to react to a

@@ -36,11 +36,13 @@ pub const RENEWER_THREAD_NAME: &str = "lease-renewer";
 /// use lock_core::LockManager;
 /// use lock_memory::MemoryBackend;
 ///
-/// let manager = LockManager::new(MemoryBackend::new());
+/// let backend = MemoryBackend::new();
+/// let manager = LockManager::new(backend.clone());
 ///
 /// // One attempt: `None` when another holder has the key.
 /// let lease = manager.try_acquire("orders", Duration::from_secs(10))?.expect("free");
-/// assert!(manager.try_acquire("orders", Duration::from_secs(10))?.is_none());
+/// let elsewhere = LockManager::new(backend); // another process, say
+/// assert!(elsewhere.try_acquire("orders", Duration::from_secs(10))?.is_none());
 /// drop(lease);
 ///
 /// // Wait up to one second for the key, run a closure under the lease, release it.

@@ -36,6 +36,10 @@ pub(crate) enum Command {
     Answered(Answer),
     /// Give back, best effort, a key that a failed acquire may have taken for `token`.
     CleanUp(CleanUp),
+    /// Set a lease's TTL now: [`Lease::extend`](crate::Lease::extend).
+    Extend(Extension),
+    /// The worker's answer to an extend, whose request was sent at the instant given.
+    Extended(Extension, Instant, Result<Ownership, BackendError>),
     /// The worker has tried a clean-up: `Some` when it failed and may be tried again.
     CleanedUp(Option<CleanUp>),
     /// Reply once every earlier command is applied, every lease due now has been handled (its
@@ -49,6 +53,19 @@ pub(crate) enum Command {
 enum Job {
     Renew(Batch),
     CleanUp(CleanUp),
+    Extend(Extension),
+}
+
+/// A lease to renew at once with a new TTL, and where to say how it went (once the lease's
+/// validity and its place on the schedule follow the new TTL).
+pub(crate) struct Extension {
+    pub(crate) lease: Arc<LeaseShared>,
+    pub(crate) ttl: Duration,
+    /// What the backend's drift rule leaves of `ttl`.
+    pub(crate) validity: Duration,
+    /// The call must end before the lease would be lost.
+    pub(crate) timeout: Duration,
+    pub(crate) reply: Sender<Result<Ownership, BackendError>>,
 }
 
 /// A key to give back for a token, with the backend's own timeouts, until `until` (when the
@@ -80,6 +97,8 @@ struct Batch {
 /// A batch and the backend's results, one per lease.
 pub(crate) struct Answer {
     leases: Vec<Arc<LeaseShared>>,
+    /// The validity of the TTL each lease's request asked for.
+    validities: Vec<Duration>,
     sent_at: Instant,
     results: Vec<Result<Ownership, BackendError>>,
 }
@@ -102,9 +121,10 @@ pub(crate) fn start(settings: RenewerSettings) -> std::io::Result<(Mailbox, Join
     let (jobs, queue) = crossbeam_channel::unbounded::<Job>();
     let worker = {
         let (backend, mailbox) = (settings.backend.clone(), mailbox.clone());
+        let clock = settings.clock.clone();
         std::thread::Builder::new()
             .name(WORKER_THREAD_NAME.into())
-            .spawn(move || work(&*backend, &queue, &mailbox))?
+            .spawn(move || work(&*backend, &clock, &queue, &mailbox))?
     };
     let renewer = Renewer {
         backend_jobs: jobs,
@@ -130,10 +150,19 @@ pub(crate) fn start(settings: RenewerSettings) -> std::io::Result<(Mailbox, Join
 }
 
 /// The worker's loop: one backend call per job, answered through the mailbox.
-fn work(backend: &dyn LeaseBackend, jobs: &Receiver<Job>, mailbox: &Mailbox) {
+fn work(backend: &dyn LeaseBackend, clock: &Clock, jobs: &Receiver<Job>, mailbox: &Mailbox) {
     for job in jobs {
         let answer = match job {
             Job::Renew(batch) => Command::Answered(renew(backend, batch)),
+            Job::Extend(extension) => {
+                let sent_at = clock.now();
+                let result = extend(backend, &extension);
+                if let Ok(Ownership::Owned) = result {
+                    // Before the next call: every renewal from now on asks for the new TTL.
+                    extension.lease.set_ttl(extension.ttl, extension.validity);
+                }
+                Command::Extended(extension, sent_at, result)
+            }
             Job::CleanUp(mut clean_up) => {
                 let token = clean_up.token.text();
                 clean_up.attempts += 1;
@@ -154,6 +183,24 @@ fn work(backend: &dyn LeaseBackend, jobs: &Receiver<Job>, mailbox: &Mailbox) {
     }
 }
 
+/// Renews one lease with a new TTL: a batch of one.
+fn extend(backend: &dyn LeaseBackend, extension: &Extension) -> Result<Ownership, BackendError> {
+    let token = extension.lease.token.text();
+    let request = LeaseRequest {
+        key: &extension.lease.key,
+        token: token.as_str(),
+        ttl: extension.ttl,
+    };
+    backend
+        .renew_batch(std::slice::from_ref(&request), extension.timeout)
+        .pop()
+        .unwrap_or_else(|| {
+            Err(BackendError::transient(
+                "the backend returned no renewal result for a batch of one",
+            ))
+        })
+}
+
 /// Renews a batch in one `renew_batch` call.
 fn renew(backend: &dyn LeaseBackend, batch: Batch) -> Answer {
     let tokens: Vec<TokenText> = batch
@@ -171,9 +218,12 @@ fn renew(backend: &dyn LeaseBackend, batch: Batch) -> Answer {
             ttl: lease.ttl(),
         })
         .collect();
+    // Read on this thread, which alone changes a lease's TTL: each matches its request's.
+    let validities = batch.leases.iter().map(|lease| lease.validity()).collect();
     let results = backend.renew_batch(&requests, batch.timeout);
     Answer {
         leases: batch.leases,
+        validities,
         sent_at: batch.sent_at,
         results,
     }
@@ -359,6 +409,21 @@ impl Renewer {
                         self.apply(answer);
                     }
                     Command::CleanUp(clean_up) => self.send_clean_up(clean_up),
+                    Command::Extend(extension) => {
+                        if let Err(error) = self.backend_jobs.send(Job::Extend(extension)) {
+                            if let Job::Extend(extension) = error.into_inner() {
+                                let _ = extension.reply.send(Err(BackendError::transient(
+                                    "the renewer's worker has stopped",
+                                )));
+                            }
+                        } else {
+                            self.in_flight += 1;
+                        }
+                    }
+                    Command::Extended(extension, sent_at, result) => {
+                        self.in_flight = self.in_flight.saturating_sub(1);
+                        self.apply_extension(extension, sent_at, result);
+                    }
                     Command::CleanedUp(again) => {
                         self.in_flight = self.in_flight.saturating_sub(1);
                         if let Some(clean_up) = again {
@@ -489,6 +554,45 @@ impl Renewer {
         true
     }
 
+    /// Applies the backend's answer to an extend sent at `sent_at`: the lease's validity and
+    /// its next renewal follow the new TTL, or the lease is lost; then the caller hears.
+    fn apply_extension(
+        &mut self,
+        extension: Extension,
+        sent_at: Instant,
+        result: Result<Ownership, BackendError>,
+    ) {
+        let hook = &*self.hook;
+        let lease = extension.lease;
+        match &result {
+            Ok(Ownership::Owned) => {
+                let now = self.clock.now();
+                if let Some(valid_until) = lease.renewed(sent_at, extension.validity, now, hook) {
+                    if self.schedule.is_in_flight(&lease) {
+                        // Its renewal (sent with the new TTL) re-schedules it when answered;
+                        // until then, watch the new end of its validity.
+                        self.schedule.watch_in_flight(lease, valid_until);
+                    } else {
+                        let due = renewal_due(
+                            self.renew_fraction,
+                            sent_at,
+                            extension.validity,
+                            valid_until,
+                        );
+                        self.schedule.track(lease, due);
+                    }
+                }
+            }
+            Ok(Ownership::NotOwned) => lease.lose(LostReason::TakenOver, hook),
+            Err(error) if !error.is_transient() => {
+                lease.lose(LostReason::Rejected(error.clone()), hook);
+            }
+            // No loss: the lease keeps its TTL and its renewals.
+            Err(_) => {}
+        }
+        let _ = extension.reply.send(result);
+    }
+
     /// Applies the backend's answer to a batch.
     fn apply(&mut self, answer: Answer) {
         let hook = &*self.hook;
@@ -496,7 +600,7 @@ impl Renewer {
         self.counters
             .batch_answered(now.saturating_duration_since(answer.sent_at));
         let mut results = answer.results.into_iter();
-        for lease in answer.leases {
+        for (lease, validity) in answer.leases.into_iter().zip(answer.validities) {
             let result = results.next().unwrap_or_else(|| {
                 Err(BackendError::transient(
                     "the backend returned fewer renewal results than requests",
@@ -509,7 +613,7 @@ impl Renewer {
             self.schedule.remove(&lease);
             match result {
                 Ok(Ownership::Owned) => {
-                    if let Some(valid_until) = lease.renewed(answer.sent_at, now, hook) {
+                    if let Some(valid_until) = lease.renewed(answer.sent_at, validity, now, hook) {
                         let due = renewal_due(
                             self.renew_fraction,
                             answer.sent_at,

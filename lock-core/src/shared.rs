@@ -8,10 +8,10 @@ use std::time::Duration;
 use parking_lot::Mutex;
 
 use crate::event::{EventHook, LeaseEvent};
-use crate::renewer::{Command, Mailbox, Wake};
+use crate::renewer::{Command, Extension, Mailbox, Wake};
 use crate::state::{BeforeRelease, LeaseShared};
 use crate::stats::Counters;
-use crate::{Clock, Error, LeaseBackend, LostReason, Ownership};
+use crate::{BackendError, Clock, Error, LeaseBackend, LostReason, Ownership};
 
 /// How long a best-effort backend call may take: the release of a lease that is already lost,
 /// and the clean-up of an acquire that gave up after an attempt whose outcome is unknown. Such
@@ -77,6 +77,37 @@ impl ManagerShared {
                 Err(error.into())
             }
         }
+    }
+}
+
+impl ManagerShared {
+    /// Renews `lease` at once with `ttl` (leaving `validity`), through the renewer's worker so
+    /// that the call is ordered after every renewal of the lease sent before it; waits for the
+    /// backend's answer, applied to the lease and its schedule. See
+    /// [`Lease::extend`](crate::Lease::extend).
+    pub(crate) fn extend(
+        &self,
+        lease: &Arc<LeaseShared>,
+        ttl: Duration,
+        validity: Duration,
+    ) -> Result<Ownership, BackendError> {
+        let timeout = lease
+            .valid_until()
+            .saturating_duration_since(self.clock.now());
+        let (reply, answer) = crossbeam_channel::bounded(1);
+        self.mailbox.send(
+            Command::Extend(Extension {
+                lease: lease.clone(),
+                ttl,
+                validity,
+                timeout,
+                reply,
+            }),
+            Wake::Now,
+        );
+        answer
+            .recv()
+            .unwrap_or_else(|_| Err(BackendError::transient("the renewer has stopped")))
     }
 }
 

@@ -6,6 +6,7 @@
 //! monotonically (once false, false for good), and every loss is reported exactly once, by
 //! whichever path finds it first: the renewer, an expiry check, or a release.
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, Sender};
@@ -92,6 +93,9 @@ enum Phase {
 
 struct LeaseState {
     valid_until: Instant,
+    /// When the request that set `valid_until` was sent: only the answer to a request sent
+    /// later may move it (see [`LeaseShared::renewed`]).
+    valid_since: Instant,
     phase: Phase,
     /// Created on the first call to [`LeaseShared::lost_receiver`] or
     /// [`LeaseShared::on_lost`], so leases nobody watches stay small.
@@ -147,11 +151,13 @@ pub(crate) struct LeaseShared {
     pub(crate) token: Token,
     pub(crate) fence: u64,
     /// The TTL each renewal asks for, in nanoseconds (8 bytes rather than a `Duration`'s 16:
-    /// leases come by the hundred thousand).
-    ttl_nanos: u64,
+    /// leases come by the hundred thousand). Changed only by the renewer's worker, after an
+    /// extend (see [`LeaseShared::set_ttl`]), which is also the only thread that reads it for
+    /// requests: so each request's TTL and validity match.
+    ttl_nanos: AtomicU64,
     /// How much of the TTL is trusted after each acquire or renewal: the backend's
-    /// [`DriftRule`](crate::DriftRule) applied once, at acquisition.
-    validity_nanos: u64,
+    /// [`DriftRule`](crate::DriftRule) applied once per TTL, at acquisition or extend.
+    validity_nanos: AtomicU64,
     /// The lease's place on the renewer's schedule.
     slot: Slot,
     /// The lease's place in the hand-off to the renewer, until the renewer takes it.
@@ -190,12 +196,13 @@ impl LeaseShared {
             key: key.into(),
             token,
             fence,
-            ttl_nanos: nanos(ttl),
-            validity_nanos: nanos(validity),
+            ttl_nanos: AtomicU64::new(nanos(ttl)),
+            validity_nanos: AtomicU64::new(nanos(validity)),
             slot: Slot::new(),
             handoff: HandoffSlot::new(),
             state: Mutex::new(LeaseState {
                 valid_until: saturating_add(sent_at, validity),
+                valid_since: sent_at,
                 phase: Phase::Held,
                 watchers: None,
             }),
@@ -203,11 +210,19 @@ impl LeaseShared {
     }
 
     pub(crate) fn ttl(&self) -> Duration {
-        Duration::from_nanos(self.ttl_nanos)
+        Duration::from_nanos(self.ttl_nanos.load(Ordering::Relaxed))
     }
 
     pub(crate) fn validity(&self) -> Duration {
-        Duration::from_nanos(self.validity_nanos)
+        Duration::from_nanos(self.validity_nanos.load(Ordering::Relaxed))
+    }
+
+    /// The TTL that renewals ask for from now on, and the validity it leaves. Called only by
+    /// the renewer's worker, once the backend has set this TTL, before its next call.
+    pub(crate) fn set_ttl(&self, ttl: Duration, validity: Duration) {
+        self.ttl_nanos.store(nanos(ttl), Ordering::Relaxed);
+        self.validity_nanos
+            .store(nanos(validity), Ordering::Relaxed);
     }
 
     pub(crate) fn valid_until(&self) -> Instant {
@@ -258,12 +273,19 @@ impl LeaseShared {
         valid_until
     }
 
-    /// A renewal sent at `sent_at` succeeded, and its answer came at `now`. Returns the new
-    /// end of validity, or `None` if the lease was lost or released meanwhile (then it must not
-    /// be renewed again). A late answer never shortens the validity.
+    /// A renewal (or an extend) sent at `sent_at`, whose TTL leaves `validity`, succeeded, and
+    /// its answer came at `now`. Returns the new end of validity, or `None` if the lease was
+    /// lost or released meanwhile (then it must not be renewed again).
+    ///
+    /// The validity counts from the latest request sent: the backend applies the renewer's
+    /// worker's calls in the order they are made, so the last one sent set the key's TTL. An
+    /// answer to a request sent before the one that set the validity confirms that the lease
+    /// is ours and changes nothing else: with one TTL, a late answer never shortens the
+    /// validity, and after an extend, an earlier renewal's answer never undoes it.
     pub(crate) fn renewed(
         &self,
         sent_at: Instant,
+        validity: Duration,
         now: Instant,
         hook: &dyn EventHook,
     ) -> Option<Instant> {
@@ -273,8 +295,10 @@ impl LeaseShared {
                 Report::Nothing => match state.phase {
                     Phase::Held | Phase::Suspect => {
                         state.phase = Phase::Held;
-                        let extended = saturating_add(sent_at, self.validity());
-                        state.valid_until = state.valid_until.max(extended);
+                        if sent_at >= state.valid_since {
+                            state.valid_since = sent_at;
+                            state.valid_until = saturating_add(sent_at, validity);
+                        }
                         Report::Renewed(state.valid_until)
                     }
                     Phase::Lost(_) | Phase::Released => Report::Nothing,

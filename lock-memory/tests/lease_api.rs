@@ -6,7 +6,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use lock_core::{
-    LockManager, LockManagerBuilder, LostReason, ManualClock, MAX_TTL, RENEWER_THREAD_NAME,
+    DriftRule, LockManager, LockManagerBuilder, LostReason, ManualClock, MAX_TTL, MIN_TTL,
+    RENEWER_THREAD_NAME,
 };
 use lock_memory::MemoryBackend;
 
@@ -374,4 +375,120 @@ fn many_acquires_and_releases_on_one_thread_keep_the_check_right() {
     }
     drop(held);
     assert!(manager.try_acquire("held-0", TTL).unwrap().is_some());
+}
+
+#[test]
+fn extend_replaces_the_ttl_and_the_renewer_follows_it() {
+    let (manager, backend, clock) = virtual_manager();
+    let lease = manager.acquire("k", TTL).unwrap();
+    clock.advance(Duration::from_secs(5));
+    let long = Duration::from_secs(600);
+    let sent_at = clock.now();
+    lease.extend(long).unwrap();
+    assert_eq!(lease.ttl(), long);
+    let validity = DriftRule::DEFAULT.validity(long).unwrap();
+    assert_eq!(
+        lease.valid_until(),
+        sent_at + validity,
+        "the drift rule of renewals"
+    );
+    assert_eq!(manager.inspect("k").unwrap().remaining(), Some(long));
+    let renewed = manager.stats().renewals.ok;
+    assert_eq!(renewed, 1, "an extend counts as a renewal");
+
+    // Next renewal: a third of the new validity after the extend, not of the old one.
+    clock.advance(validity / 3 - Duration::from_millis(1));
+    manager.settle();
+    assert_eq!(manager.stats().renewals.ok, renewed, "not due yet");
+    assert_eq!(
+        manager.inspect("k").unwrap().remaining(),
+        Some(long - (validity / 3 - Duration::from_millis(1)))
+    );
+    clock.advance(Duration::from_millis(1));
+    manager.settle();
+    assert_eq!(manager.stats().renewals.ok, renewed + 1);
+    assert_eq!(
+        manager.inspect("k").unwrap().remaining(),
+        Some(long),
+        "renewed with the new TTL"
+    );
+
+    // Shorter: the validity shrinks at once, and the key frees itself after the new TTL.
+    let short = Duration::from_secs(2);
+    let sent_at = clock.now();
+    lease.extend(short).unwrap();
+    assert_eq!(
+        lease.valid_until(),
+        sent_at + DriftRule::DEFAULT.validity(short).unwrap()
+    );
+    backend.set_unreachable(true);
+    clock.advance(short);
+    manager.settle();
+    assert!(!lease.is_held());
+    backend.set_unreachable(false);
+    assert!(!backend.is_locked("k"), "expired after the shorter TTL");
+    assert!(matches!(lease.lost().try_recv(), Ok(LostReason::Expired)));
+}
+
+#[test]
+fn extend_of_a_lease_that_is_gone_reports_the_loss_once() {
+    let (manager, backend, _clock) = virtual_manager();
+    let calls = Calls::default();
+    let lease = manager.acquire("k", TTL).unwrap();
+    lease.on_lost(calls.callback("lost"));
+    backend.revoke("k");
+    let error = lease.extend(TTL).unwrap_err();
+    assert!(
+        matches!(error.lost_reason(), Some(LostReason::TakenOver)),
+        "{error}"
+    );
+    assert!(
+        !backend.is_locked("k"),
+        "the extend did not bring the key back"
+    );
+    assert_eq!(calls.names(), ["lost"]);
+    assert!(lease.extend(TTL).unwrap_err().is_lost(), "lost for good");
+    assert!(lease.release().unwrap_err().is_lost());
+    let stats = manager.stats();
+    assert_eq!(stats.losses.total(), 1);
+    assert_eq!(stats.releases, 0);
+    assert_eq!(calls.names().len(), 1);
+}
+
+#[test]
+fn extend_refuses_bad_ttls_and_survives_an_unreachable_backend() {
+    let (manager, backend, clock) = virtual_manager();
+    let lease = manager.acquire("k", TTL).unwrap();
+    let valid_until = lease.valid_until();
+    for ttl in [
+        Duration::ZERO,
+        Duration::from_millis(2),
+        MAX_TTL + Duration::from_millis(1),
+    ] {
+        let error = lease.extend(ttl).unwrap_err();
+        assert!(error.is_invalid_input(), "{ttl:?}: {error}");
+    }
+    lease.extend(MIN_TTL).unwrap();
+    lease.extend(MAX_TTL).unwrap();
+    lease.extend(TTL).unwrap();
+    backend.set_unreachable(true);
+    let error = lease.extend(Duration::from_secs(600)).unwrap_err();
+    assert!(error.is_transient(), "{error}");
+    assert!(lease.is_held());
+    assert_eq!(lease.ttl(), TTL, "a failed extend changes nothing");
+    backend.set_unreachable(false);
+    clock.advance(TTL / 3);
+    manager.settle();
+    assert!(
+        lease.valid_until() > valid_until,
+        "still renewed in the background"
+    );
+    // Past its validity, an extend sends nothing and says it is lost.
+    backend.set_unreachable(true);
+    clock.advance(TTL * 2);
+    let error = lease.extend(TTL).unwrap_err();
+    assert!(
+        matches!(error.lost_reason(), Some(LostReason::Expired)),
+        "{error}"
+    );
 }
