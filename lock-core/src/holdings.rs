@@ -1,59 +1,52 @@
-//! Which leases each thread acquired: what lets a thread's second acquire of a key it holds
+//! Which thread acquired each lease: what lets a thread's second acquire of a key it holds
 //! fail at once ([`Error::AlreadyHeld`](crate::Error::AlreadyHeld)) instead of waiting for
 //! itself.
 //!
-//! A thread-local list, so that recording a grant takes no lock and touches no shared cache
-//! line: one weak reference pushed per grant, nothing at release. It is read only after an
-//! attempt found the key held, which an uncontended acquire never does. Entries of leases
-//! gone are pruned when the list would grow, so it stays within twice the thread's live
-//! leases.
+//! The hot path only counts: a grant stamps the lease with this thread's number and adds one to
+//! a thread-local count, and a release on the same thread takes one off (no lock, no shared
+//! cache line, no allocation). Only when an attempt found the key held, and this thread's count
+//! says it may hold some lease, does the manager look for the key among its leases (the renewer
+//! answers, see [`Command::HeldBy`](crate::renewer::Command::HeldBy)).
 
-use std::cell::RefCell;
-use std::sync::{Arc, Weak};
-use std::time::Instant;
-
-use crate::state::LeaseShared;
-
-/// One lease acquired on this thread, and the manager it was acquired through (the address of
-/// its shared state: a live lease keeps its manager alive, so no other manager has it).
-type Holding = (usize, Weak<LeaseShared>);
+use std::cell::Cell;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 thread_local! {
-    static HOLDINGS: RefCell<Vec<Holding>> = const { RefCell::new(Vec::new()) };
+    /// This thread's number; zero until first asked.
+    static THREAD: Cell<u64> = const { Cell::new(0) };
+    /// Leases this thread acquired and has not released itself: at least as many as it holds.
+    static ACQUIRED: Cell<u64> = const { Cell::new(0) };
 }
 
-/// The fewest entries the list holds before it prunes.
-const MIN_CAPACITY: usize = 8;
+/// The number of the next thread to ask for one.
+static NEXT_THREAD: AtomicU64 = AtomicU64::new(1);
 
-/// Records that this thread acquired `lease` through manager `manager`.
-pub(crate) fn record(manager: usize, lease: &Arc<LeaseShared>) {
-    // A thread that is exiting has no list any more: it cannot acquire again either.
-    let _ = HOLDINGS.try_with(|holdings| {
-        let mut holdings = holdings.borrow_mut();
-        if holdings.len() == holdings.capacity() {
-            // Full: prune the leases gone (released or lost, and dropped) before growing.
-            holdings.retain(|(_, lease)| lease.strong_count() > 0);
-            if holdings.capacity() < MIN_CAPACITY {
-                holdings.reserve_exact(MIN_CAPACITY);
-            } else if holdings.len() >= holdings.capacity() / 2 {
-                holdings.reserve(1); // doubles: pruning again soon would not pay
+/// This thread's number: unique in the process, never zero.
+pub(crate) fn this_thread() -> u64 {
+    THREAD
+        .try_with(|number| {
+            if number.get() == 0 {
+                number.set(NEXT_THREAD.fetch_add(1, Ordering::Relaxed));
             }
-        }
-        holdings.push((manager, Arc::downgrade(lease)));
-    });
+            number.get()
+        })
+        // A thread that is exiting: a number no lease carries.
+        .unwrap_or(u64::MAX)
 }
 
-/// Whether this thread holds `key` through manager `manager` at `now`: a lease it acquired,
-/// neither released nor lost nor past its validity.
-pub(crate) fn holds(manager: usize, key: &str, now: Instant) -> bool {
-    HOLDINGS
-        .try_with(|holdings| {
-            holdings.borrow().iter().any(|(owner, lease)| {
-                *owner == manager
-                    && lease
-                        .upgrade()
-                        .is_some_and(|lease| &*lease.key == key && lease.is_valid_at(now))
-            })
-        })
-        .unwrap_or(false)
+/// This thread acquired a lease (stamped with [`this_thread`]).
+pub(crate) fn acquired() {
+    let _ = ACQUIRED.try_with(|count| count.set(count.get().saturating_add(1)));
+}
+
+/// A lease stamped `holder` is being released on this thread.
+pub(crate) fn released(holder: u64) {
+    if holder == this_thread() {
+        let _ = ACQUIRED.try_with(|count| count.set(count.get().saturating_sub(1)));
+    }
+}
+
+/// Whether this thread may hold any lease: false means it holds none, through any manager.
+pub(crate) fn may_hold_any() -> bool {
+    ACQUIRED.try_with(|count| count.get() > 0).unwrap_or(false)
 }

@@ -217,7 +217,8 @@ impl Lease {
     ///   [`release`](Lease::release) finds the loss first. It runs after the
     ///   [`Lost`](crate::LeaseEvent::Lost) event and the [`lost`](Lease::lost) message.
     /// - It runs at once, on this thread, if the lease is lost already.
-    /// - It never runs if the lease is released first (it is dropped then).
+    /// - It never runs if the lease is released first: it is dropped with the lease's state,
+    ///   at the release or when the renewer next wakes up and forgets the lease.
     /// - Every callback registered runs, in the order registered; a panic in one is caught and
     ///   logged.
     ///

@@ -296,6 +296,7 @@ impl LockManager {
     }
 
     /// [`try_acquire`](LockManager::try_acquire), leaving a refusal uncounted.
+    #[inline]
     fn try_acquire_uncounted(&self, key: &str, ttl: Duration) -> Result<Option<Lease>, Error> {
         let validity = self.validate(key, ttl)?;
         let token = Token::random();
@@ -320,10 +321,13 @@ impl LockManager {
     /// included: a thread's second acquire of a key it already holds through this manager fails
     /// at once with [`Error::AlreadyHeld`] (rather than waiting its whole wait for itself);
     /// pass the first [`Lease`] down instead. Other threads, even through this manager, wait
-    /// for the holder as for any other. The check looks only at the leases this thread
-    /// acquired, and only once an attempt found the key held, so it costs an uncontended
-    /// acquire nothing. A lease acquired on this thread and moved to another still counts as
-    /// this thread's.
+    /// for the holder as for any other. A lease acquired on this thread and moved to another
+    /// still counts as this thread's.
+    ///
+    /// What the check costs: each grant notes its thread (a thread-local count, no lock), and
+    /// only when an attempt finds the key held, by a thread that holds some lease, does the
+    /// manager look for the key among its leases (a message to its renewer thread, which scans
+    /// them): an uncontended acquire, or a waiter that holds nothing, pays nothing more.
     ///
     /// ```
     /// use std::time::Duration;
@@ -675,7 +679,8 @@ impl LockManager {
             AcquireOutcome::Acquired { fence } => fence,
             AcquireOutcome::Held { remaining } => return Ok(Attempt::Held { remaining }),
         };
-        let mut lease = LeaseShared::new(key, token, fence, ttl, validity, sent_at);
+        let holder = holdings::this_thread();
+        let mut lease = LeaseShared::new(key, holder, token, fence, ttl, validity, sent_at);
         let valid_until = lease.valid_until_unshared();
         let lease = Arc::new(lease);
         if shared.clock.now() >= valid_until {
@@ -686,7 +691,7 @@ impl LockManager {
             )));
         }
         let due = renewal_due(self.config.renew_fraction, sent_at, validity, valid_until);
-        holdings::record(self.id(), &lease);
+        holdings::acquired();
         shared.mailbox.track(lease.clone(), due);
         shared.hook.on_event(&LeaseEvent::Acquired {
             key,
@@ -699,17 +704,12 @@ impl LockManager {
     /// [`Error::AlreadyHeld`] if this thread holds `key` through this manager: called once an
     /// attempt found the key held, so the uncontended path never pays for it.
     fn refuse_if_held_here(&self, key: &str) -> Result<(), Error> {
-        if holdings::holds(self.id(), key, self.shared.clock.now()) {
+        if holdings::may_hold_any() && self.shared.held_by(key, holdings::this_thread()) {
             return Err(Error::AlreadyHeld {
                 key: key.to_owned(),
             });
         }
         Ok(())
-    }
-
-    /// This manager's identity among live managers: the address of its shared state.
-    fn id(&self) -> usize {
-        Arc::as_ptr(&self.shared) as usize
     }
 
     /// Gives back, best effort, a key that an attempt with an unknown outcome may have taken

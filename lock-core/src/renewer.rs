@@ -42,6 +42,13 @@ pub(crate) enum Command {
     Extended(Extension, Instant, Result<Ownership, BackendError>),
     /// The worker has tried a clean-up: `Some` when it failed and may be tried again.
     CleanedUp(Option<CleanUp>),
+    /// Answer whether `key` is held by a lease of this manager stamped `holder`, neither
+    /// released nor lost nor past its validity: once the leases handed off before are taken.
+    HeldBy {
+        key: Box<str>,
+        holder: u64,
+        reply: Sender<bool>,
+    },
     /// Reply once every earlier command is applied, every lease due now has been handled (its
     /// renewal answered), and every clean-up asked for is done.
     Settle(Sender<()>),
@@ -159,7 +166,7 @@ fn work(backend: &dyn LeaseBackend, clock: &Clock, jobs: &Receiver<Job>, mailbox
                 let result = extend(backend, &extension);
                 if let Ok(Ownership::Owned) = result {
                     // Before the next call: every renewal from now on asks for the new TTL.
-                    extension.lease.set_ttl(extension.ttl, extension.validity);
+                    extension.lease.set_ttl(extension.ttl);
                 }
                 Command::Extended(extension, sent_at, result)
             }
@@ -218,8 +225,12 @@ fn renew(backend: &dyn LeaseBackend, batch: Batch) -> Answer {
             ttl: lease.ttl(),
         })
         .collect();
-    // Read on this thread, which alone changes a lease's TTL: each matches its request's.
-    let validities = batch.leases.iter().map(|lease| lease.validity()).collect();
+    // On this thread, which alone changes a lease's TTL: each matches its request's.
+    let drift = backend.drift();
+    let validities = requests
+        .iter()
+        .map(|request| drift.validity(request.ttl).unwrap_or_default())
+        .collect();
     let results = backend.renew_batch(&requests, batch.timeout);
     Answer {
         leases: batch.leases,
@@ -397,6 +408,7 @@ impl Renewer {
     fn run(mut self, inbox: &Inbox) {
         let mut settled = Vec::new();
         let mut new_leases = Vec::new();
+        let mut held_by = Vec::new();
         loop {
             for command in inbox.commands.try_iter() {
                 match command {
@@ -435,6 +447,7 @@ impl Renewer {
                         }
                     }
                     Command::Settle(reply) => settled.push(reply),
+                    Command::HeldBy { key, holder, reply } => held_by.push((key, holder, reply)),
                     Command::Shutdown => return,
                 }
             }
@@ -443,6 +456,15 @@ impl Renewer {
             inbox.shared.new_leases.take_all(&mut new_leases);
             for (lease, due) in new_leases.drain(..) {
                 self.schedule.track(lease, due);
+            }
+            if !held_by.is_empty() {
+                let now = self.clock.now();
+                for (key, holder, reply) in held_by.drain(..) {
+                    let held = self.schedule.items().any(|lease| {
+                        lease.holder == holder && lease.key == key && lease.is_valid_at(now)
+                    });
+                    let _ = reply.send(held);
+                }
             }
             self.send_due();
             self.retry_clean_ups();
@@ -614,12 +636,8 @@ impl Renewer {
             match result {
                 Ok(Ownership::Owned) => {
                     if let Some(valid_until) = lease.renewed(answer.sent_at, validity, now, hook) {
-                        let due = renewal_due(
-                            self.renew_fraction,
-                            answer.sent_at,
-                            lease.validity(),
-                            valid_until,
-                        );
+                        let due =
+                            renewal_due(self.renew_fraction, answer.sent_at, validity, valid_until);
                         self.schedule.track(lease, due);
                     }
                 }
@@ -634,7 +652,7 @@ impl Renewer {
                         error: &error,
                     });
                     if let Some(valid_until) = lease.renewal_failed(now, hook) {
-                        let due = retry_due(now, lease.validity(), valid_until);
+                        let due = retry_due(now, validity, valid_until);
                         self.schedule.track(lease, due);
                     }
                 }

@@ -8,6 +8,7 @@ use std::time::Duration;
 use parking_lot::Mutex;
 
 use crate::event::{EventHook, LeaseEvent};
+use crate::holdings;
 use crate::renewer::{Command, Extension, Mailbox, Wake};
 use crate::state::{BeforeRelease, LeaseShared};
 use crate::stats::Counters;
@@ -38,6 +39,7 @@ impl ManagerShared {
             BeforeRelease::Held => None,
             BeforeRelease::Lost(reason) => Some(reason),
         };
+        holdings::released(lease.holder);
         // Untrack before the delete: the renewer drops the lease, and a renewal already in flight
         // cannot revive the key, because renewals only extend a key that holds our token.
         self.mailbox.untrack(lease);
@@ -62,7 +64,6 @@ impl ManagerShared {
             // Reported when it was found; the key is someone else's or gone.
             (Some(reason), _) => Err(lost_error(reason)),
             (None, Ok(Ownership::Owned)) => {
-                lease.drop_loss_callbacks();
                 released();
                 Ok(())
             }
@@ -72,7 +73,6 @@ impl ManagerShared {
             }
             // Unknown or refused: no loss. The key is gone, or expires after its TTL.
             (None, Err(error)) => {
-                lease.drop_loss_callbacks();
                 released();
                 Err(error.into())
             }
@@ -81,6 +81,31 @@ impl ManagerShared {
 }
 
 impl ManagerShared {
+    /// Whether `key` is held, at the clock's current time, by a lease of this manager that
+    /// thread `holder` acquired: asks the renewer, which knows every tracked lease. `false` on
+    /// the renewer's own thread (a loss callback or event hook that acquires), which cannot
+    /// wait for itself.
+    pub(crate) fn held_by(&self, key: &str, holder: u64) -> bool {
+        let on_renewer = self
+            .renewer
+            .lock()
+            .as_ref()
+            .is_some_and(|renewer| renewer.thread().id() == std::thread::current().id());
+        if on_renewer {
+            return false;
+        }
+        let (reply, answer) = crossbeam_channel::bounded(1);
+        self.mailbox.send(
+            Command::HeldBy {
+                key: key.into(),
+                holder,
+                reply,
+            },
+            Wake::Now,
+        );
+        answer.recv().unwrap_or(false)
+    }
+
     /// Renews `lease` at once with `ttl` (leaving `validity`), through the renewer's worker so
     /// that the call is ordered after every renewal of the lease sent before it; waits for the
     /// backend's answer, applied to the lease and its schedule. See

@@ -87,15 +87,17 @@ impl TokenText {
 enum Phase {
     Held,
     Suspect,
-    Lost(LostReason),
+    /// Boxed: a loss is rare, and every lease's state is 8 bytes smaller for it.
+    Lost(Box<LostReason>),
     Released,
 }
 
 struct LeaseState {
     valid_until: Instant,
-    /// When the request that set `valid_until` was sent: only the answer to a request sent
-    /// later may move it (see [`LeaseShared::renewed`]).
-    valid_since: Instant,
+    /// The validity of the request that set `valid_until`, in nanoseconds: that request was
+    /// sent at `valid_until - valid_for`, and only the answer to a request sent later may
+    /// move it (see [`LeaseShared::renewed`]).
+    valid_for_nanos: u64,
     phase: Phase,
     /// Created on the first call to [`LeaseShared::lost_receiver`] or
     /// [`LeaseShared::on_lost`], so leases nobody watches stay small.
@@ -148,16 +150,16 @@ enum Report {
 /// The shared part of one lease.
 pub(crate) struct LeaseShared {
     pub(crate) key: Box<str>,
+    /// The number of the thread that acquired it (see [`holdings`](crate::holdings)).
+    pub(crate) holder: u64,
     pub(crate) token: Token,
     pub(crate) fence: u64,
     /// The TTL each renewal asks for, in nanoseconds (8 bytes rather than a `Duration`'s 16:
     /// leases come by the hundred thousand). Changed only by the renewer's worker, after an
     /// extend (see [`LeaseShared::set_ttl`]), which is also the only thread that reads it for
-    /// requests: so each request's TTL and validity match.
+    /// requests, with the validity the backend's drift rule leaves of it: so each request's
+    /// TTL and validity match.
     ttl_nanos: AtomicU64,
-    /// How much of the TTL is trusted after each acquire or renewal: the backend's
-    /// [`DriftRule`](crate::DriftRule) applied once per TTL, at acquisition or extend.
-    validity_nanos: AtomicU64,
     /// The lease's place on the renewer's schedule.
     slot: Slot,
     /// The lease's place in the hand-off to the renewer, until the renewer takes it.
@@ -186,6 +188,7 @@ impl LeaseShared {
     /// A held lease, granted by a request sent at `sent_at`, trusted for `validity` from then.
     pub(crate) fn new(
         key: &str,
+        holder: u64,
         token: Token,
         fence: u64,
         ttl: Duration,
@@ -194,15 +197,15 @@ impl LeaseShared {
     ) -> LeaseShared {
         LeaseShared {
             key: key.into(),
+            holder,
             token,
             fence,
             ttl_nanos: AtomicU64::new(nanos(ttl)),
-            validity_nanos: AtomicU64::new(nanos(validity)),
             slot: Slot::new(),
             handoff: HandoffSlot::new(),
             state: Mutex::new(LeaseState {
                 valid_until: saturating_add(sent_at, validity),
-                valid_since: sent_at,
+                valid_for_nanos: nanos(validity),
                 phase: Phase::Held,
                 watchers: None,
             }),
@@ -213,16 +216,10 @@ impl LeaseShared {
         Duration::from_nanos(self.ttl_nanos.load(Ordering::Relaxed))
     }
 
-    pub(crate) fn validity(&self) -> Duration {
-        Duration::from_nanos(self.validity_nanos.load(Ordering::Relaxed))
-    }
-
-    /// The TTL that renewals ask for from now on, and the validity it leaves. Called only by
-    /// the renewer's worker, once the backend has set this TTL, before its next call.
-    pub(crate) fn set_ttl(&self, ttl: Duration, validity: Duration) {
+    /// The TTL that renewals ask for from now on. Called only by the renewer's worker, once
+    /// the backend has set this TTL, before its next call.
+    pub(crate) fn set_ttl(&self, ttl: Duration) {
         self.ttl_nanos.store(nanos(ttl), Ordering::Relaxed);
-        self.validity_nanos
-            .store(nanos(validity), Ordering::Relaxed);
     }
 
     pub(crate) fn valid_until(&self) -> Instant {
@@ -249,7 +246,7 @@ impl LeaseShared {
             let status = match &state.phase {
                 Phase::Held => LeaseStatus::Held,
                 Phase::Suspect => LeaseStatus::Suspect,
-                Phase::Lost(reason) => LeaseStatus::Lost(reason.clone()),
+                Phase::Lost(reason) => LeaseStatus::Lost((**reason).clone()),
                 // No guard is left to ask; the renewer only needs "not held".
                 Phase::Released => LeaseStatus::Lost(LostReason::TakenOver),
             };
@@ -295,8 +292,12 @@ impl LeaseShared {
                 Report::Nothing => match state.phase {
                     Phase::Held | Phase::Suspect => {
                         state.phase = Phase::Held;
-                        if sent_at >= state.valid_since {
-                            state.valid_since = sent_at;
+                        let valid_since = state
+                            .valid_until
+                            .checked_sub(Duration::from_nanos(state.valid_for_nanos))
+                            .unwrap_or(state.valid_until);
+                        if sent_at >= valid_since {
+                            state.valid_for_nanos = nanos(validity);
                             state.valid_until = saturating_add(sent_at, validity);
                         }
                         Report::Renewed(state.valid_until)
@@ -356,7 +357,7 @@ impl LeaseShared {
             let report = expire_locked(&mut state, now);
             let before = match std::mem::replace(&mut state.phase, Phase::Released) {
                 Phase::Held | Phase::Suspect => BeforeRelease::Held,
-                Phase::Lost(reason) => BeforeRelease::Lost(reason),
+                Phase::Lost(reason) => BeforeRelease::Lost(*reason),
                 Phase::Released => BeforeRelease::Released,
             };
             (report, before)
@@ -378,14 +379,6 @@ impl LeaseShared {
         self.report(Report::Lost(reason, callbacks), hook);
     }
 
-    /// The release ended without a loss: the loss callbacks will never run, so they are
-    /// dropped now rather than with the last handle on the lease.
-    pub(crate) fn drop_loss_callbacks(&self) {
-        if let Some(watchers) = &mut self.state.lock().watchers {
-            watchers.callbacks = Vec::new();
-        }
-    }
-
     /// The receiver of this lease's loss: one channel per lease, made on first use.
     pub(crate) fn lost_receiver(&self) -> Receiver<LostReason> {
         let mut state = self.state.lock();
@@ -396,7 +389,7 @@ impl LeaseShared {
         }
         let (sender, receiver) = crossbeam_channel::bounded(1);
         if let Phase::Lost(reason) = &state.phase {
-            let _ = sender.try_send(reason.clone());
+            let _ = sender.try_send((**reason).clone());
         }
         watchers.channel = Some((sender, receiver.clone()));
         receiver
@@ -415,7 +408,7 @@ impl LeaseShared {
                     watchers.callbacks.push(callback);
                     None
                 }
-                Phase::Lost(reason) => Some((reason.clone(), callback)),
+                Phase::Lost(reason) => Some(((**reason).clone(), callback)),
                 Phase::Released => None,
             };
             (report, run_now)
@@ -468,7 +461,7 @@ fn lose_locked(state: &mut LeaseState, reason: LostReason) -> Report {
     if matches!(state.phase, Phase::Lost(_) | Phase::Released) {
         return Report::Nothing;
     }
-    state.phase = Phase::Lost(reason.clone());
+    state.phase = Phase::Lost(Box::new(reason.clone()));
     let callbacks = match &mut state.watchers {
         Some(watchers) => watchers.lost(&reason),
         None => Vec::new(),
