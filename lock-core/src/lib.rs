@@ -11,12 +11,20 @@
 //! - A [`LockManager`] acquires leases on a backend: [`try_acquire`](LockManager::try_acquire)
 //!   (one attempt), [`acquire`](LockManager::acquire) and
 //!   [`acquire_timeout`](LockManager::acquire_timeout) (wait with backoff), and
-//!   [`with_lease`](LockManager::with_lease) (run a closure under a lease).
+//!   [`with_lease`](LockManager::with_lease) (run a closure under a lease;
+//!   [`with_lease_outcome`](LockManager::with_lease_outcome) keeps the closure's value when
+//!   the lease was lost meanwhile). The `*_default` forms
+//!   ([`acquire_default`](LockManager::acquire_default) and others) take the builder's
+//!   [`default_ttl`](LockManagerBuilder::default_ttl) and
+//!   [`default_wait`](LockManagerBuilder::default_wait); [`stats`](LockManager::stats) says
+//!   what the manager has done.
 //! - A [`Lease`] is a guard: renewed in the background at about a third of its TTL, released on
-//!   [`release`](Lease::release) or drop.
+//!   [`release`](Lease::release) or drop; [`extend`](Lease::extend) renews it at once with a
+//!   new TTL.
 //! - Loss: when renewals fail until the lease's validity ends, or the backend says the key is no
 //!   longer ours, the lease is **lost**, exactly once: [`Lease::is_held`] turns false,
-//!   [`Lease::lost`] receives a [`LostReason`], and the [`EventHook`] hears of it.
+//!   [`Lease::lost`] receives a [`LostReason`], the callbacks given to [`Lease::on_lost`] run,
+//!   and the [`EventHook`] hears of it.
 //! - Fencing: every lease has a [`fence`](Lease::fence), strictly increasing per key. A
 //!   resource that refuses writes with a lower fence than it has seen is safe even from a holder
 //!   that lost its lease without knowing it.

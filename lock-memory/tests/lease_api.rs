@@ -101,9 +101,12 @@ fn with_lease_outcome_reports_a_loss_found_by_the_release() {
     assert!(error.is_lost());
 }
 
-/// Records the loss callbacks that ran: which, with what reason, on which thread.
+/// A loss callback that ran: its name, the reason it got, and its thread's name.
+type Call = (&'static str, LostReason, Option<String>);
+
+/// Records the loss callbacks that ran.
 #[derive(Clone, Default)]
-struct Calls(Arc<Mutex<Vec<(&'static str, LostReason, Option<String>)>>>);
+struct Calls(Arc<Mutex<Vec<Call>>>);
 
 impl Calls {
     fn callback(&self, name: &'static str) -> impl FnOnce(LostReason) + Send + 'static {
