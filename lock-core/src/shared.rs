@@ -78,9 +78,7 @@ impl ManagerShared {
             }
         }
     }
-}
 
-impl ManagerShared {
     /// Whether `key` is held, at the clock's current time, by a lease of this manager that
     /// thread `holder` acquired: asks the renewer, which knows every tracked lease. `false` on
     /// the renewer's own thread (a loss callback or event hook that acquires), which cannot
