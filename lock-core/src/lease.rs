@@ -120,6 +120,10 @@ impl Lease {
     /// assert!(lease.ensure_held().unwrap_err().is_lost());
     /// # Ok::<(), lock_core::Error>(())
     /// ```
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Lost`], with the reason, once the lease is lost.
     pub fn ensure_held(&self) -> Result<(), Error> {
         match self.status() {
             LeaseStatus::Held | LeaseStatus::Suspect => Ok(()),
@@ -278,6 +282,10 @@ impl Lease {
     /// A lease that was already lost is released best effort, within
     /// [`CLEANUP_TIMEOUT`](crate::CLEANUP_TIMEOUT), so a caller reacting to the loss is not
     /// held up by a server that no longer answers.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Lost`] and [`Error::Backend`], as above.
     pub fn release(mut self) -> Result<(), Error> {
         self.released = true;
         self.manager.release(&self.shared)

@@ -285,6 +285,12 @@ impl LockManager {
     ///
     /// Leases are not re-entrant: see [`acquire`](LockManager::acquire). Here, a key this
     /// thread holds through this manager is [`Error::AlreadyHeld`], not `Ok(None)`.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::InvalidKey`] or [`Error::InvalidTtl`] for bad input (nothing is sent),
+    /// [`Error::AlreadyHeld`] for a key this thread holds, [`Error::Backend`] when the attempt
+    /// failed (transient or permanent).
     pub fn try_acquire(&self, key: &str, ttl: Duration) -> Result<Option<Lease>, Error> {
         let result = self.try_acquire_uncounted(key, ttl);
         match &result {
@@ -361,6 +367,14 @@ impl LockManager {
     /// the backend announces the key's release. An acquire that gives up after an attempt whose
     /// outcome is unknown gives the key back, best effort, with its token: the renewer's worker
     /// releases it in the background, with the backend's own timeouts.
+    ///
+    /// # Errors
+    ///
+    /// - [`Error::Timeout`] when `wait` ran out: the key stayed held by another holder, or the
+    ///   backend kept failing transiently (then the error's source).
+    /// - [`Error::AlreadyHeld`] at once, for a key this thread holds through this manager.
+    /// - [`Error::InvalidKey`] or [`Error::InvalidTtl`] for bad input (nothing is sent).
+    /// - [`Error::Backend`] for a permanent backend error (retrying cannot help).
     pub fn acquire_timeout(
         &self,
         key: &str,
