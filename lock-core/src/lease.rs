@@ -199,11 +199,12 @@ impl Lease {
     ///   every path.
     /// - [`Error::Backend`] (transient) if the backend could not answer within what is left of
     ///   the lease's validity: the lease keeps its TTL and its background renewals, and the
-    ///   call may be retried.
+    ///   call may be retried. A permanent one, and nothing sent, when called on the renewer
+    ///   thread (from an event hook), which would wait for itself.
     pub fn extend(&self, ttl: Duration) -> Result<(), Error> {
         let validity = validate_ttl(ttl, self.manager.backend.drift())?;
         self.ensure_held()?;
-        match self.manager.extend(&self.shared, ttl, validity) {
+        match self.manager.extend(&self.shared, ttl, validity)? {
             Err(error) if error.is_transient() => Err(Error::Backend(error)),
             // Applied, or found lost (and reported) by the renewer.
             _ => self.ensure_held(),

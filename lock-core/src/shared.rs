@@ -79,17 +79,21 @@ impl ManagerShared {
         }
     }
 
+    /// Whether this is the renewer's thread (a loss callback or an event hook runs there): a
+    /// call that waits for the renewer must not wait there.
+    fn on_renewer_thread(&self) -> bool {
+        self.renewer
+            .lock()
+            .as_ref()
+            .is_some_and(|renewer| renewer.thread().id() == std::thread::current().id())
+    }
+
     /// Whether `key` is held, at the clock's current time, by a lease of this manager that
     /// thread `holder` acquired: asks the renewer, which knows every tracked lease. `false` on
     /// the renewer's own thread (a loss callback or event hook that acquires), which cannot
     /// wait for itself.
     pub(crate) fn held_by(&self, key: &str, holder: u64) -> bool {
-        let on_renewer = self
-            .renewer
-            .lock()
-            .as_ref()
-            .is_some_and(|renewer| renewer.thread().id() == std::thread::current().id());
-        if on_renewer {
+        if self.on_renewer_thread() {
             return false;
         }
         let (reply, answer) = crossbeam_channel::bounded(1);
@@ -106,14 +110,19 @@ impl ManagerShared {
 
     /// Renews `lease` at once with `ttl` (leaving `validity`), through the renewer's worker so
     /// that the call is ordered after every renewal of the lease sent before it; waits for the
-    /// backend's answer, applied to the lease and its schedule. See
+    /// backend's answer, applied to the lease and its schedule. `Err` when nothing was sent. See
     /// [`Lease::extend`](crate::Lease::extend).
     pub(crate) fn extend(
         &self,
         lease: &Arc<LeaseShared>,
         ttl: Duration,
         validity: Duration,
-    ) -> Result<Ownership, BackendError> {
+    ) -> Result<Result<Ownership, BackendError>, Error> {
+        if self.on_renewer_thread() {
+            return Err(Error::Backend(BackendError::permanent(
+                "Lease::extend cannot run on the renewer thread (in a loss callback or an event hook): it would wait for itself",
+            )));
+        }
         let timeout = lease
             .valid_until()
             .saturating_duration_since(self.clock.now());
@@ -128,9 +137,9 @@ impl ManagerShared {
             }),
             Wake::Now,
         );
-        answer
+        Ok(answer
             .recv()
-            .unwrap_or_else(|_| Err(BackendError::transient("the renewer has stopped")))
+            .unwrap_or_else(|_| Err(BackendError::transient("the renewer has stopped"))))
     }
 }
 

@@ -2,12 +2,12 @@
 //! keep the closure's value, loss callbacks, extending by hand, re-entrancy and statistics.
 #![allow(clippy::unwrap_used)] // test helpers: a failed setup is a failed test
 
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use lock_core::{
-    DriftRule, LockManager, LockManagerBuilder, LostReason, ManualClock, MAX_TTL, MIN_TTL,
-    RENEWER_THREAD_NAME,
+    DriftRule, Lease, LeaseEvent, LockManager, LockManagerBuilder, LostReason, ManualClock,
+    MAX_TTL, MIN_TTL, RENEWER_THREAD_NAME,
 };
 use lock_memory::MemoryBackend;
 
@@ -495,4 +495,39 @@ fn extend_refuses_bad_ttls_and_survives_an_unreachable_backend() {
         matches!(error.lost_reason(), Some(LostReason::Expired)),
         "{error}"
     );
+}
+
+#[test]
+fn extend_on_the_renewer_thread_is_refused_instead_of_waiting_for_itself() {
+    let clock = ManualClock::new();
+    let backend = MemoryBackend::with_clock(clock.clone());
+    let shared: Arc<OnceLock<Lease>> = Arc::new(OnceLock::new());
+    let errors = Arc::new(Mutex::new(Vec::new()));
+    let manager = LockManager::builder(backend)
+        .clock(clock.clone())
+        .event_hook({
+            let (shared, errors) = (shared.clone(), errors.clone());
+            move |event: &LeaseEvent<'_>| {
+                if let (LeaseEvent::Renewed { .. }, Some(lease)) = (event, shared.get()) {
+                    let result = lease.extend(TTL);
+                    // The error prints its kind; its source says why.
+                    let cause = result.map_err(|error| {
+                        let source = std::error::Error::source(&error).map(ToString::to_string);
+                        (error.is_transient(), source.unwrap_or_default())
+                    });
+                    errors.lock().unwrap().push(cause);
+                }
+            }
+        })
+        .build()
+        .unwrap();
+    let lease = manager.acquire("k", TTL).unwrap();
+    assert!(shared.set(lease).is_ok());
+    clock.advance(TTL / 3);
+    manager.settle(); // renewed: the hook runs on the renewer thread, and must not hang it
+    let errors = errors.lock().unwrap().clone();
+    assert_eq!(errors.len(), 1);
+    let (transient, cause) = errors[0].as_ref().unwrap_err();
+    assert!(!transient && cause.contains("renewer thread"), "{cause}");
+    assert!(shared.get().unwrap().is_held());
 }
