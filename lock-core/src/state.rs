@@ -483,6 +483,25 @@ mod tests {
     use super::*;
 
     #[test]
+    fn the_validity_follows_the_latest_request_sent_whatever_the_order_of_answers() {
+        let hook = crate::NoopHook;
+        let start = Instant::now();
+        let at = |secs| start + Duration::from_secs(secs);
+        let (short, long) = (Duration::from_secs(10), Duration::from_secs(100));
+        let lease = LeaseShared::new("k", 1, Token::random(), 1, short, short, at(0));
+        assert_eq!(lease.valid_until(), at(10));
+        // An extend sent at 2 s to a long TTL...
+        assert_eq!(lease.renewed(at(2), long, at(3), &hook), Some(at(102)));
+        // ...then the answer to a renewal sent before it, with the short TTL: no effect.
+        assert_eq!(lease.renewed(at(1), short, at(4), &hook), Some(at(102)));
+        // A later request sets the validity, shorter or not: that is what the backend holds.
+        assert_eq!(lease.renewed(at(5), short, at(6), &hook), Some(at(15)));
+        assert_eq!(lease.renewed(at(7), short, at(8), &hook), Some(at(17)));
+        // With one TTL, a late answer never shortens the validity.
+        assert_eq!(lease.renewed(at(6), short, at(9), &hook), Some(at(17)));
+    }
+
+    #[test]
     fn a_token_is_written_as_its_uuids_hex_digits() {
         let token = Token([0x0123_4567_89ab_cdef, 0xfedc_ba98_7654_3210]);
         assert_eq!(token.text().as_str(), "0123456789abcdeffedcba9876543210");
