@@ -149,6 +149,10 @@ impl fmt::Debug for ReleaseWatch {
 ///     whatever token holds it (and wakes its waiters); the holder's next renewal says
 ///     [`Ownership::NotOwned`], and the next grant's fence is higher than the deleted
 ///     holder's.
+/// 18. **extend_replaces_the_ttl**: a renewal sets the key's TTL to the request's TTL whether
+///     it is longer or shorter than the one before (the manager's
+///     [`Lease::extend`](crate::Lease::extend) renews with a new TTL; no other method is
+///     needed).
 ///
 /// All operations are atomic per key. An operation that fails must leave nothing behind (an
 /// acquire that errors has not taken the key). Errors must be classified:

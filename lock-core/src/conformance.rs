@@ -133,7 +133,8 @@ pub fn renew_one(
         .unwrap_or_else(|| panic!("renew_batch returned no result for a batch of one"))
 }
 
-/// Contract 1: while a lease is held and renewed, no other token can acquire the key.
+/// Contract 1: while a lease is held and renewed, no other token can acquire the key; the
+/// holder's own thread is told it holds it ([`Error::AlreadyHeld`](crate::Error::AlreadyHeld)).
 pub fn mutual_exclusion(target: &dyn ConformanceTarget) {
     let key = target.key("mutual_exclusion");
     let ttl = target.ttl();
@@ -146,10 +147,19 @@ pub fn mutual_exclusion(target: &dyn ConformanceTarget) {
         second.try_acquire(&key, ttl).unwrap().is_none(),
         "a second manager acquired a held key"
     );
+    let again = first.try_acquire(&key, ttl);
     assert!(
-        first.try_acquire(&key, ttl).unwrap().is_none(),
-        "the same manager acquired a held key twice"
+        matches!(&again, Err(error) if error.is_already_held()),
+        "the holder's thread acquired its key again, or was not told it holds it: {again:?}"
     );
+    std::thread::scope(|scope| {
+        let other_thread =
+            scope.spawn(|| first.try_acquire(&key, ttl).map(|lease| lease.is_none()));
+        assert!(
+            other_thread.join().unwrap().unwrap(),
+            "another thread of the same manager acquired a held key"
+        );
+    });
     let outcome = target
         .backend()
         .try_acquire(&request(&key, "intruder", ttl), NO_LIMIT)
@@ -444,7 +454,10 @@ pub fn release_after_loss_is_safe(target: &dyn ConformanceTarget) {
     assert!(error.is_lost(), "{error}");
     assert!(next.is_held());
     assert!(
-        manager.try_acquire(&key, ttl).unwrap().is_none(),
+        self::manager(target)
+            .try_acquire(&key, ttl)
+            .unwrap()
+            .is_none(),
         "the stale release deleted the next holder's key"
     );
     step(target, &[&manager], ttl / 2);
@@ -848,7 +861,9 @@ pub fn a_zero_wait_makes_one_real_attempt(target: &dyn ConformanceTarget) {
         .with_lease(&key, ttl, Duration::ZERO, |lease| lease.fence())
         .expect("a free key with a zero wait");
     assert!(fence > 0);
-    let holder = manager.acquire_timeout(&key, ttl, Duration::ZERO).unwrap();
+    let holder = self::manager(target)
+        .acquire_timeout(&key, ttl, Duration::ZERO)
+        .unwrap();
     let started = Instant::now();
     let error = manager
         .acquire_timeout(&key, ttl, Duration::ZERO)
@@ -1090,6 +1105,56 @@ pub fn force_release_frees_the_key_and_fences_keep_growing(target: &dyn Conforma
     );
 }
 
+/// Contract 18: a renewal sets the TTL it asks for, longer or shorter than the lease's, and
+/// [`Lease::extend`](crate::Lease::extend) uses that: the lease is trusted for the drift rule's
+/// validity of the new TTL from before the call, the key's TTL on the backend is the new one
+/// (checked with `inspect` where the backend offers it), and background renewals go on with
+/// it.
+pub fn extend_replaces_the_ttl(target: &dyn ConformanceTarget) {
+    let key = target.key("extend");
+    let ttl = target.ttl();
+    let manager = manager(target);
+    let backend = target.backend();
+    let drift = backend.drift();
+    let lease = manager.acquire(&key, ttl).unwrap();
+    for new_ttl in [ttl * 4, ttl / 2] {
+        let validity = drift
+            .validity(new_ttl)
+            .expect("the check's TTLs leave validity");
+        let before = manager.clock().now();
+        lease.extend(new_ttl).unwrap();
+        let after = manager.clock().now();
+        assert_eq!(lease.ttl(), new_ttl);
+        let valid_until = lease.valid_until();
+        assert!(
+            valid_until >= before + validity && valid_until <= after + validity,
+            "extended to {new_ttl:?}: valid until {:?} after the call, not {validity:?}",
+            valid_until.saturating_duration_since(after)
+        );
+        if let Some(state) = offered(backend.inspect(&key, NO_LIMIT), "inspect") {
+            let remaining = state.remaining();
+            assert!(
+                remaining.is_some_and(|left| left <= new_ttl && left > new_ttl / 2),
+                "extended to {new_ttl:?}, the key's TTL is {remaining:?}"
+            );
+        }
+    }
+    // Renewed in the background with the new (short) TTL, past the old one.
+    let short = ttl / 2;
+    for _ in 0..8 {
+        step(target, &[&manager], short / 4);
+        lease.ensure_held().unwrap();
+    }
+    assert_eq!(lease.ttl(), short);
+    if let Some(state) = offered(backend.inspect(&key, NO_LIMIT), "inspect") {
+        assert!(
+            state.remaining().is_some_and(|left| left <= short),
+            "renewals went back to the old TTL: {state:?}"
+        );
+    }
+    lease.release().unwrap();
+}
+
 /// Stamps one `#[test]` per conformance check, each calling `$target` for a fresh
 /// [`ConformanceTarget`].
 ///
@@ -1119,6 +1184,7 @@ macro_rules! conformance_tests {
             releasing_a_lost_lease_returns_promptly,
             inspect_reports_the_holder_and_its_fence,
             force_release_frees_the_key_and_fences_keep_growing,
+            extend_replaces_the_ttl,
         );
     };
     (@checks $target:expr; $($check:ident,)*) => {

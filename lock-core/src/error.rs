@@ -87,6 +87,13 @@ pub enum Error {
         /// error's `source`).
         last_error: Option<BackendError>,
     },
+    /// This thread already holds the key, through a lease of the same manager: leases are not
+    /// re-entrant, and waiting would only wait for ourselves. Release the first lease, or pass
+    /// it down instead of acquiring again.
+    AlreadyHeld {
+        /// The key that was asked for.
+        key: String,
+    },
     /// The lease was lost: it can no longer be trusted to exclude other holders.
     Lost {
         /// The lease's key.
@@ -126,6 +133,10 @@ impl fmt::Display for Error {
                     (None, None) => f.write_str("another holder has it"),
                 }
             }
+            Error::AlreadyHeld { key } => write!(
+                f,
+                "lock {key:?} is already held by this thread through this manager (leases are not re-entrant)"
+            ),
             Error::Lost { key, reason } => write!(f, "lease on {key:?} was lost: {reason}"),
             // Transparent: the backend error speaks for itself.
             Error::Backend(error) => fmt::Display::fmt(error, f),
@@ -161,6 +172,12 @@ impl Error {
         matches!(self, Error::Lost { .. })
     }
 
+    /// True when this thread already holds the key through the same manager
+    /// ([`Error::AlreadyHeld`]): leases are not re-entrant.
+    pub fn is_already_held(&self) -> bool {
+        matches!(self, Error::AlreadyHeld { .. })
+    }
+
     /// True for a bad key, TTL or setting: the call can never succeed as it was made.
     pub fn is_invalid_input(&self) -> bool {
         matches!(
@@ -172,6 +189,14 @@ impl Error {
     /// True for a backend error that may go away if the call is retried.
     pub fn is_transient(&self) -> bool {
         matches!(self, Error::Backend(error) if error.is_transient())
+    }
+
+    /// The reason a lease was lost, for [`Error::Lost`], taking the error.
+    pub(crate) fn into_lost_reason(self) -> Option<LostReason> {
+        match self {
+            Error::Lost { reason, .. } => Some(reason),
+            _ => None,
+        }
     }
 
     /// The reason a lease was lost, for [`Error::Lost`].

@@ -11,12 +11,20 @@
 //! - A [`LockManager`] acquires leases on a backend: [`try_acquire`](LockManager::try_acquire)
 //!   (one attempt), [`acquire`](LockManager::acquire) and
 //!   [`acquire_timeout`](LockManager::acquire_timeout) (wait with backoff), and
-//!   [`with_lease`](LockManager::with_lease) (run a closure under a lease).
+//!   [`with_lease`](LockManager::with_lease) (run a closure under a lease;
+//!   [`with_lease_outcome`](LockManager::with_lease_outcome) keeps the closure's value when
+//!   the lease was lost meanwhile). The `*_default` forms
+//!   ([`acquire_default`](LockManager::acquire_default) and others) take the builder's
+//!   [`default_ttl`](LockManagerBuilder::default_ttl) and
+//!   [`default_wait`](LockManagerBuilder::default_wait); [`stats`](LockManager::stats) says
+//!   what the manager has done.
 //! - A [`Lease`] is a guard: renewed in the background at about a third of its TTL, released on
-//!   [`release`](Lease::release) or drop.
+//!   [`release`](Lease::release) or drop; [`extend`](Lease::extend) renews it at once with a
+//!   new TTL.
 //! - Loss: when renewals fail until the lease's validity ends, or the backend says the key is no
 //!   longer ours, the lease is **lost**, exactly once: [`Lease::is_held`] turns false,
-//!   [`Lease::lost`] receives a [`LostReason`], and the [`EventHook`] hears of it.
+//!   [`Lease::lost`] receives a [`LostReason`], the callbacks given to [`Lease::on_lost`] run,
+//!   and the [`EventHook`] hears of it.
 //! - Fencing: every lease has a [`fence`](Lease::fence), strictly increasing per key. A
 //!   resource that refuses writes with a lower fence than it has seen is safe even from a holder
 //!   that lost its lease without knowing it.
@@ -61,7 +69,9 @@
 //!   [`CLEANUP_TIMEOUT`].
 //! - **Renewals never revive a key**: a renewal only extends a key that still holds our token,
 //!   and a lease is untracked before it is deleted.
-//! - **Not re-entrant**: a second acquire of a key the caller holds waits like any other.
+//! - **Not re-entrant**: a thread's second acquire of a key it holds through the same manager
+//!   fails at once with [`Error::AlreadyHeld`]; other threads (and other managers) wait for
+//!   the holder as for any other.
 //!
 //! # Conformance
 //!
@@ -85,6 +95,7 @@ mod clock;
 mod error;
 mod event;
 mod handoff;
+mod holdings;
 mod inspect;
 mod lease;
 mod manager;
@@ -93,22 +104,46 @@ mod retry;
 mod schedule;
 mod shared;
 mod state;
+mod stats;
 mod validity;
 mod waiters;
 
 #[cfg(feature = "conformance")]
 pub mod conformance;
 
+/// The channel crate whose types this API hands out ([`Lease::lost`] returns a
+/// [`channel::Receiver`]), re-exported so that you need not add `crossbeam-channel` yourself
+/// nor guess its version. Wait on a loss and on your own work at once with
+/// [`channel::select!`]:
+///
+/// ```
+/// use std::time::Duration;
+/// use lock_core::{channel, LockManager};
+/// use lock_memory::MemoryBackend;
+///
+/// let manager = LockManager::new(MemoryBackend::new());
+/// let lease = manager.acquire("import", Duration::from_secs(30))?;
+/// let (done_tx, done) = channel::bounded::<()>(1);
+/// done_tx.send(()).expect("the receiver is alive"); // the work finished
+/// channel::select! {
+///     recv(lease.lost()) -> reason => println!("abandoning the import: {reason:?}"),
+///     recv(done) -> _ => lease.release()?,
+/// }
+/// # Ok::<(), lock_core::Error>(())
+/// ```
+pub use crossbeam_channel as channel;
+
 pub use backend::{AcquireOutcome, LeaseBackend, LeaseRequest, Ownership, ReleaseWatch};
 pub use clock::{Clock, ManualClock};
 pub use error::{BackendError, BackendErrorKind, Error, LostReason};
 pub use event::{EventHook, LeaseEvent, NoopHook, TracingHook};
 pub use inspect::{KeyState, Unsupported};
-pub use lease::Lease;
+pub use lease::{Lease, LeaseOutcome};
 pub use manager::{LockManager, LockManagerBuilder, RENEWER_THREAD_NAME};
 pub use retry::RetryPolicy;
 pub use shared::CLEANUP_TIMEOUT;
 pub use state::LeaseStatus;
+pub use stats::{AcquireCounts, LossCounts, ManagerStats, RenewalCounts};
 pub use validity::DriftRule;
 pub use waiters::{ReleaseWaiters, WeakReleaseWaiters};
 

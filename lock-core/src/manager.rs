@@ -7,15 +7,17 @@ use std::time::Duration;
 use parking_lot::Mutex;
 
 use crate::clock::saturating_add;
-use crate::event::{EventHook, GuardedHook, LeaseEvent, NoopHook};
+use crate::event::{EventHook, GuardedHook, LeaseEvent};
+use crate::holdings;
 use crate::renewer::{start, CleanUp, Command, RenewerSettings, Wake};
 use crate::retry::RetryPolicy;
 use crate::schedule::renewal_due;
 use crate::shared::ManagerShared;
 use crate::state::{LeaseShared, Token};
+use crate::stats::{Counters, CountingHook};
 use crate::{
-    AcquireOutcome, BackendError, Clock, DriftRule, Error, Lease, LeaseBackend, LeaseRequest,
-    MAX_TTL,
+    AcquireOutcome, BackendError, Clock, DriftRule, Error, Lease, LeaseBackend, LeaseOutcome,
+    LeaseRequest, ManagerStats, MAX_TTL,
 };
 
 mod operator;
@@ -34,11 +36,13 @@ pub const RENEWER_THREAD_NAME: &str = "lease-renewer";
 /// use lock_core::LockManager;
 /// use lock_memory::MemoryBackend;
 ///
-/// let manager = LockManager::new(MemoryBackend::new());
+/// let backend = MemoryBackend::new();
+/// let manager = LockManager::new(backend.clone());
 ///
 /// // One attempt: `None` when another holder has the key.
 /// let lease = manager.try_acquire("orders", Duration::from_secs(10))?.expect("free");
-/// assert!(manager.try_acquire("orders", Duration::from_secs(10))?.is_none());
+/// let elsewhere = LockManager::new(backend); // another process, say
+/// assert!(elsewhere.try_acquire("orders", Duration::from_secs(10))?.is_none());
 /// drop(lease);
 ///
 /// // Wait up to one second for the key, run a closure under the lease, release it.
@@ -57,6 +61,7 @@ pub struct LockManager {
 
 #[derive(Debug, Clone)]
 struct Config {
+    default_ttl: Duration,
     default_wait: Duration,
     renew_fraction: f64,
     retry: RetryPolicy,
@@ -66,6 +71,7 @@ struct Config {
 impl Default for Config {
     fn default() -> Config {
         Config {
+            default_ttl: Duration::from_secs(30),
             default_wait: Duration::from_secs(10),
             renew_fraction: 1.0 / 3.0,
             retry: RetryPolicy::default(),
@@ -94,7 +100,8 @@ impl Default for Config {
 pub struct LockManagerBuilder {
     backend: Arc<dyn LeaseBackend>,
     clock: Clock,
-    hook: Arc<dyn EventHook>,
+    /// The user's hook, if any; the manager counts every event before passing it on.
+    hook: Option<Box<dyn EventHook>>,
     config: Config,
 }
 
@@ -108,8 +115,32 @@ impl fmt::Debug for LockManagerBuilder {
 }
 
 impl LockManagerBuilder {
-    /// How long [`LockManager::acquire`] waits for a busy key. Default: 10 seconds.
-    /// `Duration::MAX` waits without a deadline.
+    /// The TTL of the `*_default` calls ([`acquire_default`](LockManager::acquire_default),
+    /// [`try_acquire_default`](LockManager::try_acquire_default),
+    /// [`with_lease_default`](LockManager::with_lease_default)), so that call sites can leave
+    /// it out. Default: 30 seconds. [`build`](LockManagerBuilder::build) refuses a TTL that
+    /// [`try_acquire`](LockManager::try_acquire) would refuse.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use lock_core::LockManager;
+    /// use lock_memory::MemoryBackend;
+    ///
+    /// let manager = LockManager::builder(MemoryBackend::new())
+    ///     .default_ttl(Duration::from_secs(60))
+    ///     .default_wait(Duration::from_secs(5))
+    ///     .build()?;
+    /// let lease = manager.acquire_default("billing")?; // 60 s TTL, waits up to 5 s
+    /// assert_eq!(lease.ttl(), Duration::from_secs(60));
+    /// # Ok::<(), lock_core::Error>(())
+    /// ```
+    pub fn default_ttl(mut self, ttl: Duration) -> Self {
+        self.config.default_ttl = ttl;
+        self
+    }
+
+    /// How long [`LockManager::acquire`] and the `*_default` calls wait for a busy key.
+    /// Default: 10 seconds. `Duration::MAX` waits without a deadline.
     pub fn default_wait(mut self, wait: Duration) -> Self {
         self.config.default_wait = wait;
         self
@@ -137,10 +168,10 @@ impl LockManagerBuilder {
         self
     }
 
-    /// Where lease events go. Default: [`NoopHook`]; [`TracingHook`](crate::TracingHook) logs
-    /// them.
+    /// Where lease events go. Default: nowhere (as [`NoopHook`](crate::NoopHook));
+    /// [`TracingHook`](crate::TracingHook) logs them.
     pub fn event_hook(mut self, hook: impl EventHook) -> Self {
-        self.hook = Arc::new(GuardedHook(Box::new(hook)));
+        self.hook = Some(Box::new(GuardedHook(Box::new(hook))));
         self
     }
 
@@ -151,9 +182,19 @@ impl LockManagerBuilder {
     }
 
     /// Checks the settings and starts the manager's renewer thread.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::InvalidConfig`] for a setting out of range (a `default_ttl` that leaves no
+    /// validity after the backend's drift or exceeds [`MAX_TTL`], a `renew_fraction` outside
+    /// (0, 1), a zero `batch_size`, a bad retry policy), or when the operating system refuses
+    /// to start the renewer thread.
     pub fn build(self) -> Result<LockManager, Error> {
         let config = self.config;
         let invalid = |reason: String| Err(Error::InvalidConfig { reason });
+        if let Err(error) = validate_ttl(config.default_ttl, self.backend.drift()) {
+            return invalid(format!("default_ttl: {error}"));
+        }
         if !(config.renew_fraction > 0.0 && config.renew_fraction < 1.0) {
             return invalid(format!(
                 "renew_fraction must be strictly between 0 and 1, not {}",
@@ -166,10 +207,16 @@ impl LockManagerBuilder {
         if let Err(reason) = config.retry.validate() {
             return invalid(reason);
         }
+        let counters = Arc::new(Counters::default());
+        let hook: Arc<dyn EventHook> = Arc::new(CountingHook {
+            counters: counters.clone(),
+            user: self.hook,
+        });
         let (mailbox, renewer) = start(RenewerSettings {
             backend: self.backend.clone(),
             clock: self.clock.clone(),
-            hook: self.hook.clone(),
+            hook: hook.clone(),
+            counters: counters.clone(),
             renew_fraction: config.renew_fraction,
             batch_size: config.batch_size,
             thread_name: RENEWER_THREAD_NAME,
@@ -181,7 +228,8 @@ impl LockManagerBuilder {
             shared: Arc::new(ManagerShared {
                 backend: self.backend,
                 clock: self.clock,
-                hook: self.hook,
+                hook,
+                counters,
                 mailbox,
                 renewer: Mutex::new(Some(renewer)),
             }),
@@ -224,7 +272,7 @@ impl LockManager {
         LockManagerBuilder {
             backend: Arc::new(backend),
             clock: Clock::default(),
-            hook: Arc::new(NoopHook),
+            hook: None,
             config: Config::default(),
         }
     }
@@ -235,14 +283,35 @@ impl LockManager {
     /// returned as they are: nothing is retried. After a transient error the attempt may still
     /// have taken the key on the server; it is given back, best effort, with the same token.
     ///
-    /// Leases are not re-entrant: a second acquire of a key this caller already holds waits for
-    /// (or, here, is refused by) the first lease like any other holder's.
+    /// Leases are not re-entrant: see [`acquire`](LockManager::acquire). Here, a key this
+    /// thread holds through this manager is [`Error::AlreadyHeld`], not `Ok(None)`.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::InvalidKey`] or [`Error::InvalidTtl`] for bad input (nothing is sent),
+    /// [`Error::AlreadyHeld`] for a key this thread holds, [`Error::Backend`] when the attempt
+    /// failed (transient or permanent).
     pub fn try_acquire(&self, key: &str, ttl: Duration) -> Result<Option<Lease>, Error> {
+        let result = self.try_acquire_uncounted(key, ttl);
+        match &result {
+            Ok(Some(_)) => {} // counted by its `Acquired` event
+            Ok(None) => self.shared.counters.not_acquired(None),
+            Err(error) => self.shared.counters.not_acquired(Some(error)),
+        }
+        result
+    }
+
+    /// [`try_acquire`](LockManager::try_acquire), leaving a refusal uncounted.
+    #[inline]
+    fn try_acquire_uncounted(&self, key: &str, ttl: Duration) -> Result<Option<Lease>, Error> {
         let validity = self.validate(key, ttl)?;
         let token = Token::random();
         match self.attempt(key, ttl, validity, token) {
             Ok(Attempt::Acquired(lease)) => Ok(Some(lease)),
-            Ok(Attempt::Held { .. }) => Ok(None),
+            Ok(Attempt::Held { .. }) => {
+                self.refuse_if_held_here(key)?;
+                Ok(None)
+            }
             Err(Error::Backend(error)) if error.is_transient() => {
                 self.clean_up(key, ttl, token);
                 Err(Error::Backend(error))
@@ -253,6 +322,35 @@ impl LockManager {
 
     /// Acquires `key` for `ttl`, waiting up to the builder's
     /// [`default_wait`](LockManagerBuilder::default_wait).
+    ///
+    /// **Not re-entrant.** A lease excludes every other acquire of its key, this thread's
+    /// included: a thread's second acquire of a key it already holds through this manager fails
+    /// at once with [`Error::AlreadyHeld`] (rather than waiting its whole wait for itself);
+    /// pass the first [`Lease`] down instead. Other threads, even through this manager, wait
+    /// for the holder as for any other. A lease acquired on this thread and moved to another
+    /// still counts as this thread's.
+    ///
+    /// What the check costs: each grant notes its thread (a thread-local count, no lock), and
+    /// only when an attempt finds the key held, by a thread that holds some lease, does the
+    /// manager look for the key among its leases (a message to its renewer thread, which scans
+    /// them): an uncontended acquire, or a waiter that holds nothing, pays nothing more.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use lock_core::LockManager;
+    /// use lock_memory::MemoryBackend;
+    ///
+    /// let manager = LockManager::new(MemoryBackend::new());
+    /// let lease = manager.acquire("import", Duration::from_secs(30))?;
+    /// let again = manager.acquire("import", Duration::from_secs(30)).unwrap_err();
+    /// assert!(again.is_already_held()); // at once, not after the default wait
+    /// # drop(lease);
+    /// # Ok::<(), lock_core::Error>(())
+    /// ```
+    ///
+    /// # Errors
+    ///
+    /// As [`acquire_timeout`](LockManager::acquire_timeout).
     pub fn acquire(&self, key: &str, ttl: Duration) -> Result<Lease, Error> {
         self.acquire_timeout(key, ttl, self.config.default_wait)
     }
@@ -269,7 +367,29 @@ impl LockManager {
     /// the backend announces the key's release. An acquire that gives up after an attempt whose
     /// outcome is unknown gives the key back, best effort, with its token: the renewer's worker
     /// releases it in the background, with the backend's own timeouts.
+    ///
+    /// # Errors
+    ///
+    /// - [`Error::Timeout`] when `wait` ran out: the key stayed held by another holder, or the
+    ///   backend kept failing transiently (then the error's source).
+    /// - [`Error::AlreadyHeld`] at once, for a key this thread holds through this manager.
+    /// - [`Error::InvalidKey`] or [`Error::InvalidTtl`] for bad input (nothing is sent).
+    /// - [`Error::Backend`] for a permanent backend error (retrying cannot help).
     pub fn acquire_timeout(
+        &self,
+        key: &str,
+        ttl: Duration,
+        wait: Duration,
+    ) -> Result<Lease, Error> {
+        let result = self.acquire_timeout_uncounted(key, ttl, wait);
+        if let Err(error) = &result {
+            self.shared.counters.not_acquired(Some(error));
+        }
+        result
+    }
+
+    /// [`acquire_timeout`](LockManager::acquire_timeout), leaving a refusal uncounted.
+    fn acquire_timeout_uncounted(
         &self,
         key: &str,
         ttl: Duration,
@@ -290,7 +410,14 @@ impl LockManager {
         loop {
             let refused = match self.attempt(key, ttl, validity, token) {
                 Ok(Attempt::Acquired(lease)) => return Ok(lease),
-                Ok(Attempt::Held { remaining }) => Refused::Held { remaining },
+                Ok(Attempt::Held { remaining }) => {
+                    if watch.is_none() {
+                        // Only after the first attempt: an acquire that gets the key, or one
+                        // that waits, never looks.
+                        self.refuse_if_held_here(key)?;
+                    }
+                    Refused::Held { remaining }
+                }
                 Err(Error::Backend(error)) if error.is_transient() => Refused::Failed(error),
                 Err(error) => return Err(error),
             };
@@ -347,6 +474,11 @@ impl LockManager {
     /// its TTL if it was not deleted. If `f` panics, the lease is released and the panic
     /// continues in the caller.
     ///
+    /// A loss drops `f`'s value. When the value says what happened to the protected resource
+    /// (a fenced write that the resource accepted or refused), use
+    /// [`with_lease_outcome`](LockManager::with_lease_outcome), which returns it with the loss:
+    /// this call is that one, with a loss turned into [`Error::Lost`].
+    ///
     /// ```
     /// use std::time::Duration;
     /// use lock_core::LockManager;
@@ -359,6 +491,11 @@ impl LockManager {
     /// assert!(fence > 0);
     /// # Ok::<(), lock_core::Error>(())
     /// ```
+    ///
+    /// # Errors
+    ///
+    /// Those of [`acquire_timeout`](LockManager::acquire_timeout) (the closure did not run),
+    /// and [`Error::Lost`] when the lease was lost while the closure ran (it did run).
     pub fn with_lease<T>(
         &self,
         key: &str,
@@ -366,19 +503,132 @@ impl LockManager {
         wait: Duration,
         f: impl FnOnce(&Lease) -> T,
     ) -> Result<T, Error> {
+        self.with_lease_outcome(key, ttl, wait, f)?.into_result(key)
+    }
+
+    /// Runs `f` under a lease on `key` (waiting up to `wait` for it), releases the lease, and
+    /// returns `f`'s value together with whether the lease was lost before `f` returned.
+    ///
+    /// The same as [`with_lease`](LockManager::with_lease), except that a loss does not
+    /// drop the value: [`LeaseOutcome::lost`] says why the lease was lost, and
+    /// [`LeaseOutcome::value`] is still there to tell, say, whether the resource accepted
+    /// the closure's fenced write (it was made before the next holder's) or refused it (a
+    /// newer fence had been seen). A loss is reported once, through [`Lease::lost`], the
+    /// event hook and here, as on every path.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use lock_core::{LockManager, ManualClock};
+    /// use lock_memory::MemoryBackend;
+    ///
+    /// let clock = ManualClock::new();
+    /// let backend = MemoryBackend::with_clock(clock.clone());
+    /// let manager = LockManager::builder(backend.clone()).clock(clock.clone()).build()?;
+    /// let outcome = manager.with_lease_outcome("ledger", Duration::from_secs(30), Duration::ZERO, |lease| {
+    ///     backend.revoke("ledger");               // the key vanishes while we work...
+    ///     clock.advance(Duration::from_secs(10)); // ...and the next renewal finds out
+    ///     manager.settle();
+    ///     "write accepted at fence" // what the resource answered to our fenced write
+    /// })?;
+    /// assert_eq!(outcome.value, "write accepted at fence");
+    /// assert!(outcome.lost.is_some());
+    /// # Ok::<(), lock_core::Error>(())
+    /// ```
+    ///
+    /// # Errors
+    ///
+    /// Those of [`acquire_timeout`](LockManager::acquire_timeout): the closure did not run.
+    /// Once it has run, the answer is always `Ok`.
+    pub fn with_lease_outcome<T>(
+        &self,
+        key: &str,
+        ttl: Duration,
+        wait: Duration,
+        f: impl FnOnce(&Lease) -> T,
+    ) -> Result<LeaseOutcome<T>, Error> {
         let lease = self.acquire_timeout(key, ttl, wait)?;
+        let fence = lease.fence();
         let value = f(&lease);
         let held = lease.ensure_held();
         let released = lease.release();
-        held?;
-        match released {
-            Err(error) if error.is_lost() => Err(error),
-            Err(error) => {
+        let lost = match (held, released) {
+            (Err(error), _) | (Ok(()), Err(error)) if error.is_lost() => error.into_lost_reason(),
+            (Ok(()), Err(error)) => {
                 tracing::warn!(key, %error, "releasing the lease after with_lease failed; it expires after its TTL");
-                Ok(value)
+                None
             }
-            Ok(()) => Ok(value),
-        }
+            _ => None,
+        };
+        Ok(LeaseOutcome { value, fence, lost })
+    }
+
+    /// [`acquire`](LockManager::acquire) with the builder's
+    /// [`default_ttl`](LockManagerBuilder::default_ttl): waits up to its
+    /// [`default_wait`](LockManagerBuilder::default_wait).
+    ///
+    /// ```
+    /// use lock_core::LockManager;
+    /// use lock_memory::MemoryBackend;
+    ///
+    /// let manager = LockManager::new(MemoryBackend::new());
+    /// let lease = manager.acquire_default("reports")?; // 30 s TTL, waits up to 10 s
+    /// lease.release()?;
+    /// # Ok::<(), lock_core::Error>(())
+    /// ```
+    ///
+    /// # Errors
+    ///
+    /// As [`acquire_timeout`](LockManager::acquire_timeout).
+    pub fn acquire_default(&self, key: &str) -> Result<Lease, Error> {
+        self.acquire_timeout(key, self.config.default_ttl, self.config.default_wait)
+    }
+
+    /// [`try_acquire`](LockManager::try_acquire) with the builder's
+    /// [`default_ttl`](LockManagerBuilder::default_ttl): one attempt, `Ok(None)` when
+    /// another holder has the key.
+    ///
+    /// ```
+    /// use lock_core::LockManager;
+    /// use lock_memory::MemoryBackend;
+    ///
+    /// let backend = MemoryBackend::new();
+    /// let (ours, theirs) = (LockManager::new(backend.clone()), LockManager::new(backend));
+    /// let lease = ours.try_acquire_default("reports")?.expect("free");
+    /// assert!(theirs.try_acquire_default("reports")?.is_none());
+    /// # drop(lease);
+    /// # Ok::<(), lock_core::Error>(())
+    /// ```
+    ///
+    /// # Errors
+    ///
+    /// As [`try_acquire`](LockManager::try_acquire).
+    pub fn try_acquire_default(&self, key: &str) -> Result<Option<Lease>, Error> {
+        self.try_acquire(key, self.config.default_ttl)
+    }
+
+    /// [`with_lease`](LockManager::with_lease) with the builder's
+    /// [`default_ttl`](LockManagerBuilder::default_ttl) and
+    /// [`default_wait`](LockManagerBuilder::default_wait).
+    ///
+    /// ```
+    /// use lock_core::LockManager;
+    /// use lock_memory::MemoryBackend;
+    ///
+    /// let manager = LockManager::new(MemoryBackend::new());
+    /// let fence = manager.with_lease_default("reports", |lease| lease.fence())?;
+    /// assert!(fence > 0);
+    /// # Ok::<(), lock_core::Error>(())
+    /// ```
+    ///
+    /// # Errors
+    ///
+    /// As [`with_lease`](LockManager::with_lease).
+    pub fn with_lease_default<T>(
+        &self,
+        key: &str,
+        f: impl FnOnce(&Lease) -> T,
+    ) -> Result<T, Error> {
+        self.with_lease(key, self.config.default_ttl, self.config.default_wait, f)
     }
 
     /// Waits until the renewer thread has applied every lease acquired or released before this
@@ -391,6 +641,31 @@ impl LockManager {
         self.shared.mailbox.send(Command::Settle(reply), Wake::Now);
         // Disconnected (the renewer is gone) ends the wait too.
         let _ = done.recv();
+    }
+
+    /// A snapshot of what this manager (all its clones) has done: leases held, acquires,
+    /// renewals, losses by reason and releases. Counted with relaxed atomics as things
+    /// happen, so keeping count costs the hot path nothing measurable; reading is a few loads.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use lock_core::LockManager;
+    /// use lock_memory::MemoryBackend;
+    ///
+    /// let manager = LockManager::new(MemoryBackend::new());
+    /// let lease = manager.acquire("stats", Duration::from_secs(30))?;
+    /// let again = manager.try_acquire("stats", Duration::from_secs(30)).unwrap_err();
+    /// assert!(again.is_already_held()); // counted as busy
+    /// lease.release()?;
+    /// let stats = manager.stats();
+    /// assert_eq!(stats.acquires.granted, 1);
+    /// assert_eq!(stats.acquires.busy, 1);
+    /// assert_eq!(stats.releases, 1);
+    /// assert_eq!(stats.leases_held, 0);
+    /// # Ok::<(), lock_core::Error>(())
+    /// ```
+    pub fn stats(&self) -> ManagerStats {
+        self.shared.counters.snapshot()
     }
 
     /// The clock this manager times leases with.
@@ -418,7 +693,8 @@ impl LockManager {
             AcquireOutcome::Acquired { fence } => fence,
             AcquireOutcome::Held { remaining } => return Ok(Attempt::Held { remaining }),
         };
-        let mut lease = LeaseShared::new(key, token, fence, ttl, validity, sent_at);
+        let holder = holdings::this_thread();
+        let mut lease = LeaseShared::new(key, holder, token, fence, ttl, validity, sent_at);
         let valid_until = lease.valid_until_unshared();
         let lease = Arc::new(lease);
         if shared.clock.now() >= valid_until {
@@ -429,6 +705,7 @@ impl LockManager {
             )));
         }
         let due = renewal_due(self.config.renew_fraction, sent_at, validity, valid_until);
+        holdings::acquired();
         shared.mailbox.track(lease.clone(), due);
         shared.hook.on_event(&LeaseEvent::Acquired {
             key,
@@ -436,6 +713,17 @@ impl LockManager {
             valid_until,
         });
         Ok(Attempt::Acquired(Lease::new(lease, shared.clone())))
+    }
+
+    /// [`Error::AlreadyHeld`] if this thread holds `key` through this manager: called once an
+    /// attempt found the key held, so the uncontended path never pays for it.
+    fn refuse_if_held_here(&self, key: &str) -> Result<(), Error> {
+        if holdings::may_hold_any() && self.shared.held_by(key, holdings::this_thread()) {
+            return Err(Error::AlreadyHeld {
+                key: key.to_owned(),
+            });
+        }
+        Ok(())
     }
 
     /// Gives back, best effort, a key that an attempt with an unknown outcome may have taken
@@ -474,6 +762,11 @@ impl fmt::Debug for LockManager {
 /// the TTL.
 fn validate(key: &str, ttl: Duration, drift: DriftRule) -> Result<Duration, Error> {
     validate_key(key)?;
+    validate_ttl(ttl, drift)
+}
+
+/// Checks a TTL before any backend sees it; returns the validity `drift` leaves of it.
+pub(crate) fn validate_ttl(ttl: Duration, drift: DriftRule) -> Result<Duration, Error> {
     if ttl.is_zero() {
         return Err(Error::InvalidTtl {
             ttl,

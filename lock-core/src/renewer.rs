@@ -22,6 +22,7 @@ use crate::event::{EventHook, LeaseEvent};
 use crate::handoff::Handoff;
 use crate::schedule::{nanos, renewal_due, retry_due, Schedule};
 use crate::state::{LeaseShared, Token, TokenText};
+use crate::stats::Counters;
 use crate::{BackendError, Clock, LeaseBackend, LeaseRequest, LostReason, Ownership};
 
 /// The name of the renewer's I/O worker thread (Linux shows its first 15 bytes).
@@ -35,8 +36,19 @@ pub(crate) enum Command {
     Answered(Answer),
     /// Give back, best effort, a key that a failed acquire may have taken for `token`.
     CleanUp(CleanUp),
+    /// Set a lease's TTL now: [`Lease::extend`](crate::Lease::extend).
+    Extend(Extension),
+    /// The worker's answer to an extend, whose request was sent at the instant given.
+    Extended(Extension, Instant, Result<Ownership, BackendError>),
     /// The worker has tried a clean-up: `Some` when it failed and may be tried again.
     CleanedUp(Option<CleanUp>),
+    /// Answer whether `key` is held by a lease of this manager stamped `holder`, neither
+    /// released nor lost nor past its validity: once the leases handed off before are taken.
+    HeldBy {
+        key: Box<str>,
+        holder: u64,
+        reply: Sender<bool>,
+    },
     /// Reply once every earlier command is applied, every lease due now has been handled (its
     /// renewal answered), and every clean-up asked for is done.
     Settle(Sender<()>),
@@ -48,6 +60,19 @@ pub(crate) enum Command {
 enum Job {
     Renew(Batch),
     CleanUp(CleanUp),
+    Extend(Extension),
+}
+
+/// A lease to renew at once with a new TTL, and where to say how it went (once the lease's
+/// validity and its place on the schedule follow the new TTL).
+pub(crate) struct Extension {
+    pub(crate) lease: Arc<LeaseShared>,
+    pub(crate) ttl: Duration,
+    /// What the backend's drift rule leaves of `ttl`.
+    pub(crate) validity: Duration,
+    /// The call must end before the lease would be lost.
+    pub(crate) timeout: Duration,
+    pub(crate) reply: Sender<Result<Ownership, BackendError>>,
 }
 
 /// A key to give back for a token, with the backend's own timeouts, until `until` (when the
@@ -79,6 +104,8 @@ struct Batch {
 /// A batch and the backend's results, one per lease.
 pub(crate) struct Answer {
     leases: Vec<Arc<LeaseShared>>,
+    /// The validity of the TTL each lease's request asked for.
+    validities: Vec<Duration>,
     sent_at: Instant,
     results: Vec<Result<Ownership, BackendError>>,
 }
@@ -88,6 +115,7 @@ pub(crate) struct RenewerSettings {
     pub(crate) backend: Arc<dyn LeaseBackend>,
     pub(crate) clock: Clock,
     pub(crate) hook: Arc<dyn EventHook>,
+    pub(crate) counters: Arc<Counters>,
     pub(crate) renew_fraction: f64,
     pub(crate) batch_size: usize,
     pub(crate) thread_name: &'static str,
@@ -100,14 +128,16 @@ pub(crate) fn start(settings: RenewerSettings) -> std::io::Result<(Mailbox, Join
     let (jobs, queue) = crossbeam_channel::unbounded::<Job>();
     let worker = {
         let (backend, mailbox) = (settings.backend.clone(), mailbox.clone());
+        let clock = settings.clock.clone();
         std::thread::Builder::new()
             .name(WORKER_THREAD_NAME.into())
-            .spawn(move || work(&*backend, &queue, &mailbox))?
+            .spawn(move || work(&*backend, &clock, &queue, &mailbox))?
     };
     let renewer = Renewer {
         backend_jobs: jobs,
         clock: settings.clock,
         hook: settings.hook,
+        counters: settings.counters,
         schedule: Schedule::new(epoch),
         renew_fraction: settings.renew_fraction,
         batch_size: settings.batch_size,
@@ -127,10 +157,19 @@ pub(crate) fn start(settings: RenewerSettings) -> std::io::Result<(Mailbox, Join
 }
 
 /// The worker's loop: one backend call per job, answered through the mailbox.
-fn work(backend: &dyn LeaseBackend, jobs: &Receiver<Job>, mailbox: &Mailbox) {
+fn work(backend: &dyn LeaseBackend, clock: &Clock, jobs: &Receiver<Job>, mailbox: &Mailbox) {
     for job in jobs {
         let answer = match job {
             Job::Renew(batch) => Command::Answered(renew(backend, batch)),
+            Job::Extend(extension) => {
+                let sent_at = clock.now();
+                let result = extend(backend, &extension);
+                if let Ok(Ownership::Owned) = result {
+                    // Before the next call: every renewal from now on asks for the new TTL.
+                    extension.lease.set_ttl(extension.ttl);
+                }
+                Command::Extended(extension, sent_at, result)
+            }
             Job::CleanUp(mut clean_up) => {
                 let token = clean_up.token.text();
                 clean_up.attempts += 1;
@@ -151,6 +190,24 @@ fn work(backend: &dyn LeaseBackend, jobs: &Receiver<Job>, mailbox: &Mailbox) {
     }
 }
 
+/// Renews one lease with a new TTL: a batch of one.
+fn extend(backend: &dyn LeaseBackend, extension: &Extension) -> Result<Ownership, BackendError> {
+    let token = extension.lease.token.text();
+    let request = LeaseRequest {
+        key: &extension.lease.key,
+        token: token.as_str(),
+        ttl: extension.ttl,
+    };
+    backend
+        .renew_batch(std::slice::from_ref(&request), extension.timeout)
+        .pop()
+        .unwrap_or_else(|| {
+            Err(BackendError::transient(
+                "the backend returned no renewal result for a batch of one",
+            ))
+        })
+}
+
 /// Renews a batch in one `renew_batch` call.
 fn renew(backend: &dyn LeaseBackend, batch: Batch) -> Answer {
     let tokens: Vec<TokenText> = batch
@@ -168,9 +225,16 @@ fn renew(backend: &dyn LeaseBackend, batch: Batch) -> Answer {
             ttl: lease.ttl(),
         })
         .collect();
+    // On this thread, which alone changes a lease's TTL: each matches its request's.
+    let drift = backend.drift();
+    let validities = requests
+        .iter()
+        .map(|request| drift.validity(request.ttl).unwrap_or_default())
+        .collect();
     let results = backend.renew_batch(&requests, batch.timeout);
     Answer {
         leases: batch.leases,
+        validities,
         sent_at: batch.sent_at,
         results,
     }
@@ -180,6 +244,7 @@ struct Renewer {
     backend_jobs: Sender<Job>,
     clock: Clock,
     hook: Arc<dyn EventHook>,
+    counters: Arc<Counters>,
     schedule: Schedule<Arc<LeaseShared>>,
     renew_fraction: f64,
     batch_size: usize,
@@ -343,6 +408,7 @@ impl Renewer {
     fn run(mut self, inbox: &Inbox) {
         let mut settled = Vec::new();
         let mut new_leases = Vec::new();
+        let mut held_by = Vec::new();
         loop {
             for command in inbox.commands.try_iter() {
                 match command {
@@ -355,6 +421,21 @@ impl Renewer {
                         self.apply(answer);
                     }
                     Command::CleanUp(clean_up) => self.send_clean_up(clean_up),
+                    Command::Extend(extension) => {
+                        if let Err(error) = self.backend_jobs.send(Job::Extend(extension)) {
+                            if let Job::Extend(extension) = error.into_inner() {
+                                let _ = extension.reply.send(Err(BackendError::transient(
+                                    "the renewer's worker has stopped",
+                                )));
+                            }
+                        } else {
+                            self.in_flight += 1;
+                        }
+                    }
+                    Command::Extended(extension, sent_at, result) => {
+                        self.in_flight = self.in_flight.saturating_sub(1);
+                        self.apply_extension(extension, sent_at, result);
+                    }
                     Command::CleanedUp(again) => {
                         self.in_flight = self.in_flight.saturating_sub(1);
                         if let Some(clean_up) = again {
@@ -366,6 +447,7 @@ impl Renewer {
                         }
                     }
                     Command::Settle(reply) => settled.push(reply),
+                    Command::HeldBy { key, holder, reply } => held_by.push((key, holder, reply)),
                     Command::Shutdown => return,
                 }
             }
@@ -374,6 +456,15 @@ impl Renewer {
             inbox.shared.new_leases.take_all(&mut new_leases);
             for (lease, due) in new_leases.drain(..) {
                 self.schedule.track(lease, due);
+            }
+            if !held_by.is_empty() {
+                let now = self.clock.now();
+                for (key, holder, reply) in held_by.drain(..) {
+                    let held = self.schedule.items().any(|lease| {
+                        lease.holder == holder && lease.key == key && lease.is_valid_at(now)
+                    });
+                    let _ = reply.send(held);
+                }
             }
             self.send_due();
             self.retry_clean_ups();
@@ -485,12 +576,53 @@ impl Renewer {
         true
     }
 
+    /// Applies the backend's answer to an extend sent at `sent_at`: the lease's validity and
+    /// its next renewal follow the new TTL, or the lease is lost; then the caller hears.
+    fn apply_extension(
+        &mut self,
+        extension: Extension,
+        sent_at: Instant,
+        result: Result<Ownership, BackendError>,
+    ) {
+        let hook = &*self.hook;
+        let lease = extension.lease;
+        match &result {
+            Ok(Ownership::Owned) => {
+                let now = self.clock.now();
+                if let Some(valid_until) = lease.renewed(sent_at, extension.validity, now, hook) {
+                    if self.schedule.is_in_flight(&lease) {
+                        // Its renewal (sent with the new TTL) re-schedules it when answered;
+                        // until then, watch the new end of its validity.
+                        self.schedule.watch_in_flight(lease, valid_until);
+                    } else {
+                        let due = renewal_due(
+                            self.renew_fraction,
+                            sent_at,
+                            extension.validity,
+                            valid_until,
+                        );
+                        self.schedule.track(lease, due);
+                    }
+                }
+            }
+            Ok(Ownership::NotOwned) => lease.lose(LostReason::TakenOver, hook),
+            Err(error) if !error.is_transient() => {
+                lease.lose(LostReason::Rejected(error.clone()), hook);
+            }
+            // No loss: the lease keeps its TTL and its renewals.
+            Err(_) => {}
+        }
+        let _ = extension.reply.send(result);
+    }
+
     /// Applies the backend's answer to a batch.
     fn apply(&mut self, answer: Answer) {
         let hook = &*self.hook;
         let now = self.clock.now();
+        self.counters
+            .batch_answered(now.saturating_duration_since(answer.sent_at));
         let mut results = answer.results.into_iter();
-        for lease in answer.leases {
+        for (lease, validity) in answer.leases.into_iter().zip(answer.validities) {
             let result = results.next().unwrap_or_else(|| {
                 Err(BackendError::transient(
                     "the backend returned fewer renewal results than requests",
@@ -503,13 +635,9 @@ impl Renewer {
             self.schedule.remove(&lease);
             match result {
                 Ok(Ownership::Owned) => {
-                    if let Some(valid_until) = lease.renewed(answer.sent_at, now, hook) {
-                        let due = renewal_due(
-                            self.renew_fraction,
-                            answer.sent_at,
-                            lease.validity(),
-                            valid_until,
-                        );
+                    if let Some(valid_until) = lease.renewed(answer.sent_at, validity, now, hook) {
+                        let due =
+                            renewal_due(self.renew_fraction, answer.sent_at, validity, valid_until);
                         self.schedule.track(lease, due);
                     }
                 }
@@ -524,7 +652,7 @@ impl Renewer {
                         error: &error,
                     });
                     if let Some(valid_until) = lease.renewal_failed(now, hook) {
-                        let due = retry_due(now, lease.validity(), valid_until);
+                        let due = retry_due(now, validity, valid_until);
                         self.schedule.track(lease, due);
                     }
                 }

@@ -142,6 +142,11 @@ impl<T: Scheduled> Schedule<T> {
         true
     }
 
+    /// Every tracked item, in due order.
+    pub(crate) fn items(&self) -> impl Iterator<Item = &T> {
+        self.queue.values()
+    }
+
     /// The earliest due time, if any lease is tracked.
     pub(crate) fn next_due(&self) -> Option<Instant> {
         self.queue

@@ -8,9 +8,11 @@ use std::time::Duration;
 use parking_lot::Mutex;
 
 use crate::event::{EventHook, LeaseEvent};
-use crate::renewer::{Command, Mailbox, Wake};
+use crate::holdings;
+use crate::renewer::{Command, Extension, Mailbox, Wake};
 use crate::state::{BeforeRelease, LeaseShared};
-use crate::{Clock, Error, LeaseBackend, LostReason, Ownership};
+use crate::stats::Counters;
+use crate::{BackendError, Clock, Error, LeaseBackend, LostReason, Ownership};
 
 /// How long a best-effort backend call may take: the release of a lease that is already lost,
 /// and the clean-up of an acquire that gave up after an attempt whose outcome is unknown. Such
@@ -22,6 +24,7 @@ pub(crate) struct ManagerShared {
     pub(crate) backend: Arc<dyn LeaseBackend>,
     pub(crate) clock: Clock,
     pub(crate) hook: Arc<dyn EventHook>,
+    pub(crate) counters: Arc<Counters>,
     pub(crate) mailbox: Mailbox,
     pub(crate) renewer: Mutex<Option<JoinHandle<()>>>,
 }
@@ -36,6 +39,7 @@ impl ManagerShared {
             BeforeRelease::Held => None,
             BeforeRelease::Lost(reason) => Some(reason),
         };
+        holdings::released(lease.holder);
         // Untrack before the delete: the renewer drops the lease, and a renewal already in flight
         // cannot revive the key, because renewals only extend a key that holds our token.
         self.mailbox.untrack(lease);
@@ -73,6 +77,69 @@ impl ManagerShared {
                 Err(error.into())
             }
         }
+    }
+
+    /// Whether this is the renewer's thread (a loss callback or an event hook runs there): a
+    /// call that waits for the renewer must not wait there.
+    fn on_renewer_thread(&self) -> bool {
+        self.renewer
+            .lock()
+            .as_ref()
+            .is_some_and(|renewer| renewer.thread().id() == std::thread::current().id())
+    }
+
+    /// Whether `key` is held, at the clock's current time, by a lease of this manager that
+    /// thread `holder` acquired: asks the renewer, which knows every tracked lease. `false` on
+    /// the renewer's own thread (a loss callback or event hook that acquires), which cannot
+    /// wait for itself.
+    pub(crate) fn held_by(&self, key: &str, holder: u64) -> bool {
+        if self.on_renewer_thread() {
+            return false;
+        }
+        let (reply, answer) = crossbeam_channel::bounded(1);
+        self.mailbox.send(
+            Command::HeldBy {
+                key: key.into(),
+                holder,
+                reply,
+            },
+            Wake::Now,
+        );
+        answer.recv().unwrap_or(false)
+    }
+
+    /// Renews `lease` at once with `ttl` (leaving `validity`), through the renewer's worker so
+    /// that the call is ordered after every renewal of the lease sent before it; waits for the
+    /// backend's answer, applied to the lease and its schedule. `Err` when nothing was sent. See
+    /// [`Lease::extend`](crate::Lease::extend).
+    pub(crate) fn extend(
+        &self,
+        lease: &Arc<LeaseShared>,
+        ttl: Duration,
+        validity: Duration,
+    ) -> Result<Result<Ownership, BackendError>, Error> {
+        if self.on_renewer_thread() {
+            return Err(Error::Backend(BackendError::permanent(
+                "Lease::extend cannot run on the renewer thread (in a loss callback or an event hook): it would wait for itself",
+            )));
+        }
+        let timeout = lease
+            .valid_until()
+            .saturating_duration_since(self.clock.now());
+        let (reply, answer) = crossbeam_channel::bounded(1);
+        self.mailbox.send(
+            Command::Extend(Extension {
+                lease: lease.clone(),
+                ttl,
+                validity,
+                timeout,
+                reply,
+            }),
+            Wake::Now,
+        );
+        Ok(answer
+            .recv()
+            .unwrap_or_else(|_| Err(BackendError::transient("the renewer has stopped"))))
     }
 }
 

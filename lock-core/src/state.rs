@@ -6,6 +6,7 @@
 //! monotonically (once false, false for good), and every loss is reported exactly once, by
 //! whichever path finds it first: the renewer, an expiry check, or a release.
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, Sender};
@@ -86,16 +87,44 @@ impl TokenText {
 enum Phase {
     Held,
     Suspect,
-    Lost(LostReason),
+    /// Boxed: a loss is rare, and every lease's state is 8 bytes smaller for it.
+    Lost(Box<LostReason>),
     Released,
 }
 
 struct LeaseState {
     valid_until: Instant,
+    /// The validity of the request that set `valid_until`, in nanoseconds: that request was
+    /// sent at `valid_until - valid_for`, and only the answer to a request sent later may
+    /// move it (see [`LeaseShared::renewed`]).
+    valid_for_nanos: u64,
     phase: Phase,
-    /// Created on the first call to [`LeaseShared::lost_receiver`], so leases nobody watches
-    /// stay small.
-    lost_channel: Option<Box<(Sender<LostReason>, Receiver<LostReason>)>>,
+    /// Created on the first call to [`LeaseShared::lost_receiver`] or
+    /// [`LeaseShared::on_lost`], so leases nobody watches stay small.
+    watchers: Option<Box<LossWatchers>>,
+}
+
+/// A callback to run once, when a lease is lost.
+pub(crate) type LostCallback = Box<dyn FnOnce(LostReason) + Send>;
+
+/// Who is told of a lease's loss, besides the event hook.
+#[derive(Default)]
+struct LossWatchers {
+    /// The channel of [`LeaseShared::lost_receiver`], made on its first call.
+    channel: Option<(Sender<LostReason>, Receiver<LostReason>)>,
+    /// Callbacks registered by [`LeaseShared::on_lost`], not run yet.
+    callbacks: Vec<LostCallback>,
+}
+
+impl LossWatchers {
+    /// Tells the channel, and hands over the callbacks to run once the state's lock is dropped.
+    fn lost(&mut self, reason: &LostReason) -> Vec<LostCallback> {
+        if let Some((sender, _)) = &self.channel {
+            // Capacity one, sent once: never blocks, never full.
+            let _ = sender.try_send(reason.clone());
+        }
+        std::mem::take(&mut self.callbacks)
+    }
 }
 
 /// What a lease was when its holder began to release it.
@@ -112,7 +141,8 @@ pub(crate) enum BeforeRelease {
 #[must_use]
 enum Report {
     Nothing,
-    Lost(LostReason),
+    /// Lost, with the callbacks to run.
+    Lost(LostReason, Vec<LostCallback>),
     Suspect(Instant),
     Renewed(Instant),
 }
@@ -120,14 +150,16 @@ enum Report {
 /// The shared part of one lease.
 pub(crate) struct LeaseShared {
     pub(crate) key: Box<str>,
+    /// The number of the thread that acquired it (see [`holdings`](crate::holdings)).
+    pub(crate) holder: u64,
     pub(crate) token: Token,
     pub(crate) fence: u64,
     /// The TTL each renewal asks for, in nanoseconds (8 bytes rather than a `Duration`'s 16:
-    /// leases come by the hundred thousand).
-    ttl_nanos: u64,
-    /// How much of the TTL is trusted after each acquire or renewal: the backend's
-    /// [`DriftRule`](crate::DriftRule) applied once, at acquisition.
-    validity_nanos: u64,
+    /// leases come by the hundred thousand). Changed only by the renewer's worker, after an
+    /// extend (see [`LeaseShared::set_ttl`]), which is also the only thread that reads it for
+    /// requests, with the validity the backend's drift rule leaves of it: so each request's
+    /// TTL and validity match.
+    ttl_nanos: AtomicU64,
     /// The lease's place on the renewer's schedule.
     slot: Slot,
     /// The lease's place in the hand-off to the renewer, until the renewer takes it.
@@ -156,6 +188,7 @@ impl LeaseShared {
     /// A held lease, granted by a request sent at `sent_at`, trusted for `validity` from then.
     pub(crate) fn new(
         key: &str,
+        holder: u64,
         token: Token,
         fence: u64,
         ttl: Duration,
@@ -164,26 +197,29 @@ impl LeaseShared {
     ) -> LeaseShared {
         LeaseShared {
             key: key.into(),
+            holder,
             token,
             fence,
-            ttl_nanos: nanos(ttl),
-            validity_nanos: nanos(validity),
+            ttl_nanos: AtomicU64::new(nanos(ttl)),
             slot: Slot::new(),
             handoff: HandoffSlot::new(),
             state: Mutex::new(LeaseState {
                 valid_until: saturating_add(sent_at, validity),
+                valid_for_nanos: nanos(validity),
                 phase: Phase::Held,
-                lost_channel: None,
+                watchers: None,
             }),
         }
     }
 
     pub(crate) fn ttl(&self) -> Duration {
-        Duration::from_nanos(self.ttl_nanos)
+        Duration::from_nanos(self.ttl_nanos.load(Ordering::Relaxed))
     }
 
-    pub(crate) fn validity(&self) -> Duration {
-        Duration::from_nanos(self.validity_nanos)
+    /// The TTL that renewals ask for from now on. Called only by the renewer's worker, once
+    /// the backend has set this TTL, before its next call.
+    pub(crate) fn set_ttl(&self, ttl: Duration) {
+        self.ttl_nanos.store(nanos(ttl), Ordering::Relaxed);
     }
 
     pub(crate) fn valid_until(&self) -> Instant {
@@ -195,6 +231,13 @@ impl LeaseShared {
         self.state.get_mut().valid_until
     }
 
+    /// Whether the lease is neither lost nor released, and within its validity at `now`
+    /// (without reporting an expiry: the caller has no hook at hand).
+    pub(crate) fn is_valid_at(&self, now: Instant) -> bool {
+        let state = self.state.lock();
+        matches!(state.phase, Phase::Held | Phase::Suspect) && now < state.valid_until
+    }
+
     /// The status at `now`; a lease past its validity is lost now, whoever asks.
     pub(crate) fn status(&self, now: Instant, hook: &dyn EventHook) -> LeaseStatus {
         let (status, report) = {
@@ -203,7 +246,7 @@ impl LeaseShared {
             let status = match &state.phase {
                 Phase::Held => LeaseStatus::Held,
                 Phase::Suspect => LeaseStatus::Suspect,
-                Phase::Lost(reason) => LeaseStatus::Lost(reason.clone()),
+                Phase::Lost(reason) => LeaseStatus::Lost((**reason).clone()),
                 // No guard is left to ask; the renewer only needs "not held".
                 Phase::Released => LeaseStatus::Lost(LostReason::TakenOver),
             };
@@ -227,12 +270,19 @@ impl LeaseShared {
         valid_until
     }
 
-    /// A renewal sent at `sent_at` succeeded, and its answer came at `now`. Returns the new
-    /// end of validity, or `None` if the lease was lost or released meanwhile (then it must not
-    /// be renewed again). A late answer never shortens the validity.
+    /// A renewal (or an extend) sent at `sent_at`, whose TTL leaves `validity`, succeeded, and
+    /// its answer came at `now`. Returns the new end of validity, or `None` if the lease was
+    /// lost or released meanwhile (then it must not be renewed again).
+    ///
+    /// The validity counts from the latest request sent: the backend applies the renewer's
+    /// worker's calls in the order they are made, so the last one sent set the key's TTL. An
+    /// answer to a request sent before the one that set the validity confirms that the lease
+    /// is ours and changes nothing else: with one TTL, a late answer never shortens the
+    /// validity, and after an extend, an earlier renewal's answer never undoes it.
     pub(crate) fn renewed(
         &self,
         sent_at: Instant,
+        validity: Duration,
         now: Instant,
         hook: &dyn EventHook,
     ) -> Option<Instant> {
@@ -242,8 +292,14 @@ impl LeaseShared {
                 Report::Nothing => match state.phase {
                     Phase::Held | Phase::Suspect => {
                         state.phase = Phase::Held;
-                        let extended = saturating_add(sent_at, self.validity());
-                        state.valid_until = state.valid_until.max(extended);
+                        let valid_since = state
+                            .valid_until
+                            .checked_sub(Duration::from_nanos(state.valid_for_nanos))
+                            .unwrap_or(state.valid_until);
+                        if sent_at >= valid_since {
+                            state.valid_for_nanos = nanos(validity);
+                            state.valid_until = saturating_add(sent_at, validity);
+                        }
                         Report::Renewed(state.valid_until)
                     }
                     Phase::Lost(_) | Phase::Released => Report::Nothing,
@@ -301,7 +357,7 @@ impl LeaseShared {
             let report = expire_locked(&mut state, now);
             let before = match std::mem::replace(&mut state.phase, Phase::Released) {
                 Phase::Held | Phase::Suspect => BeforeRelease::Held,
-                Phase::Lost(reason) => BeforeRelease::Lost(reason),
+                Phase::Lost(reason) => BeforeRelease::Lost(*reason),
                 Phase::Released => BeforeRelease::Released,
             };
             (report, before)
@@ -316,36 +372,67 @@ impl LeaseShared {
     ///
     /// [`begin_release`]: LeaseShared::begin_release
     pub(crate) fn lost_before_release(&self, reason: LostReason, hook: &dyn EventHook) {
-        if let Some(channel) = &self.state.lock().lost_channel {
-            let _ = channel.0.try_send(reason.clone());
-        }
-        self.report(Report::Lost(reason), hook);
+        let callbacks = match &mut self.state.lock().watchers {
+            Some(watchers) => watchers.lost(&reason),
+            None => Vec::new(),
+        };
+        self.report(Report::Lost(reason, callbacks), hook);
     }
 
     /// The receiver of this lease's loss: one channel per lease, made on first use.
     pub(crate) fn lost_receiver(&self) -> Receiver<LostReason> {
         let mut state = self.state.lock();
         let state = &mut *state;
-        if let Some(channel) = &state.lost_channel {
-            return channel.1.clone();
+        let watchers = state.watchers.get_or_insert_with(Box::default);
+        if let Some((_, receiver)) = &watchers.channel {
+            return receiver.clone();
         }
         let (sender, receiver) = crossbeam_channel::bounded(1);
         if let Phase::Lost(reason) = &state.phase {
-            let _ = sender.try_send(reason.clone());
+            let _ = sender.try_send((**reason).clone());
         }
-        state.lost_channel = Some(Box::new((sender, receiver.clone())));
+        watchers.channel = Some((sender, receiver.clone()));
         receiver
+    }
+
+    /// Runs `callback` once when the lease is lost: at once (on this thread) if it is lost at
+    /// `now` already, never if it is released first.
+    pub(crate) fn on_lost(&self, now: Instant, hook: &dyn EventHook, callback: LostCallback) {
+        let (report, run_now) = {
+            let mut state = self.state.lock();
+            let state = &mut *state;
+            let report = expire_locked(state, now);
+            let run_now = match &state.phase {
+                Phase::Held | Phase::Suspect => {
+                    let watchers = state.watchers.get_or_insert_with(Box::default);
+                    watchers.callbacks.push(callback);
+                    None
+                }
+                Phase::Lost(reason) => Some(((**reason).clone(), callback)),
+                Phase::Released => None,
+            };
+            (report, run_now)
+        };
+        self.report(report, hook);
+        if let Some((reason, callback)) = run_now {
+            run_lost_callback(&self.key, reason, callback);
+        }
     }
 
     fn report(&self, report: Report, hook: &dyn EventHook) {
         let (key, fence) = (&*self.key, self.fence);
         match report {
             Report::Nothing => {}
-            Report::Lost(reason) => hook.on_event(&LeaseEvent::Lost {
-                key,
-                fence,
-                reason: &reason,
-            }),
+            Report::Lost(reason, callbacks) => {
+                hook.on_event(&LeaseEvent::Lost {
+                    key,
+                    fence,
+                    reason: &reason,
+                });
+                for callback in callbacks {
+                    run_lost_callback(key, reason.clone(), callback);
+                }
+            }
             Report::Suspect(valid_until) => hook.on_event(&LeaseEvent::Suspect {
                 key,
                 fence,
@@ -360,17 +447,26 @@ impl LeaseShared {
     }
 }
 
-/// Moves to `Lost` unless lost or released already, and sends on the lost channel.
+/// Runs a loss callback; a panic in it is caught and logged, like the event hook's.
+fn run_lost_callback(key: &str, reason: LostReason, callback: LostCallback) {
+    let call = std::panic::AssertUnwindSafe(|| callback(reason));
+    if std::panic::catch_unwind(call).is_err() {
+        tracing::error!(key, "a lease's on_lost callback panicked");
+    }
+}
+
+/// Moves to `Lost` unless lost or released already, sends on the lost channel and hands over
+/// the callbacks.
 fn lose_locked(state: &mut LeaseState, reason: LostReason) -> Report {
     if matches!(state.phase, Phase::Lost(_) | Phase::Released) {
         return Report::Nothing;
     }
-    state.phase = Phase::Lost(reason.clone());
-    if let Some(channel) = &state.lost_channel {
-        // Capacity one, sent once: never blocks, never full.
-        let _ = channel.0.try_send(reason.clone());
-    }
-    Report::Lost(reason)
+    state.phase = Phase::Lost(Box::new(reason.clone()));
+    let callbacks = match &mut state.watchers {
+        Some(watchers) => watchers.lost(&reason),
+        None => Vec::new(),
+    };
+    Report::Lost(reason, callbacks)
 }
 
 /// A lease whose validity has run out at `now` is lost.
@@ -385,6 +481,25 @@ fn expire_locked(state: &mut LeaseState, now: Instant) -> Report {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_validity_follows_the_latest_request_sent_whatever_the_order_of_answers() {
+        let hook = crate::NoopHook;
+        let start = Instant::now();
+        let at = |secs| start + Duration::from_secs(secs);
+        let (short, long) = (Duration::from_secs(10), Duration::from_secs(100));
+        let lease = LeaseShared::new("k", 1, Token::random(), 1, short, short, at(0));
+        assert_eq!(lease.valid_until(), at(10));
+        // An extend sent at 2 s to a long TTL...
+        assert_eq!(lease.renewed(at(2), long, at(3), &hook), Some(at(102)));
+        // ...then the answer to a renewal sent before it, with the short TTL: no effect.
+        assert_eq!(lease.renewed(at(1), short, at(4), &hook), Some(at(102)));
+        // A later request sets the validity, shorter or not: that is what the backend holds.
+        assert_eq!(lease.renewed(at(5), short, at(6), &hook), Some(at(15)));
+        assert_eq!(lease.renewed(at(7), short, at(8), &hook), Some(at(17)));
+        // With one TTL, a late answer never shortens the validity.
+        assert_eq!(lease.renewed(at(6), short, at(9), &hook), Some(at(17)));
+    }
 
     #[test]
     fn a_token_is_written_as_its_uuids_hex_digits() {

@@ -136,8 +136,10 @@ fn wait_of_duration_max_means_no_deadline() {
 
 #[test]
 fn acquire_times_out_on_a_held_key() {
-    let manager = LockManager::new(MemoryBackend::new());
-    let _held = manager.acquire("k", TTL).unwrap();
+    let backend = MemoryBackend::new();
+    let manager = LockManager::new(backend.clone());
+    // Another holder (this thread's own lease would be refused at once: not re-entrant).
+    let _held = LockManager::new(backend).acquire("k", TTL).unwrap();
     let started = Instant::now();
     let error = manager
         .acquire_timeout("k", TTL, Duration::from_millis(50))

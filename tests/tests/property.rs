@@ -120,6 +120,7 @@ struct MemoryStats {
     try_granted: usize,
     zero_wait_granted: usize,
     refused: usize,
+    already_held: usize,
     released: usize,
     dropped: usize,
     advances: usize,
@@ -253,6 +254,23 @@ impl MemoryRun {
                         format!(
                             "manager {manager} was refused free key {key} (zero wait: {zero_wait})"
                         ),
+                    );
+                }
+                return;
+            }
+            Err(error) if error.is_already_held() => {
+                // Documented when this manager holds the key for this thread (the run is one
+                // thread): not re-entrant.
+                self.stats.already_held += 1;
+                let holds = self.live.iter().any(|tracked| {
+                    tracked.manager == manager
+                        && tracked.key == key
+                        && tracked.lease.as_ref().is_some_and(Lease::is_held)
+                });
+                if !holds {
+                    self.found(
+                        CALL_RESULT,
+                        format!("acquiring {key}: {error}, but manager {manager} holds no live lease on it"),
                     );
                 }
                 return;
