@@ -72,6 +72,11 @@ impl Lease {
     /// Pass it with every write to the protected resource, and have the resource refuse a write
     /// whose fence is lower than the highest it has seen. That rejects a holder that lost its
     /// lease without knowing it (a long pause, a slow network), which no timeout can do.
+    ///
+    /// Fences are large on Redis (seeded by the server's clock in microseconds, about 2^51 today)
+    /// and small on memory (1, 2, 3, ... per key), and always below `i64::MAX` in practice: store
+    /// them in a signed 64-bit column (`BIGINT` in SQL), converting with `i64::try_from`. The
+    /// `fenced_postgres` example of the workspace shows the whole recipe.
     pub fn fence(&self) -> u64 {
         self.shared.fence
     }

@@ -6,15 +6,12 @@
 
 use std::collections::BTreeMap;
 use std::fmt;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use lock_core::{
-    AcquireOutcome, BackendError, LeaseBackend, LeaseEvent, LeaseRequest, LockManager, Ownership,
-};
-use lock_memory::MemoryBackend;
-use lock_redis::RedisBackend;
+use lock_core::{LeaseEvent, LockManager};
+use lock_examples::{lock_store, Link};
 use parking_lot::Mutex;
 
 /// Short, so that the story takes a few seconds; real leases want seconds or minutes.
@@ -37,7 +34,9 @@ fn run() -> DemoResult {
     let say = move |who: &str, what: fmt::Arguments<'_>| {
         println!("{:>6.2}s  {who:<6} {what}", started.elapsed().as_secs_f64());
     };
-    let (store, described) = store_from_args()?;
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let (store, described) = lock_store("demo", &args)?;
     println!("Lease demo on {described}. TTL of every lease: {TTL:?}.\n");
 
     let renewals = Arc::new(AtomicUsize::new(0));
@@ -176,31 +175,6 @@ fn run() -> DemoResult {
     Ok(())
 }
 
-/// The lock store named on the command line: `--redis URL`, or the memory backend.
-fn store_from_args() -> DemoResult<(Arc<dyn LeaseBackend>, String)> {
-    let args: Vec<String> = std::env::args().skip(1).collect();
-    match args
-        .iter()
-        .map(String::as_str)
-        .collect::<Vec<_>>()
-        .as_slice()
-    {
-        [] => Ok((
-            Arc::new(MemoryBackend::new()),
-            "the in-process memory backend".into(),
-        )),
-        ["--redis", url] => {
-            let backend = RedisBackend::builder(url)
-                // Keys of this demo only, so that it never touches the application's locks.
-                .key_prefix(format!("lease-demo:{}:", std::process::id()))
-                .build()?;
-            let described = format!("Redis at {}", lock_redis::redact_url(url));
-            Ok((Arc::new(backend), described))
-        }
-        _ => Err("usage: demo [--redis redis://host:port]".into()),
-    }
-}
-
 /// Prints renewer events with the worker's name (the demo's stand-in for a `tracing` subscriber).
 fn tracing_like(who: &str, what: fmt::Arguments<'_>) {
     println!("          {who:<6} {what}");
@@ -261,85 +235,5 @@ impl FencedLedger {
             .map(|(record, (fence, value))| format!("{record} = {value:?} (fence {fence})"))
             .collect();
         parts.join(", ")
-    }
-}
-
-/// One worker's link to the lock store: a [`LeaseBackend`] that forwards to another, and can be
-/// cut to simulate a stalled process or a network partition.
-#[derive(Clone)]
-struct Link {
-    store: Arc<dyn LeaseBackend>,
-    cut: Arc<AtomicBool>,
-}
-
-#[derive(Debug)]
-struct LinkCut;
-
-impl fmt::Display for LinkCut {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("no route to the lock store")
-    }
-}
-
-impl std::error::Error for LinkCut {}
-
-impl Link {
-    fn new(store: Arc<dyn LeaseBackend>) -> Link {
-        Link {
-            store,
-            cut: Arc::new(AtomicBool::new(false)),
-        }
-    }
-
-    fn cut(&self) {
-        self.cut.store(true, Ordering::SeqCst);
-    }
-
-    fn restore(&self) {
-        self.cut.store(false, Ordering::SeqCst);
-    }
-
-    fn check(&self) -> Result<(), BackendError> {
-        if self.cut.load(Ordering::SeqCst) {
-            Err(BackendError::transient(LinkCut))
-        } else {
-            Ok(())
-        }
-    }
-}
-
-impl LeaseBackend for Link {
-    fn try_acquire(
-        &self,
-        request: &LeaseRequest<'_>,
-        timeout: Duration,
-    ) -> Result<AcquireOutcome, BackendError> {
-        self.check()?;
-        self.store.try_acquire(request, timeout)
-    }
-
-    fn renew_batch(
-        &self,
-        requests: &[LeaseRequest<'_>],
-        timeout: Duration,
-    ) -> Vec<Result<Ownership, BackendError>> {
-        match self.check() {
-            Ok(()) => self.store.renew_batch(requests, timeout),
-            Err(error) => requests.iter().map(|_| Err(error.clone())).collect(),
-        }
-    }
-
-    fn release(
-        &self,
-        key: &str,
-        token: &str,
-        timeout: Duration,
-    ) -> Result<Ownership, BackendError> {
-        self.check()?;
-        self.store.release(key, token, timeout)
-    }
-
-    fn watch_release(&self, key: &str) -> Option<lock_core::ReleaseWatch> {
-        self.store.watch_release(key)
     }
 }

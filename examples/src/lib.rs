@@ -1,0 +1,22 @@
+//! What the workspace's runnable examples share, with each other and with the tests that run
+//! their logic against real servers:
+//!
+//! - [`lock_store`]: the lock store a command line names (`--redis URL`, or the memory backend),
+//!   and [`Link`], a worker's link to it that can be cut to simulate a stalled process.
+//! - [`fenced_postgres`]: fenced writes to PostgreSQL, the recipe that makes a stale lease holder
+//!   harmless: a `BIGINT` fence column, the fenced upsert, the claim at acquisition, and a query
+//!   cancelled when its lease is lost.
+//!
+//! The examples: `cargo run --example demo [-- --redis URL]` and
+//! `cargo run --example fenced_postgres -- POSTGRES_URL [--redis URL]`.
+
+pub mod fenced_postgres;
+pub mod lock_store;
+
+pub use lock_store::{lock_store, Link};
+
+/// The README's Rust examples, compiled and run as doc tests (this crate depends on every
+/// backend the README shows).
+#[cfg(doctest)]
+#[doc = include_str!("../../README.md")]
+pub struct ReadmeDoctests;
