@@ -8,6 +8,9 @@
 //!   its directory.
 //! - [`tls::TestPki`] generates the certificates of TLS tests (`rcgen`), and
 //!   [`ServerOptions::tls`] makes a server listen with TLS.
+//! - [`PostgresServer`] creates a throwaway PostgreSQL cluster (`initdb`, `pg_ctl`) on a free
+//!   port, as an unprivileged user when the tests run as root, and stops it on `Drop`; the
+//!   fenced-write tests run the `fenced_postgres` example's recipe against it.
 //! - [`SentinelGroup`] starts a master, its replicas and three sentinels on free ports, and can
 //!   kill the master, force a failover and wait until the sentinels agree on the new master.
 //! - [`TcpProxy`] sits between a client and a server and can pass, delay, blackhole or reset the
@@ -25,8 +28,8 @@
 //!   checks such races, and [`fenced_write`] is the fenced store they write to.
 //! - [`property`] keeps the books of the property run, shared with its `property-worker` binary.
 //!
-//! A missing `redis-server` binary is a test failure with the command that installs it, never a
-//! silent skip.
+//! A missing `redis-server` (or `initdb`) binary is a test failure with the command that
+//! installs it, never a silent skip.
 //!
 //! ```no_run
 //! use lock_tests::{ProxyMode, RedisServer, TcpProxy};
@@ -47,6 +50,7 @@ pub mod cpu;
 pub mod direct;
 pub mod fenced;
 pub mod logs;
+pub mod postgres_server;
 pub mod property;
 pub mod proxy;
 pub mod sentinel;
@@ -56,6 +60,7 @@ pub mod tls;
 pub use counting::CountingRun;
 pub use fenced::fenced_write;
 pub use logs::{captured_logs, CapturedLogs};
+pub use postgres_server::PostgresServer;
 pub use proxy::{ProxyMode, TcpProxy};
 pub use sentinel::{GroupOptions, SentinelGroup};
 pub use server::{RedisServer, SentinelConfig, ServerOptions};

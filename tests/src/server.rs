@@ -842,23 +842,26 @@ fn find_redis_server() -> PathBuf {
         })
 }
 
-/// A fresh, empty directory under the system temp dir, unique to this process and server.
+/// A fresh, empty directory under the system temp dir for a `redis-server`, unique to this
+/// process and server.
 fn create_server_dir() -> PathBuf {
+    create_temp_dir("redis")
+}
+
+/// A fresh, empty directory `lock-tests-{kind}-{pid}-{n}` under the system temp dir, unique to
+/// this process and server.
+pub(crate) fn create_temp_dir(kind: &str) -> PathBuf {
     let id = NEXT_SERVER_ID.fetch_add(1, Ordering::Relaxed);
-    let dir = std::env::temp_dir().join(format!("lock-tests-redis-{}-{id}", std::process::id()));
+    let dir = std::env::temp_dir().join(format!("lock-tests-{kind}-{}-{id}", std::process::id()));
     // A directory of the same name can only be left over by a dead process that had our pid.
     let _ = fs::remove_dir_all(&dir);
-    fs::create_dir_all(&dir).unwrap_or_else(|e| {
-        panic!(
-            "cannot create redis-server directory {}: {e}",
-            dir.display()
-        )
-    });
+    fs::create_dir_all(&dir)
+        .unwrap_or_else(|e| panic!("cannot create {kind} directory {}: {e}", dir.display()));
     dir
 }
 
 /// A port of `127.0.0.1` that was free a moment ago.
-fn free_port() -> u16 {
+pub(crate) fn free_port() -> u16 {
     TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
         .and_then(|listener| listener.local_addr())
         .map(|addr| addr.port())

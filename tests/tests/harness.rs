@@ -6,7 +6,7 @@
 
 use std::time::{Duration, Instant};
 
-use lock_tests::{wait_until, ProxyMode, RedisServer, ServerOptions, TcpProxy};
+use lock_tests::{wait_until, PostgresServer, ProxyMode, RedisServer, ServerOptions, TcpProxy};
 
 /// Timeout of the commands that are expected to time out.
 const SHORT_TIMEOUT: Duration = Duration::from_millis(200);
@@ -436,4 +436,40 @@ fn wait_until_returns_once_the_condition_holds() {
         calls == 3
     });
     assert_eq!(calls, 3);
+}
+
+#[test]
+fn postgres_server_is_a_cluster_of_its_own_and_stops_on_drop() {
+    let server = PostgresServer::start();
+    assert_ne!(
+        server.port(),
+        5432,
+        "must never use the machine's own PostgreSQL"
+    );
+    let mut client = server.client();
+    let port: String = client.query_one("SHOW port", &[]).unwrap().get(0);
+    assert_eq!(port, server.port().to_string());
+    let url = server.url();
+    drop(client);
+    drop(server);
+    assert!(
+        postgres::Client::connect(&url, postgres::NoTls).is_err(),
+        "the server still answers after the drop"
+    );
+}
+
+#[test]
+fn postgres_server_stops_when_its_test_panics() {
+    let (urls, panicked) = std::sync::mpsc::channel();
+    let result = std::panic::catch_unwind(move || {
+        let server = PostgresServer::start();
+        urls.send(server.url()).unwrap();
+        panic!("the test fails while the server runs");
+    });
+    assert!(result.is_err());
+    let url = panicked.recv().unwrap();
+    assert!(
+        postgres::Client::connect(&url, postgres::NoTls).is_err(),
+        "the server still answers after the panic"
+    );
 }
