@@ -163,6 +163,11 @@ pub trait LeaseBackend: Send + Sync + 'static {
     ///
     /// Called once per attempt by `try_acquire`, and again after each backoff by `acquire`; one
     /// round trip.
+    ///
+    /// # Errors
+    ///
+    /// A [`BackendError`] when the backend cannot say whether the key was taken within
+    /// `timeout`, or refuses the call: transient when a retry may help, permanent otherwise.
     fn try_acquire(
         &self,
         request: &LeaseRequest<'_>,
@@ -185,6 +190,11 @@ pub trait LeaseBackend: Send + Sync + 'static {
     /// Deletes the key if `token` owns it, and wakes the key's waiters.
     ///
     /// Called when a lease is released or dropped, after the renewer has stopped renewing it.
+    ///
+    /// # Errors
+    ///
+    /// A [`BackendError`] when the outcome is unknown (no answer within `timeout`) or the call
+    /// was refused; the manager reports it as such, never as a loss.
     fn release(&self, key: &str, token: &str, timeout: Duration)
         -> Result<Ownership, BackendError>;
 
@@ -217,6 +227,11 @@ pub trait LeaseBackend: Send + Sync + 'static {
     /// [`LockManager::inspect`](crate::LockManager::inspect); never on the lease path. One round
     /// trip (one per node on Redlock). The default returns the permanent
     /// [`BackendError::unsupported`] error.
+    ///
+    /// # Errors
+    ///
+    /// A [`BackendError`] when the backend does not answer within `timeout`, refuses the call,
+    /// or cannot inspect keys.
     fn inspect(&self, key: &str, timeout: Duration) -> Result<KeyState, BackendError> {
         let _ = (key, timeout);
         Err(BackendError::unsupported("inspect"))
@@ -230,6 +245,11 @@ pub trait LeaseBackend: Send + Sync + 'static {
     /// path. The fence counter stays, so the next holder still gets a higher fence; the holder
     /// finds out at its next renewal. The default returns the permanent
     /// [`BackendError::unsupported`] error.
+    ///
+    /// # Errors
+    ///
+    /// A [`BackendError`] when the backend does not answer within `timeout` (the key may or
+    /// may not be deleted), refuses the call, or cannot force a release.
     fn force_release(&self, key: &str, timeout: Duration) -> Result<bool, BackendError> {
         let _ = (key, timeout);
         Err(BackendError::unsupported("force_release"))

@@ -122,6 +122,14 @@ fn request<'a>(key: &'a str, token: &'a str, ttl: Duration) -> LeaseRequest<'a> 
 const NO_LIMIT: Duration = Duration::MAX;
 
 /// Renews one lease through [`LeaseBackend::renew_batch`]: a batch of one.
+///
+/// # Errors
+///
+/// The backend's error for the renewal.
+///
+/// # Panics
+///
+/// If the backend breaks its contract by returning no result for the batch.
 pub fn renew_one(
     backend: &dyn LeaseBackend,
     request: &LeaseRequest<'_>,

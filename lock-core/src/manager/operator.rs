@@ -15,6 +15,11 @@ impl LockManager {
     /// never decide from it whether to acquire. A backend that cannot tell fails with a
     /// permanent error whose [`is_unsupported`](crate::BackendError::is_unsupported) is true.
     ///
+    /// # Errors
+    ///
+    /// [`Error::InvalidKey`] for an empty key; [`Error::Backend`] when the backend fails or
+    /// cannot inspect keys.
+    ///
     /// ```
     /// use std::time::Duration;
     /// use lock_core::LockManager;
@@ -38,6 +43,11 @@ impl LockManager {
     /// finds its lease lost at its next renewal (within a third of its TTL, by default), and
     /// may work unprotected until then, so a resource that checks fences is what keeps this
     /// safe. The next holder's fence is higher than the deleted holder's.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::InvalidKey`] for an empty key; [`Error::Backend`] when the backend fails (the
+    /// key may or may not have been deleted) or cannot force a release.
     ///
     /// ```
     /// use std::time::Duration;
