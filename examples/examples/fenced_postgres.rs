@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 
 use lock_core::LockManager;
 use lock_examples::fenced_postgres::{
-    cancel_query_on_loss, claim, create_table, read_invoice, write_total, Write,
+    cancel_query_on_loss, claim, create_table, read_invoice, write_total, WriteOutcome,
 };
 use lock_examples::{lock_store, Link};
 use postgres::error::SqlState;
@@ -136,7 +136,7 @@ fn run() -> ExampleResult {
         "DELETE FROM fenced_invoices WHERE invoice = $1",
         &[&invoice],
     )?;
-    if late != Write::Refused || written != Write::Accepted {
+    if late != WriteOutcome::Refused || written != WriteOutcome::Accepted {
         return Err("the fences did not decide as expected".into());
     }
     Ok(())

@@ -56,7 +56,7 @@ const CLAIM: &str = "
 
 /// What a fenced statement did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Write {
+pub enum WriteOutcome {
     /// The row took the write: its fence was not higher than ours, and now is ours.
     Accepted,
     /// The row holds a higher fence: a newer holder wrote or claimed it, so we are stale.
@@ -117,13 +117,13 @@ pub fn claim(
     client: &mut impl GenericClient,
     invoice: &str,
     fence: u64,
-) -> Result<Write, FencedWriteError> {
+) -> Result<WriteOutcome, FencedWriteError> {
     let rows = client.execute(CLAIM, &[&invoice, &fence_to_sql(fence)?])?;
     Ok(outcome(rows))
 }
 
 /// The fenced upsert: writes the invoice's `total` with `fence` unless the row holds a higher
-/// fence; the affected row count tells [`Write::Accepted`] from [`Write::Refused`].
+/// fence; the affected row count tells [`WriteOutcome::Accepted`] from [`WriteOutcome::Refused`].
 ///
 /// # Errors
 ///
@@ -133,7 +133,7 @@ pub fn write_total(
     invoice: &str,
     total: i64,
     fence: u64,
-) -> Result<Write, FencedWriteError> {
+) -> Result<WriteOutcome, FencedWriteError> {
     let rows = client.execute(WRITE_TOTAL, &[&invoice, &total, &fence_to_sql(fence)?])?;
     Ok(outcome(rows))
 }
@@ -163,11 +163,11 @@ pub fn read_invoice(
 }
 
 /// One statement touches one row: 1 accepted, 0 refused.
-fn outcome(rows: u64) -> Write {
+fn outcome(rows: u64) -> WriteOutcome {
     if rows == 0 {
-        Write::Refused
+        WriteOutcome::Refused
     } else {
-        Write::Accepted
+        WriteOutcome::Accepted
     }
 }
 

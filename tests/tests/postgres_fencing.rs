@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use lock_core::{LeaseBackend, LockManager, ManualClock};
 use lock_examples::fenced_postgres::{
     cancel_query_on_loss, claim, create_table, fence_to_sql, read_invoice, write_total,
-    FencedWriteError, InvoiceRow, Write,
+    FencedWriteError, InvoiceRow, WriteOutcome,
 };
 use lock_examples::Link;
 use lock_memory::MemoryBackend;
@@ -65,15 +65,18 @@ fn a_holder_paused_past_its_ttl_is_refused_from_the_new_holders_claim_on() {
 
     let old = old_manager.acquire(INVOICE, TTL).unwrap();
     let old_fence = old.fence();
-    assert_eq!(claim(&mut db, INVOICE, old_fence).unwrap(), Write::Accepted);
+    assert_eq!(
+        claim(&mut db, INVOICE, old_fence).unwrap(),
+        WriteOutcome::Accepted
+    );
     assert_eq!(
         write_total(&mut db, INVOICE, 100, old_fence).unwrap(),
-        Write::Accepted
+        WriteOutcome::Accepted
     );
     // A holder writes again with its one fence.
     assert_eq!(
         write_total(&mut db, INVOICE, 101, old_fence).unwrap(),
-        Write::Accepted
+        WriteOutcome::Accepted
     );
 
     // The old holder's process is paused past its TTL: nothing of it runs, time passes.
@@ -87,15 +90,21 @@ fn a_holder_paused_past_its_ttl_is_refused_from_the_new_holders_claim_on() {
         .expect("the key is free");
     let new_fence = new.fence();
     assert!(new_fence > old_fence);
-    assert_eq!(claim(&mut db, INVOICE, new_fence).unwrap(), Write::Accepted);
+    assert_eq!(
+        claim(&mut db, INVOICE, new_fence).unwrap(),
+        WriteOutcome::Accepted
+    );
 
     // The old holder wakes up and writes what it prepared: refused by the claim alone.
     assert_eq!(
         write_total(&mut db, INVOICE, 999, old_fence).unwrap(),
-        Write::Refused
+        WriteOutcome::Refused
     );
     // A claim it retries is refused too.
-    assert_eq!(claim(&mut db, INVOICE, old_fence).unwrap(), Write::Refused);
+    assert_eq!(
+        claim(&mut db, INVOICE, old_fence).unwrap(),
+        WriteOutcome::Refused
+    );
     assert_eq!(
         row(&mut db),
         InvoiceRow {
@@ -107,11 +116,11 @@ fn a_holder_paused_past_its_ttl_is_refused_from_the_new_holders_claim_on() {
 
     assert_eq!(
         write_total(&mut db, INVOICE, 120, new_fence).unwrap(),
-        Write::Accepted
+        WriteOutcome::Accepted
     );
     assert_eq!(
         write_total(&mut db, INVOICE, 999, old_fence).unwrap(),
-        Write::Refused
+        WriteOutcome::Refused
     );
     assert_eq!(
         row(&mut db),
@@ -141,16 +150,16 @@ fn without_a_claim_a_stale_write_lands_until_the_new_holder_writes() {
 
     assert_eq!(
         write_total(&mut db, INVOICE, 999, old.fence()).unwrap(),
-        Write::Accepted,
+        WriteOutcome::Accepted,
         "no newer fence has touched the row yet"
     );
     assert_eq!(
         write_total(&mut db, INVOICE, 120, new.fence()).unwrap(),
-        Write::Accepted
+        WriteOutcome::Accepted
     );
     assert_eq!(
         write_total(&mut db, INVOICE, 999, old.fence()).unwrap(),
-        Write::Refused
+        WriteOutcome::Refused
     );
     assert_eq!(row(&mut db).total, Some(120));
 }
@@ -234,7 +243,10 @@ fn on_redis_a_holder_cut_off_past_its_ttl_is_refused_and_its_statement_cancelled
     let old = old_manager.acquire(INVOICE, ttl).unwrap();
     let old_fence = old.fence();
     assert!(old_fence > u64::from(u32::MAX), "Redis fences are large");
-    assert_eq!(claim(&mut db, INVOICE, old_fence).unwrap(), Write::Accepted);
+    assert_eq!(
+        claim(&mut db, INVOICE, old_fence).unwrap(),
+        WriteOutcome::Accepted
+    );
 
     let mut old_db = server.client();
     let cancel = cancel_query_on_loss(&old, old_db.cancel_token()).unwrap();
@@ -249,15 +261,15 @@ fn on_redis_a_holder_cut_off_past_its_ttl_is_refused_and_its_statement_cancelled
     assert!(new.fence() > old_fence);
     assert_eq!(
         claim(&mut db, INVOICE, new.fence()).unwrap(),
-        Write::Accepted
+        WriteOutcome::Accepted
     );
     assert_eq!(
         write_total(&mut old_db, INVOICE, 100, old_fence).unwrap(),
-        Write::Refused
+        WriteOutcome::Refused
     );
     assert_eq!(
         write_total(&mut db, INVOICE, 120, new.fence()).unwrap(),
-        Write::Accepted
+        WriteOutcome::Accepted
     );
     assert_eq!(
         row(&mut db),
