@@ -11,25 +11,17 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use lock_core::{LeaseEvent, LockManager};
-use lock_examples::{lock_store, Link};
+use lock_examples::{exit_code, lock_store, ExampleResult, Link};
 use parking_lot::Mutex;
 
 /// Short, so that the story takes a few seconds; real leases want seconds or minutes.
 const TTL: Duration = Duration::from_millis(600);
 
-type DemoResult<T = ()> = Result<T, Box<dyn std::error::Error + Send + Sync>>;
-
 fn main() -> std::process::ExitCode {
-    match run() {
-        Ok(()) => std::process::ExitCode::SUCCESS,
-        Err(error) => {
-            eprintln!("demo failed: {error}");
-            std::process::ExitCode::FAILURE
-        }
-    }
+    exit_code("demo", run())
 }
 
-fn run() -> DemoResult {
+fn run() -> ExampleResult {
     let started = Instant::now();
     let say = move |who: &str, what: fmt::Arguments<'_>| {
         println!("{:>6.2}s  {who:<6} {what}", started.elapsed().as_secs_f64());
@@ -42,7 +34,7 @@ fn run() -> DemoResult {
     let renewals = Arc::new(AtomicUsize::new(0));
     // Each worker runs in its own "process": its own manager, and its own network link to the
     // lock store, which we can cut to simulate a stall or a partition.
-    let worker = |name: &'static str| -> DemoResult<(LockManager, Link)> {
+    let worker = |name: &'static str| -> ExampleResult<(LockManager, Link)> {
         let link = Link::new(store.clone());
         let renewals = renewals.clone();
         let manager = LockManager::builder(link.clone())
@@ -66,7 +58,7 @@ fn run() -> DemoResult {
     let (alice, _) = worker("alice")?;
     let alice_job = {
         let ledger = ledger.clone();
-        std::thread::spawn(move || -> DemoResult<usize> {
+        std::thread::spawn(move || -> ExampleResult<usize> {
             let lease = alice.acquire("nightly-report", TTL)?;
             say(
                 "alice",

@@ -19,28 +19,15 @@ use lock_core::LockManager;
 use lock_examples::fenced_postgres::{
     cancel_query_on_loss, claim, create_table, read_invoice, write_total, WriteOutcome,
 };
-use lock_examples::{lock_store, Link};
+use lock_examples::{exit_code, lock_store, ExampleResult, Link};
 use postgres::error::SqlState;
 use postgres::{Client, NoTls};
 
 /// Short, so that the story takes a few seconds; real leases want seconds or minutes.
 const TTL: Duration = Duration::from_millis(600);
 
-type ExampleResult<T = ()> = Result<T, Box<dyn std::error::Error + Send + Sync>>;
-
 fn main() -> std::process::ExitCode {
-    match run() {
-        Ok(()) => std::process::ExitCode::SUCCESS,
-        Err(error) => {
-            eprintln!("fenced_postgres failed: {error}");
-            let mut source = error.source();
-            while let Some(cause) = source {
-                eprintln!("  caused by: {cause}");
-                source = cause.source();
-            }
-            std::process::ExitCode::FAILURE
-        }
-    }
+    exit_code("fenced_postgres", run())
 }
 
 fn run() -> ExampleResult {

@@ -15,6 +15,26 @@ pub mod lock_store;
 
 pub use lock_store::{lock_store, Link};
 
+use std::process::ExitCode;
+
+/// What an example's `run` returns.
+pub type ExampleResult<T = ()> = Result<T, Box<dyn std::error::Error + Send + Sync>>;
+
+/// An example's exit: success, or `NAME failed: ERROR` and each of its causes on stderr, and
+/// failure.
+pub fn exit_code(name: &str, result: ExampleResult) -> ExitCode {
+    let Err(error) = result else {
+        return ExitCode::SUCCESS;
+    };
+    eprintln!("{name} failed: {error}");
+    let mut source = error.source();
+    while let Some(cause) = source {
+        eprintln!("  caused by: {cause}");
+        source = cause.source();
+    }
+    ExitCode::FAILURE
+}
+
 /// The README's Rust examples, compiled and run as doc tests (this crate depends on every
 /// backend the README shows).
 #[cfg(doctest)]

@@ -24,7 +24,7 @@ use lock_redis::RedisBackend;
 pub fn lock_store(
     name: &str,
     args: &[&str],
-) -> Result<(Arc<dyn LeaseBackend>, String), Box<dyn std::error::Error + Send + Sync>> {
+) -> crate::ExampleResult<(Arc<dyn LeaseBackend>, String)> {
     match args {
         [] => Ok((
             Arc::new(MemoryBackend::new()),
