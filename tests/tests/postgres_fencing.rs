@@ -54,6 +54,20 @@ fn row(client: &mut postgres::Client) -> InvoiceRow {
         .expect("the invoice has a row")
 }
 
+/// Waits until a connection runs `statement`.
+fn wait_until_running(db: &mut postgres::Client, statement: &str) {
+    wait_until(&format!("{statement:?} runs"), WAIT, || {
+        let running: i64 = db
+            .query_one(
+                "SELECT count(*) FROM pg_stat_activity WHERE state = 'active' AND query = $1",
+                &[&statement],
+            )
+            .unwrap()
+            .get(0);
+        running == 1
+    });
+}
+
 fn sql(fence: u64) -> i64 {
     fence_to_sql(fence).unwrap()
 }
@@ -178,17 +192,7 @@ fn a_lost_lease_cancels_its_holders_running_statement() {
         let result = holder_db.batch_execute("SELECT pg_sleep(60)");
         done.send((result, began.elapsed())).unwrap();
     });
-    wait_until("the holder's statement runs", WAIT, || {
-        let running: i64 = db
-            .query_one(
-                "SELECT count(*) FROM pg_stat_activity \
-                 WHERE state = 'active' AND query = 'SELECT pg_sleep(60)'",
-                &[],
-            )
-            .unwrap()
-            .get(0);
-        running == 1
-    });
+    wait_until_running(&mut db, "SELECT pg_sleep(60)");
     assert!(
         outcome.try_recv().is_err(),
         "the statement still runs while the lease is held"
@@ -208,16 +212,21 @@ fn a_lost_lease_cancels_its_holders_running_statement() {
 
 #[test]
 fn dropping_the_guard_stops_watching() {
-    let (server, _db) = database();
+    let (server, mut db) = database();
     let (manager, _, clock) = virtual_holders();
     let lease = manager.acquire(INVOICE, TTL).unwrap();
     let mut holder_db = server.client();
     drop(cancel_query_on_loss(&lease, holder_db.cancel_token()).unwrap());
+    let statement = std::thread::spawn(move || holder_db.batch_execute("SELECT pg_sleep(1)"));
+    wait_until_running(&mut db, "SELECT pg_sleep(1)");
+    // The lease is lost while the statement runs: with the guard gone, nothing cancels it.
     clock.advance(PAUSE);
     manager.settle();
     assert!(!lease.is_held());
-    // No cancel request arrives for a statement started after the guard's drop.
-    holder_db.batch_execute("SELECT pg_sleep(0.2)").unwrap();
+    statement
+        .join()
+        .unwrap()
+        .expect("the statement ran to its end");
 }
 
 #[test]
