@@ -68,7 +68,7 @@ fn run() -> ExampleResult {
     // She starts a slow statement, then stalls towards the lock store (a long pause of her
     // process would do the same): her renewals fail, and her lease runs out.
     let slow_query = {
-        let cancel = cancel_query_on_loss(&carol_lease, carol_db.cancel_token())?;
+        let cancel = cancel_query_on_loss(&carol_lease, carol_db.cancel_token());
         carol_link.cut();
         say(
             "carol",

@@ -17,19 +17,18 @@
 //!    it a stale holder's write is refused only once the new holder has written; a resource
 //!    that must refuse the stale holder from the moment the lease changed hands (a job the old
 //!    holder must not finish) claims its rows as soon as the lease is granted.
-//! 4. **Cancelling the query when the lease is lost** ([`cancel_query_on_loss`]): a holder
-//!    blocked in a long statement learns nothing until it returns; PostgreSQL's cancel request
-//!    interrupts it the moment the lease is lost.
+//! 4. **Cancelling the query when the lease is lost** ([`cancel_query_on_loss`], with
+//!    [`Lease::on_lost`]): a holder blocked in a long statement learns nothing until it
+//!    returns; PostgreSQL's cancel request interrupts it the moment the lease is lost.
 //!
 //! The fences protect the table only if every write to it goes through them, with the fence of
 //! the lease on the same key: one lock key per row (or per group of rows) and one fence column.
 //!
-//! [`Lease::fence`]: lock_core::Lease::fence
 
-use std::thread::JoinHandle;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 
-use crossbeam_channel::{Receiver, Sender};
-use lock_core::{Lease, LostReason};
+use lock_core::Lease;
 use postgres::{CancelToken, GenericClient, NoTls};
 
 /// Creates the example's table, if it does not exist: one row per invoice, its total (`NULL`
@@ -178,55 +177,46 @@ fn outcome(rows: u64) -> WriteOutcome {
 /// is aborted, so nothing it wrote is committed. Make the token with
 /// [`postgres::Client::cancel_token`] before starting the statement.
 ///
-/// # Errors
-///
-/// The operating system's error if the watcher thread cannot be started.
-pub fn cancel_query_on_loss(
-    lease: &Lease,
-    token: CancelToken,
-) -> Result<CancelOnLoss, std::io::Error> {
-    // LOSS CALLBACK: once `Lease::on_lost` exists, this watcher thread goes away and the body
-    // becomes `lease.on_lost(move |_reason| { let _ = token.cancel_query(NoTls); })`, with the
-    // guard unregistering the callback on drop (or the callback checking a `done` flag).
-    let lost = lease.lost();
-    let (done, finished) = crossbeam_channel::bounded::<()>(0);
-    let watcher = std::thread::Builder::new()
-        .name("cancel-on-loss".into())
-        .spawn(move || watch(&lost, &finished, &token))?;
-    Ok(CancelOnLoss {
-        done: Some(done),
-        watcher: Some(watcher),
-    })
-}
-
-/// The watcher's loop: waits for the loss (then cancels) or for the guard's drop.
-fn watch(lost: &Receiver<LostReason>, finished: &Receiver<()>, token: &CancelToken) {
-    crossbeam_channel::select! {
-        recv(lost) -> reason => if reason.is_ok() {
-            // A failed cancel request leaves the statement to finish; the fences still
-            // refuse what it writes.
-            if let Err(error) = token.cancel_query(NoTls) {
-                eprintln!("cancel-on-loss: the cancel request failed: {error}");
+/// It costs no thread while the lease is held: [`Lease::on_lost`] runs the callback once, on
+/// the thread that finds the loss (usually the manager's renewer, which must not block), and the
+/// callback starts a short-lived thread that sends the cancel request. A loss at the very moment
+/// the guard is dropped can still cancel the next statement on the connection; the fences
+/// refuse its writes either way.
+pub fn cancel_query_on_loss(lease: &Lease, token: CancelToken) -> CancelOnLoss {
+    let armed = Arc::new(AtomicBool::new(true));
+    let still_armed = armed.clone();
+    lease.on_lost(move |reason| {
+        if !still_armed.load(Ordering::SeqCst) {
+            return;
+        }
+        let cancel = move || {
+            if still_armed.load(Ordering::SeqCst) {
+                // A failed cancel request leaves the statement to finish; the fences still
+                // refuse what it writes.
+                if let Err(error) = token.cancel_query(NoTls) {
+                    eprintln!("cancel-on-loss: the cancel request failed: {error}");
+                }
             }
-        },
-        recv(finished) -> _ => {}
-    }
+        };
+        let started = std::thread::Builder::new()
+            .name("cancel-on-loss".into())
+            .spawn(cancel);
+        if let Err(error) = started {
+            eprintln!("cancel-on-loss: lease lost ({reason}), but no thread to cancel: {error}");
+        }
+    });
+    CancelOnLoss { armed }
 }
 
-/// Keeps [`cancel_query_on_loss`] watching; dropping it stops watching (and waits for the
-/// watcher, at most for a cancel request in flight).
+/// Keeps [`cancel_query_on_loss`] armed; dropping it disarms it.
 #[must_use = "the query is cancelled on loss only while the guard lives"]
 #[derive(Debug)]
 pub struct CancelOnLoss {
-    done: Option<Sender<()>>,
-    watcher: Option<JoinHandle<()>>,
+    armed: Arc<AtomicBool>,
 }
 
 impl Drop for CancelOnLoss {
     fn drop(&mut self) {
-        drop(self.done.take());
-        if let Some(watcher) = self.watcher.take() {
-            let _ = watcher.join();
-        }
+        self.armed.store(false, Ordering::SeqCst);
     }
 }

@@ -108,11 +108,6 @@ impl Lease {
 
     /// `Ok(())` while the lease is held, otherwise [`Error::Lost`].
     ///
-    /// # Errors
-    ///
-    /// [`Error::Lost`] once the lease is lost (its validity ran out, or the backend said that
-    /// another token holds the key or that it is gone); it stays lost.
-    ///
     /// ```
     /// use std::time::Duration;
     /// use lock_core::{LockManager, ManualClock};
@@ -282,8 +277,6 @@ impl Lease {
     }
 
     /// Releases the lease: stops renewing it, then deletes the key if this lease still owns it.
-    ///
-    /// # Errors
     ///
     /// - `Ok(())`: the key was deleted.
     /// - [`Error::Lost`]: the lease had been lost, or the backend answered that our token no

@@ -184,7 +184,7 @@ fn a_lost_lease_cancels_its_holders_running_statement() {
     let (manager, _, clock) = virtual_holders();
     let lease = manager.acquire(INVOICE, TTL).unwrap();
     let mut holder_db = server.client();
-    let cancel = cancel_query_on_loss(&lease, holder_db.cancel_token()).unwrap();
+    let cancel = cancel_query_on_loss(&lease, holder_db.cancel_token());
 
     let (done, outcome) = crossbeam_channel::bounded(1);
     let statement = std::thread::spawn(move || {
@@ -216,7 +216,7 @@ fn dropping_the_guard_stops_watching() {
     let (manager, _, clock) = virtual_holders();
     let lease = manager.acquire(INVOICE, TTL).unwrap();
     let mut holder_db = server.client();
-    drop(cancel_query_on_loss(&lease, holder_db.cancel_token()).unwrap());
+    drop(cancel_query_on_loss(&lease, holder_db.cancel_token()));
     let statement = std::thread::spawn(move || holder_db.batch_execute("SELECT pg_sleep(1)"));
     wait_until_running(&mut db, "SELECT pg_sleep(1)");
     // The lease is lost while the statement runs: with the guard gone, nothing cancels it.
@@ -258,7 +258,7 @@ fn on_redis_a_holder_cut_off_past_its_ttl_is_refused_and_its_statement_cancelled
     );
 
     let mut old_db = server.client();
-    let cancel = cancel_query_on_loss(&old, old_db.cancel_token()).unwrap();
+    let cancel = cancel_query_on_loss(&old, old_db.cancel_token());
     old_link.cut();
     let cancelled = old_db.batch_execute("SELECT pg_sleep(30)").unwrap_err();
     assert_eq!(cancelled.code(), Some(&SqlState::QUERY_CANCELED));
