@@ -158,6 +158,11 @@ fn every_loss_after_a_restart_is_reported_once_whichever_path_finds_it() {
     for lease in rest {
         assert!(lease.release().unwrap_err().is_lost());
     }
+    // The thread that finds a loss sends the lost() message, then calls the hook: wait for the
+    // last hook calls, then check that no lease was reported twice.
+    wait_until("a Lost event for each of the 12 lost leases", WAIT, || {
+        events.lost.lock().len() >= 12
+    });
     let lost = events.lost.lock().len();
     assert_eq!(lost, 12, "Lost events for 12 lost leases");
     assert_eq!(
