@@ -178,6 +178,12 @@ impl Lease {
     /// call goes through the manager's renewal worker, after any renewal of this lease already
     /// sent, so that an earlier renewal with the old TTL never lands after it.
     ///
+    /// **Limit**: a renewal whose outcome was unknown (it timed out on a slow link) may still
+    /// reach the server later. If it lands after an extend that lengthened the TTL, the key
+    /// expires by the old TTL from then on, sooner than this lease trusts, until the next
+    /// renewal sets the new TTL again. Lengthening a lease right after a timed-out renewal
+    /// leaves that window open; a fenced resource still refuses a writer that outlived it.
+    ///
     /// ```
     /// use std::time::Duration;
     /// use lock_core::{LockManager, ManualClock};
