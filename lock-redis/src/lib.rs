@@ -334,11 +334,13 @@
 //   of connections whose calls are bounded in time;
 // - `backend`: the single-server backend, its builder and its eviction-policy check;
 // - `scripts`: what is stored where (`keys`), and the Lua scripts that change it;
+// - `cluster`: the same leases on a Redis Cluster, each call on the master of its slot;
 // - `subscriber`: release wake-ups over pub/sub;
 // - `redlock`: the same leases over a majority of independent servers;
 // - `errors` and `acl`: what goes wrong, and the rights a Redis user needs.
 mod acl;
 mod backend;
+mod cluster;
 mod connection;
 mod errors;
 mod redlock;

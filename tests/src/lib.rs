@@ -10,6 +10,8 @@
 //!   [`ServerOptions::tls`] makes a server listen with TLS.
 //! - [`SentinelGroup`] starts a master, its replicas and three sentinels on free ports, and can
 //!   kill the master, force a failover and wait until the sentinels agree on the new master.
+//! - [`RedisCluster`] starts a Redis Cluster (three masters, a replica each) and can kill a
+//!   master, fail one over and move a slot between masters.
 //! - [`TcpProxy`] sits between a client and a server and can pass, delay, blackhole or reset the
 //!   traffic ([`ProxyMode`]), for existing and new connections alike.
 //! - [`cpu::pin_process`] pins a process (every thread) to one CPU, for benchmarks that choose
@@ -41,6 +43,7 @@
 // the intended way to report it.
 #![allow(clippy::expect_used, clippy::unwrap_used, clippy::panic)]
 
+pub mod cluster;
 pub mod conformance;
 pub mod counting;
 pub mod cpu;
@@ -53,6 +56,7 @@ pub mod sentinel;
 pub mod server;
 pub mod tls;
 
+pub use cluster::{ClusterOptions, RedisCluster};
 pub use counting::CountingRun;
 pub use fenced::fenced_write;
 pub use logs::{captured_logs, CapturedLogs};
