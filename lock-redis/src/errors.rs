@@ -411,7 +411,11 @@ pub(crate) fn classify(error: &RedisError) -> BackendErrorKind {
             | ServerErrorKind::ClusterDown
             | ServerErrorKind::MasterDown
             | ServerErrorKind::ReadOnly
-            | ServerErrorKind::NoScript => Transient,
+            | ServerErrorKind::NoScript
+            // A cluster's slot that moved, or is moving: the layout changes, and a retry goes
+            // where the slot is.
+            | ServerErrorKind::Moved
+            | ServerErrorKind::Ask => Transient,
             ServerErrorKind::ResponseError if is_too_many_clients(error) => Transient,
             _ => Permanent,
         },

@@ -254,7 +254,7 @@ impl RedisCluster {
 
     /// Moves `slot` (and its keys) to the master on port `to`, as `redis-cli --cluster
     /// reshard` does: `SETSLOT IMPORTING` and `MIGRATING`, `MIGRATE` of every key, then
-    /// `SETSLOT NODE` on both masters and every other node. `between_keys` runs after each
+    /// `SETSLOT NODE` on both masters and every other master. `between_keys` runs after each
     /// key moved, while the slot is half-moved (keys on both masters, `ASK` redirections).
     pub fn move_slot(&self, slot: u16, to: u16, mut between_keys: impl FnMut()) {
         let from = self.master_of_slot(slot);
@@ -294,7 +294,7 @@ impl RedisCluster {
         }
         setslot(target, "NODE", &target_id);
         setslot(source, "NODE", &target_id);
-        for node in self.running() {
+        for node in self.masters() {
             if node.port() != from && node.port() != to {
                 setslot(node, "NODE", &target_id);
             }

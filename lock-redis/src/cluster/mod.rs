@@ -53,9 +53,6 @@ use spec::ClusterSpec;
 /// The number of hash slots of a Redis Cluster.
 const SLOTS: u16 = 16384;
 
-/// Leases renewed by one script call at most (all of one slot).
-const RENEW_CHUNK: usize = 128;
-
 /// The least time between two fresh looks at the cluster's layout.
 const REFRESH_INTERVAL: Duration = Duration::from_millis(100);
 
@@ -569,7 +566,9 @@ impl ClusterLeases {
             .collect()
     }
 
-    /// Renews `indexes` of `requests` through cluster connections, one script call per slot.
+    /// Renews `indexes` of `requests` through cluster connections, one script call per lease:
+    /// while a slot moves, a call whose keys are split between the two masters gets `TRYAGAIN`,
+    /// where each key alone is renewed where it is (with `ASK`).
     fn renew_routed(
         &self,
         requests: &[LeaseRequest<'_>],
@@ -578,12 +577,7 @@ impl ClusterLeases {
         results: &mut [Option<Result<Ownership, BackendError>>],
     ) {
         let prefix = &self.config.key_prefix;
-        let mut by_slot: HashMap<u16, Vec<usize>> = HashMap::new();
-        for &index in indexes {
-            let slot = slot_of(&lock_key(prefix, requests[index].key));
-            by_slot.entry(slot).or_default().push(index);
-        }
-        for chunk in by_slot.values().flat_map(|group| group.chunks(RENEW_CHUNK)) {
+        for chunk in indexes.chunks(1) {
             let keys: Vec<String> = chunk
                 .iter()
                 .map(|&index| lock_key(prefix, requests[index].key))
