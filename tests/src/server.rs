@@ -479,6 +479,17 @@ impl RedisServer {
         counts.first().map_or(0, |(_, count)| *count)
     }
 
+    /// How many clients are subscribed to the shard channel `channel` on this server
+    /// (`PUBSUB SHARDNUMSUB`, Redis 7: sharded pub/sub of a cluster).
+    pub fn shard_subscribers(&self, channel: &str) -> u64 {
+        let counts: Vec<(String, u64)> = redis::cmd("PUBSUB")
+            .arg("SHARDNUMSUB")
+            .arg(channel)
+            .query(&mut self.connection())
+            .unwrap();
+        counts.first().map_or(0, |(_, count)| *count)
+    }
+
     /// A new connection from [`RedisServer::client`], with 5-second connect, read and write
     /// timeouts so a test against a silent server fails instead of hanging.
     ///

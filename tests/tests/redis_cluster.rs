@@ -5,10 +5,13 @@
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
-use lock_core::LockManager;
+use lock_core::{LockManager, RetryPolicy};
 use lock_redis::RedisBackend;
 use lock_tests::conformance::RedisTarget;
-use lock_tests::{ClusterOptions, RedisCluster};
+use lock_tests::{spawn_waiter, wait_until, ClusterOptions, RedisCluster};
+
+/// A backoff so long that only a wake-up explains a quick acquire.
+const SLEEPY: RetryPolicy = RetryPolicy::new(Duration::from_secs(30), Duration::from_secs(30));
 
 /// A cluster for one test that does not break it: a long node timeout, so that the
 /// conformance suite's pauses (about a TTL) never start a failover.
@@ -150,4 +153,40 @@ fn ten_thousand_leases_are_renewed_per_master_without_loss() {
     for lease in leases {
         lease.release().unwrap();
     }
+}
+
+/// A release wakes a waiter at once through sharded pub/sub: the waiter's process subscribes
+/// (`SSUBSCRIBE`) on the master of the key's slot only, and the release's `SPUBLISH` reaches
+/// it there, long before its 30 s backoff would have it try again.
+#[test]
+fn a_release_wakes_a_waiter_through_sharded_pub_sub_on_the_keys_master() {
+    let cluster = quiet_cluster();
+    let backend = RedisBackend::connect(&cluster.url()).unwrap();
+    let channel = backend.lock_key("handoff");
+    let holder = LockManager::new(backend.clone());
+    let sleepy = LockManager::builder(backend).retry(SLEEPY).build().unwrap();
+    let ttl = Duration::from_secs(30);
+    let lease = holder.acquire("handoff", ttl).unwrap();
+    let master = cluster.master_of_slot(cluster.slot_of(&channel));
+    let waiter = spawn_waiter(&sleepy, "handoff", ttl);
+    wait_until(
+        "the waiter subscribed on the key's master",
+        Duration::from_secs(10),
+        || cluster.node(master).shard_subscribers(&channel) == 1,
+    );
+    for other in cluster.masters() {
+        if other.port() != master {
+            assert_eq!(other.subscribers(&channel), 0);
+        }
+    }
+    // Woken by its subscription, the waiter found the lock held and sleeps on its backoff.
+    std::thread::sleep(Duration::from_millis(200));
+    let released = Instant::now();
+    lease.release().unwrap();
+    let acquired = waiter.join().unwrap();
+    assert!(
+        acquired - released < Duration::from_secs(2),
+        "woken {:?} after the release: slept on its backoff",
+        acquired - released
+    );
 }

@@ -37,11 +37,22 @@ pub(crate) struct Config {
     pub(crate) key_prefix: String,
     /// Replicas that must acknowledge an acquire, and how long to wait for them.
     pub(crate) min_replicas: Option<(u32, Duration)>,
-    /// Renewal script calls carry keys of one slot each (a cluster node's backend).
-    pub(crate) slot_chunks: bool,
+    /// On a Redis Cluster: renewal script calls carry keys of one slot each, and releases are
+    /// announced with sharded pub/sub (`SPUBLISH`).
+    pub(crate) sharded: bool,
 }
 
 impl Config {
+    /// The command that announces a release: `SPUBLISH` on a cluster (to the subscribers of
+    /// the key's shard only), else `PUBLISH`.
+    pub(crate) fn publish_command(&self) -> &'static str {
+        if self.sharded {
+            "SPUBLISH"
+        } else {
+            "PUBLISH"
+        }
+    }
+
     /// How long a release marker lives: longer than any call's retries can last (a checkout,
     /// a resync and a command, twice over), and at least ten seconds.
     pub(crate) fn release_marker_ttl(&self) -> Duration {
@@ -63,7 +74,7 @@ impl Default for Config {
             command_timeout: Duration::from_secs(2),
             key_prefix: "lock:".to_owned(),
             min_replicas: None,
-            slot_chunks: false,
+            sharded: false,
         }
     }
 }
@@ -642,12 +653,16 @@ impl RedisBackendBuilder {
             .node_info(seed)
             .and_then(redis::Client::open)
             .map_err(|error| invalid(error.to_string()))?;
-        let cluster = ClusterLeases::new(spec, target.clone(), self.config.clone())?;
+        let config = Config {
+            sharded: true,
+            ..self.config
+        };
+        let cluster = ClusterLeases::new(spec, target.clone(), config.clone())?;
         Ok(RedisBackend::on_cluster(
             cluster,
             Connector::Server(Box::new(seed)),
             target,
-            self.config,
+            config,
         ))
     }
 }

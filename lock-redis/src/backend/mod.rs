@@ -520,7 +520,7 @@ impl RedisBackend {
     ) -> Result<Vec<Result<Ownership, CallFailure>>, CallFailure> {
         let prefix = &self.inner.config.key_prefix;
         let script = &self.inner.scripts.renew;
-        let chunks: Vec<&[LeaseRequest<'_>]> = if self.inner.config.slot_chunks {
+        let chunks: Vec<&[LeaseRequest<'_>]> = if self.inner.config.sharded {
             slot_chunks(prefix, requests)
         } else {
             requests.chunks(RENEW_CHUNK).collect()
@@ -773,7 +773,7 @@ impl LeaseBackend for RedisBackend {
             key,
             script: &self.inner.scripts.release,
             keys: &[&lock, &marker],
-            args: &[token, &marker_ttl],
+            args: &[token, &marker_ttl, self.inner.config.publish_command()],
         };
         match self.run_script(call, timeout, parse_ownership)? {
             // The key is gone and no marker says our token deleted it, yet an attempt whose

@@ -25,10 +25,11 @@
 //! retry the dead address forever.
 
 pub(crate) mod spec;
+mod subscriber;
 
 use std::collections::HashMap;
 use std::fmt;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use lock_core::{BackendError, BackendErrorKind, LeaseBackend, LeaseRequest, Ownership};
@@ -49,6 +50,7 @@ use crate::scripts::keys::lock_key;
 use crate::scripts::{parse_renewals, Scripts};
 use crate::RedisBackendError;
 use spec::ClusterSpec;
+use subscriber::{ClusterSubscriber, Settings};
 
 /// The number of hash slots of a Redis Cluster.
 const SLOTS: u16 = 16384;
@@ -82,13 +84,13 @@ pub(crate) struct ClusterLeases {
     config: Config,
     /// The redacted URL, for logs.
     target: String,
-    client: ClusterClient,
     /// Cluster connections, for calls whose master's answer says the layout changed.
     sessions: r2d2::Pool<Sessions>,
     layout: Arc<Layout>,
     /// A single-server backend per master address, made when first needed.
     nodes: Mutex<HashMap<NodeAddress, RedisBackend>>,
     scripts: Scripts,
+    subscriber: ClusterSubscriber,
 }
 
 impl fmt::Debug for ClusterLeases {
@@ -107,9 +109,29 @@ struct Layout {
     topology: RwLock<Option<ClusterTopology>>,
     /// When the last fresh look started; `None` before the first.
     refreshed_at: Mutex<Option<Instant>>,
+    /// The client whose new connections look (set once it is built), and the redacted URL.
+    client: OnceLock<(ClusterClient, String)>,
 }
 
 impl Layout {
+    /// Opens a fresh cluster connection, which learns (and records) the layout anew; at most
+    /// every [`REFRESH_INTERVAL`], and never by two threads at once.
+    fn refresh_now(&self) {
+        let Some((client, target)) = self.client.get() else {
+            return;
+        };
+        let Some(mut refreshed_at) = self.refreshed_at.try_lock() else {
+            return; // another thread is looking
+        };
+        if refreshed_at.is_some_and(|at| at.elapsed() < REFRESH_INTERVAL) {
+            return;
+        }
+        *refreshed_at = Some(Instant::now());
+        if let Err(error) = client.get_connection() {
+            tracing::debug!(redis = %target, %error, "could not look at the Redis Cluster's layout");
+        }
+    }
+
     /// The master that owns `slot`, as last learned.
     fn master_of(&self, slot: u16) -> Option<NodeAddress> {
         let topology = self.topology.read();
@@ -268,6 +290,16 @@ impl ClusterLeases {
             builder = builder.password(password);
         }
         let client = builder.build().map_err(invalid)?;
+        // Set once, here.
+        let _ = layout.client.set((client.clone(), target.clone()));
+        let subscriber = ClusterSubscriber::new(Settings {
+            spec: spec.clone(),
+            layout: Arc::clone(&layout),
+            key_prefix: config.key_prefix.clone(),
+            connect_timeout: config.connect_timeout,
+            command_timeout: config.command_timeout,
+            target: target.clone(),
+        });
         let sessions = r2d2::Pool::builder()
             .max_size(config.pool_size)
             .min_idle(Some(0))
@@ -281,16 +313,13 @@ impl ClusterLeases {
             });
         Ok(ClusterLeases {
             spec,
-            config: Config {
-                slot_chunks: true,
-                ..config
-            },
+            config,
             target,
-            client,
             sessions,
             layout,
             nodes: Mutex::new(HashMap::new()),
             scripts: Scripts::new(),
+            subscriber,
         })
     }
 
@@ -330,21 +359,9 @@ impl ClusterLeases {
         Some(node)
     }
 
-    /// Opens a fresh cluster connection, which learns (and records) the layout anew; at most
-    /// every [`REFRESH_INTERVAL`], and never by two threads at once.
+    /// Looks at the cluster's layout anew (see [`Layout::refresh_now`]).
     fn refresh(&self) {
-        {
-            let Some(mut refreshed_at) = self.layout.refreshed_at.try_lock() else {
-                return; // another thread is looking
-            };
-            if refreshed_at.is_some_and(|at| at.elapsed() < REFRESH_INTERVAL) {
-                return;
-            }
-            *refreshed_at = Some(Instant::now());
-            if let Err(error) = self.client.get_connection() {
-                tracing::debug!(redis = %self.target, %error, "could not look at the Redis Cluster's layout");
-            }
-        }
+        self.layout.refresh_now();
     }
 
     /// Runs one script on the master of its keys' slot, or through a cluster connection if that
@@ -455,6 +472,8 @@ impl ClusterLeases {
             tracing::debug!(redis = %self.target, %error, "Redis Cluster call failed; its connection is dropped");
             last = Some(if error.is_timeout() {
                 deadline.timed_out()
+            } else if is_redirection(&error) {
+                CallFailure::Redirected(error)
             } else {
                 CallFailure::Redis(error)
             });
@@ -628,10 +647,9 @@ impl ClusterLeases {
         Ok(answer)
     }
 
-    /// The master backend that serves `key`'s release channel, for release wake-ups.
+    /// A watch woken when `key` is released (sharded pub/sub, on the master of its slot).
     pub(crate) fn watch(&self, key: &str) -> Option<lock_core::ReleaseWatch> {
-        let slot = slot_of(&lock_key(&self.config.key_prefix, key));
-        self.node(&self.master_of(slot)?)?.watch_release(key)
+        self.subscriber.watch(key)
     }
 }
 
