@@ -102,7 +102,9 @@ impl RedisBackend {
     /// [crate docs](crate#tls)), `unix:///path/to/redis.sock[?db=N&pass=P]`, or the master of a
     /// Sentinel group,
     /// `redis+sentinel://[user][:password@]host[:port][,host[:port]...]/master-name[/db]`
-    /// (see [Sentinel](crate#sentinel); plain TCP only).
+    /// (see [Sentinel](crate#sentinel); plain TCP only), or a Redis Cluster,
+    /// `redis+cluster://[user][:password@]host[:port][,host[:port]...]` (see
+    /// [Cluster](crate#cluster); plain TCP only).
     ///
     /// Checks the URL, but does not connect: a server that is down now is no error here (the
     /// calls report it, as transient errors the manager retries), and neither is a wrong
