@@ -16,11 +16,10 @@
 //! ```
 
 use std::fmt;
-use std::path::PathBuf;
 use std::process::Command;
 use std::time::Duration;
 
-use crate::server::{RedisServer, ServerOptions};
+use crate::server::{find_binary, RedisServer, ServerOptions};
 use crate::wait_until;
 
 /// How long the cluster may take to form, or to settle after a failover or a slot move.
@@ -94,7 +93,7 @@ impl RedisCluster {
             .iter()
             .map(|node| format!("127.0.0.1:{}", node.port()))
             .collect();
-        let output = Command::new(find_redis_cli())
+        let output = Command::new(find_binary("redis-cli", "redis-tools"))
             .args(["--cluster", "create"])
             .args(&addresses)
             .args(["--cluster-replicas", "1", "--cluster-yes"])
@@ -374,18 +373,4 @@ fn owns(line: &str, slot: u16) -> bool {
             _ => false,
         }
     })
-}
-
-fn find_redis_cli() -> PathBuf {
-    std::env::var_os("PATH")
-        .iter()
-        .flat_map(std::env::split_paths)
-        .map(|dir| dir.join("redis-cli"))
-        .find(|candidate| candidate.is_file())
-        .unwrap_or_else(|| {
-            panic!(
-                "redis-cli not found on PATH: install it with `sudo apt-get install -y \
-                 redis-tools` (Debian/Ubuntu)"
-            )
-        })
 }

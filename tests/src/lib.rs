@@ -108,6 +108,23 @@ pub fn wait_until(what: &str, timeout: Duration, mut condition: impl FnMut() -> 
     }
 }
 
+/// Runs `release`, then checks that `waiter` (from [`spawn_waiter`]) acquired the key within
+/// `within` of it: woken by the release, not by its backoff.
+///
+/// # Panics
+///
+/// If the waiter took longer, or failed.
+pub fn assert_woken_by(waiter: JoinHandle<Instant>, within: Duration, release: impl FnOnce()) {
+    let released = Instant::now();
+    release();
+    let acquired = waiter.join().unwrap();
+    assert!(
+        acquired - released < within,
+        "woken {:?} after the release: slept on its backoff",
+        acquired - released
+    );
+}
+
 /// Starts a thread that waits up to a minute for `key` through `manager` (and takes it with
 /// `ttl`), releases it at once, and yields when it acquired it; returns once the thread runs.
 ///

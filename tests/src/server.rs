@@ -867,15 +867,24 @@ fn pid_of(child: &Child) -> Pid {
 
 /// The `redis-server` executable found on `PATH`.
 fn find_redis_server() -> PathBuf {
+    find_binary("redis-server", "redis-server")
+}
+
+/// The path of the program `name` on `PATH`.
+///
+/// # Panics
+///
+/// If there is none, with the command that installs `package` (Debian/Ubuntu).
+pub(crate) fn find_binary(name: &str, package: &str) -> PathBuf {
     std::env::var_os("PATH")
         .iter()
         .flat_map(std::env::split_paths)
-        .map(|dir| dir.join("redis-server"))
+        .map(|dir| dir.join(name))
         .find(|candidate| candidate.is_file())
         .unwrap_or_else(|| {
             panic!(
-                "redis-server not found on PATH: install it with `sudo apt-get install -y \
-                 redis-server` (Debian/Ubuntu)"
+                "{name} not found on PATH: install it with `sudo apt-get install -y {package}` \
+                 (Debian/Ubuntu)"
             )
         })
 }

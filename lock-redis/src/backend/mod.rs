@@ -605,24 +605,34 @@ fn wait_for_replicas(
     })
 }
 
-/// One `renew.lua` call renewing every lease of `chunk`: its lock keys, then a token and a TTL
-/// per key.
+/// One `renew.lua` call renewing every lease of `chunk` (see [`renew_arguments`]).
 fn renew_call(script: &LuaScript, prefix: &str, chunk: &[LeaseRequest<'_>]) -> Cmd {
-    let keys: Vec<String> = chunk
+    let (keys, args) = renew_arguments(prefix, chunk);
+    let keys: Vec<&str> = keys.iter().map(String::as_str).collect();
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    script.evalsha(&keys, &args)
+}
+
+/// The keys and arguments of a `renew.lua` call renewing every lease of `chunk`: its lock keys,
+/// then a token and a TTL per key.
+pub(crate) fn renew_arguments(
+    prefix: &str,
+    chunk: &[LeaseRequest<'_>],
+) -> (Vec<String>, Vec<String>) {
+    let keys = chunk
         .iter()
         .map(|request| lock_key(prefix, request.key))
         .collect();
-    let ttls: Vec<String> = chunk
+    let args = chunk
         .iter()
-        .map(|request| ttl_millis(request.ttl).to_string())
+        .flat_map(|request| {
+            [
+                request.token.to_owned(),
+                ttl_millis(request.ttl).to_string(),
+            ]
+        })
         .collect();
-    let keys: Vec<&str> = keys.iter().map(String::as_str).collect();
-    let args: Vec<&str> = chunk
-        .iter()
-        .zip(&ttls)
-        .flat_map(|(request, ttl)| [request.token, ttl.as_str()])
-        .collect();
-    script.evalsha(&keys, &args)
+    (keys, args)
 }
 
 /// `requests` (in slot order) cut into script calls of one slot and at most [`RENEW_CHUNK`]

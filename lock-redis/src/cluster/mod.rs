@@ -41,7 +41,7 @@ use redis::cluster_read_routing::{
 use redis::{Cmd, ConnectionLike, ErrorKind, RedisError, ServerErrorKind, Value};
 
 use crate::backend::builder::Config;
-use crate::backend::{Answer, RedisBackend, ScriptCall};
+use crate::backend::{renew_arguments, Answer, RedisBackend, ScriptCall};
 use crate::connection::connector::Connector;
 use crate::connection::deadline::Deadline;
 use crate::connection::sentinel::spec::Address;
@@ -596,32 +596,22 @@ impl ClusterLeases {
         results: &mut [Option<Result<Ownership, BackendError>>],
     ) {
         let prefix = &self.config.key_prefix;
-        for chunk in indexes.chunks(1) {
-            let keys: Vec<String> = chunk
-                .iter()
-                .map(|&index| lock_key(prefix, requests[index].key))
-                .collect();
-            let ttls: Vec<String> = chunk
-                .iter()
-                .map(|&index| crate::scripts::keys::ttl_millis(requests[index].ttl).to_string())
-                .collect();
+        let script = &self.scripts.renew;
+        for &index in indexes {
+            let request = std::slice::from_ref(&requests[index]);
+            let (keys, args) = renew_arguments(prefix, request);
             let keys: Vec<&str> = keys.iter().map(String::as_str).collect();
-            let args: Vec<&str> = chunk
-                .iter()
-                .zip(&ttls)
-                .flat_map(|(&index, ttl)| [requests[index].token, ttl.as_str()])
-                .collect();
-            let script = &self.scripts.renew;
+            let args: Vec<&str> = args.iter().map(String::as_str).collect();
             let reply = self.routed(
                 &script.evalsha(&keys, &args),
                 &script.eval(&keys, &args),
                 deadline,
             );
-            for (&index, result) in chunk.iter().zip(parse_renewals(reply, chunk.len())) {
-                results[index] = Some(result.map_err(|failure| {
+            results[index] = parse_renewals(reply, 1).pop().map(|result| {
+                result.map_err(|failure| {
                     failure.into_backend_error(RedisOperation::Renew, requests[index].key)
-                }));
-            }
+                })
+            });
         }
     }
 
