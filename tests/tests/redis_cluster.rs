@@ -41,7 +41,7 @@ mod conformance {
 }
 
 /// Every kind of call on keys of every master, with braces in the user keys: each lease's keys
-/// share one slot, so no call fails with `CROSSSLOT`.
+/// share one slot, so no call fails with `CROSSSLOT`; the eviction policy of every master.
 #[test]
 fn leases_on_every_master_with_braces_in_their_keys() {
     let cluster = quiet_cluster();
@@ -71,6 +71,11 @@ fn leases_on_every_master_with_braces_in_their_keys() {
         assert!(!manager.inspect(key).unwrap().is_held(), "{key}");
     }
     assert_eq!(masters.len(), 3, "keys on every master: {masters:?}");
+    // Every master's policy is read: the test servers' default.
+    assert_eq!(
+        backend.eviction_policy().unwrap().as_deref(),
+        Some("noeviction")
+    );
 }
 
 /// `INFO stats`' `total_reads_processed` of `node`: how many times it read from its clients'

@@ -29,7 +29,7 @@ mod subscriber;
 
 use std::collections::HashMap;
 use std::fmt;
-use std::sync::{Arc, OnceLock};
+use std::sync::{Arc, OnceLock, Weak};
 use std::time::{Duration, Instant};
 
 use lock_core::{BackendError, BackendErrorKind, LeaseBackend, LeaseRequest, Ownership};
@@ -114,21 +114,31 @@ struct Layout {
 }
 
 impl Layout {
-    /// Opens a fresh cluster connection, which learns (and records) the layout anew; at most
-    /// every [`REFRESH_INTERVAL`], and never by two threads at once.
+    /// Has a fresh cluster connection opened in the background (`lock-redis-cluster-layout`,
+    /// a short-lived thread), which learns (and records) the layout anew; at most every
+    /// [`REFRESH_INTERVAL`]. Never blocks: opening a connection to a cluster whose nodes are
+    /// silent takes a connect timeout per node, far longer than a call may wait.
     fn refresh_now(&self) {
         let Some((client, target)) = self.client.get() else {
             return;
         };
-        let Some(mut refreshed_at) = self.refreshed_at.try_lock() else {
-            return; // another thread is looking
-        };
-        if refreshed_at.is_some_and(|at| at.elapsed() < REFRESH_INTERVAL) {
-            return;
+        {
+            let mut refreshed_at = self.refreshed_at.lock();
+            if refreshed_at.is_some_and(|at| at.elapsed() < REFRESH_INTERVAL) {
+                return;
+            }
+            *refreshed_at = Some(Instant::now());
         }
-        *refreshed_at = Some(Instant::now());
-        if let Err(error) = client.get_connection() {
-            tracing::debug!(redis = %target, %error, "could not look at the Redis Cluster's layout");
+        let (client, target) = (client.clone(), target.clone());
+        let spawned = std::thread::Builder::new()
+            .name("lock-redis-cluster-layout".to_owned())
+            .spawn(move || {
+                if let Err(error) = client.get_connection() {
+                    tracing::debug!(redis = %target, %error, "could not look at the Redis Cluster's layout");
+                }
+            });
+        if let Err(error) = spawned {
+            tracing::debug!(%error, "could not start a thread to look at the Redis Cluster's layout");
         }
     }
 
@@ -140,11 +150,14 @@ impl Layout {
 }
 
 /// Records every layout a cluster connection learns; routes reads (none are made) to primaries.
-struct LayoutRecorder(Arc<Layout>);
+/// Holds the layout weakly: the layout holds the client, which holds this.
+struct LayoutRecorder(Weak<Layout>);
 
 impl ReadRoutingStrategy for LayoutRecorder {
     fn on_topology_changed(&self, topology: ClusterTopology) {
-        *self.0.topology.write() = Some(topology);
+        if let Some(layout) = self.0.upgrade() {
+            *layout.topology.write() = Some(topology);
+        }
     }
 
     fn route_read<'a>(&self, candidates: &ReadCandidates<'a>) -> &'a NodeAddress {
@@ -156,11 +169,11 @@ impl ReadRoutingStrategy for LayoutRecorder {
 }
 
 /// Gives each cluster connection a [`LayoutRecorder`] of the backend's [`Layout`].
-struct RecorderFactory(Arc<Layout>);
+struct RecorderFactory(Weak<Layout>);
 
 impl ReadRoutingStrategyFactory for RecorderFactory {
     fn create_strategy(&self) -> Box<dyn ReadRoutingStrategy> {
-        Box::new(LayoutRecorder(Arc::clone(&self.0)))
+        Box::new(LayoutRecorder(Weak::clone(&self.0)))
     }
 }
 
@@ -282,7 +295,7 @@ impl ClusterLeases {
             .retries(CRATE_RETRIES)
             .min_retry_wait(10)
             .max_retry_wait(100)
-            .read_routing_strategy(RecorderFactory(Arc::clone(&layout)));
+            .read_routing_strategy(RecorderFactory(Arc::downgrade(&layout)));
         if let Some(username) = &spec.username {
             builder = builder.username(username);
         }
@@ -323,13 +336,14 @@ impl ClusterLeases {
         })
     }
 
-    /// The master that owns `slot`, as far as the layout says; looks at the layout first if
-    /// none has been learned yet.
+    /// The master that owns `slot`, as far as the layout says; `None` (and a look at the
+    /// layout, in the background) when none has been learned yet.
     fn master_of(&self, slot: u16) -> Option<NodeAddress> {
-        if self.layout.topology.read().is_none() {
+        let master = self.layout.master_of(slot);
+        if master.is_none() {
             self.refresh();
         }
-        self.layout.master_of(slot)
+        master
     }
 
     /// The backend of the master at `address`, made on first use; `None` for an address that
@@ -503,11 +517,8 @@ impl ClusterLeases {
         // Per master, its requests in slot order.
         let mut per_master: Vec<(Option<RedisBackend>, Vec<usize>)> = Vec::new();
         let mut masters: HashMap<NodeAddress, usize> = HashMap::new();
-        if self.layout.topology.read().is_none() {
-            self.refresh();
-        }
         for (slot, index) in order {
-            let group = match self.layout.master_of(slot) {
+            let group = match self.master_of(slot) {
                 Some(address) => *masters.entry(address.clone()).or_insert_with(|| {
                     per_master.push((self.node(&address), Vec::new()));
                     per_master.len() - 1
@@ -618,7 +629,11 @@ impl ClusterLeases {
     /// The eviction policy of every master the layout names: the first that is not
     /// `noeviction`, else `noeviction` (`None` when no master tells).
     pub(crate) fn eviction_policy(&self) -> Result<Option<String>, RedisBackendError> {
-        self.refresh();
+        if self.layout.topology.read().is_none() {
+            // A pooled cluster connection learns the layout as it opens (within the checkout
+            // timeout); if none opens, no master is known and the answer is `None`.
+            let _ = self.sessions.get_timeout(self.config.checkout_timeout);
+        }
         let addresses: Vec<NodeAddress> = {
             let topology = self.layout.topology.read();
             topology
