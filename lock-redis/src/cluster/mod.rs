@@ -18,9 +18,9 @@
 //! `CLUSTERDOWN`, or whose master refuses or drops connections, goes once more through a pooled
 //! cluster connection of the `redis` crate, which follows the redirection (refreshing its slot
 //! map after `MOVED`, which also updates the recorded layout). A master that refuses or drops
-//! connections also makes the backend open a fresh cluster connection (at most every
-//! [`REFRESH_INTERVAL`]), whose layout names the replica that took over once the cluster has
-//! promoted it. Pooled cluster connections that failed are discarded, never reused: the
+//! connections also makes the backend open a fresh cluster connection in the background (at
+//! most every [`REFRESH_INTERVAL`]), whose layout names the replica that took over once the
+//! cluster has promoted it. Pooled cluster connections that failed are discarded, never reused: the
 //! crate's synchronous cluster connection keeps its slot map after a master dies, and would
 //! retry the dead address forever.
 
@@ -235,11 +235,20 @@ enum Verdict {
 
 impl Verdict {
     fn of(error: &BackendError) -> Verdict {
-        match error.cause().downcast_ref::<RedisBackendError>() {
+        let cause = error.cause().downcast_ref::<RedisBackendError>();
+        if let Some(RedisBackendError::Command { source, .. }) = cause {
+            if is_redirection(source) {
+                // MOVED is permanent on one server (a URL naming a cluster node), not here.
+                return Verdict::Redirected;
+            }
+        }
+        if !error.is_transient() {
+            // A wrong password, a missing permission, a script error: the same anywhere.
+            return Verdict::Final;
+        }
+        match cause {
             Some(RedisBackendError::Command { source, .. }) => {
-                if is_redirection(source) {
-                    Verdict::Redirected
-                } else if source.is_connection_refusal() {
+                if source.is_connection_refusal() {
                     Verdict::NodeGone { unanswered: false }
                 } else if is_retryable_elsewhere(source) {
                     Verdict::NodeGone { unanswered: true }
@@ -667,6 +676,58 @@ fn remaining(deadline: &Deadline) -> Duration {
 mod tests {
     use super::*;
     use redis::cluster_routing::Slot;
+
+    fn failed_with(reply: &str) -> BackendError {
+        let value = redis::parse_redis_value(format!("-{reply}\r\n").as_bytes()).unwrap();
+        let error = value.extract_error().unwrap_err();
+        CallFailure::Redis(error).into_backend_error(RedisOperation::Acquire, "k")
+    }
+
+    #[test]
+    fn a_masters_answer_says_where_to_send_the_call() {
+        for reply in [
+            "MOVED 3999 127.0.0.1:6381",
+            "ASK 3999 127.0.0.1:6381",
+            "TRYAGAIN Multiple keys request during rehashing of slot",
+            "CLUSTERDOWN The cluster is down",
+        ] {
+            assert!(
+                matches!(Verdict::of(&failed_with(reply)), Verdict::Redirected),
+                "{reply}"
+            );
+        }
+        for reply in ["WRONGTYPE wrong kind", "NOPERM no", "BUSY running a script"] {
+            assert!(
+                matches!(Verdict::of(&failed_with(reply)), Verdict::Final),
+                "{reply}"
+            );
+        }
+        let refused = CallFailure::NoConnection {
+            waited: Duration::ZERO,
+            reason: "refused".to_owned(),
+            kind: BackendErrorKind::Transient,
+        }
+        .into_backend_error(RedisOperation::Renew, "k");
+        assert!(matches!(
+            Verdict::of(&refused),
+            Verdict::NodeGone { unanswered: false }
+        ));
+        let wrong_password = CallFailure::NoConnection {
+            waited: Duration::ZERO,
+            reason: "WRONGPASS".to_owned(),
+            kind: BackendErrorKind::Permanent,
+        }
+        .into_backend_error(RedisOperation::Renew, "k");
+        assert!(matches!(Verdict::of(&wrong_password), Verdict::Final));
+        // On a cluster, a redirection that did not settle is transient.
+        let moved = redis::parse_redis_value(b"-MOVED 1 127.0.0.1:1\r\n")
+            .unwrap()
+            .extract_error()
+            .unwrap_err();
+        assert!(CallFailure::Redirected(moved)
+            .into_backend_error(RedisOperation::Renew, "k")
+            .is_transient());
+    }
 
     #[test]
     fn slots_are_those_of_redis() {
