@@ -279,7 +279,8 @@
 //!   expire, else reported lost; fences stay higher than any issued before (the server's
 //!   clock). While a slot moves, a lock whose keys are split between two masters cannot be
 //!   acquired (`TRYAGAIN`, transient).
-//! - **ACL**: add `+spublish +ssubscribe +sunsubscribe +cluster|slots +readonly`.
+//! - **ACL**: [`cluster_acl_rules`]: [`acl_rules`] and `+spublish +ssubscribe +sunsubscribe
+//!   +readonly +cluster|slots`, on every node.
 //! - [`RedisBackend::eviction_policy`] asks every master, and names the first policy that is
 //!   not `noeviction`.
 //!
@@ -393,7 +394,7 @@ mod redlock;
 mod scripts;
 mod subscriber;
 
-pub use acl::acl_rules;
+pub use acl::{acl_rules, cluster_acl_rules};
 pub use backend::builder::RedisBackendBuilder;
 pub use backend::RedisBackend;
 pub use connection::tls::TlsFailure;

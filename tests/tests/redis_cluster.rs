@@ -189,3 +189,51 @@ fn a_release_wakes_a_waiter_through_sharded_pub_sub_on_the_keys_master() {
     std::thread::sleep(Duration::from_millis(200));
     assert_woken_by(waiter, Duration::from_secs(2), || lease.release().unwrap());
 }
+
+/// The suite's main paths as a user with exactly `cluster_acl_rules`, set on every node:
+/// acquire, renew, inspect, release, and a wake-up over sharded pub/sub.
+#[test]
+fn a_user_with_the_cluster_acl_rules_holds_renews_and_wakes() {
+    let cluster = quiet_cluster();
+    for node in cluster.nodes() {
+        node.add_acl_user(
+            "locker",
+            "locker-pw",
+            &lock_redis::cluster_acl_rules("lock:"),
+        );
+    }
+    let backend = RedisBackend::builder(&cluster.url())
+        .credentials("locker", "locker-pw")
+        .build()
+        .unwrap();
+    let holder = LockManager::new(backend.clone());
+    let sleepy = LockManager::builder(backend).retry(SLEEPY).build().unwrap();
+    let ttl = Duration::from_secs(1);
+    let leases: Vec<_> = (0..20)
+        .map(|index| {
+            holder
+                .try_acquire(&format!("acl:{index}"), ttl)
+                .unwrap()
+                .unwrap()
+        })
+        .collect();
+    // Renewed past their TTL.
+    std::thread::sleep(ttl * 2);
+    assert!(leases.iter().all(|lease| lease.is_held()));
+    assert!(holder.inspect("acl:0").unwrap().is_held());
+    let waiter = spawn_waiter(&sleepy, "acl:0", ttl);
+    let channel = lock_redis::RedisBackend::connect(&cluster.url())
+        .unwrap()
+        .lock_key("acl:0");
+    let master = cluster.master_of_slot(cluster.slot_of(&channel));
+    wait_until("the waiter subscribed", Duration::from_secs(10), || {
+        cluster.node(master).shard_subscribers(&channel) == 1
+    });
+    std::thread::sleep(Duration::from_millis(200));
+    let mut leases = leases.into_iter();
+    let first = leases.next().unwrap();
+    assert_woken_by(waiter, Duration::from_secs(2), || first.release().unwrap());
+    for lease in leases {
+        lease.release().unwrap();
+    }
+}
