@@ -524,16 +524,24 @@ impl ClusterLeases {
             .collect();
         order.sort_unstable();
         // Per master, its requests in slot order.
-        let mut per_master: Vec<(Option<RedisBackend>, Vec<usize>)> = Vec::new();
-        let mut masters: HashMap<NodeAddress, usize> = HashMap::new();
+        let mut per_master: Vec<(RedisBackend, Vec<usize>)> = Vec::new();
+        let mut groups: HashMap<NodeAddress, usize> = HashMap::new();
+        // Leases of slots whose master is not known (yet): through the cluster.
+        let mut again = Vec::new();
         for (slot, index) in order {
-            let group = match self.master_of(slot) {
-                Some(address) => *masters.entry(address.clone()).or_insert_with(|| {
-                    per_master.push((self.node(&address), Vec::new()));
-                    per_master.len() - 1
-                }),
+            let Some(address) = self.master_of(slot) else {
+                again.push(index);
+                continue;
+            };
+            let group = match groups.get(&address) {
+                Some(&group) => group,
                 None => {
-                    per_master.push((None, Vec::new()));
+                    let Some(master) = self.node(&address) else {
+                        again.push(index);
+                        continue;
+                    };
+                    per_master.push((master, Vec::new()));
+                    groups.insert(address, per_master.len() - 1);
                     per_master.len() - 1
                 }
             };
@@ -550,17 +558,12 @@ impl ClusterLeases {
             let handles: Vec<_> = per_master
                 .iter()
                 .skip(1)
-                .map(|(master, indexes)| {
-                    scope.spawn(move || match master {
-                        Some(master) => renew_on(master, indexes),
-                        None => Vec::new(),
-                    })
-                })
+                .map(|(master, indexes)| scope.spawn(move || renew_on(master, indexes)))
                 .collect();
-            let first = match per_master.first() {
-                Some((Some(master), indexes)) => renew_on(master, indexes),
-                _ => Vec::new(),
-            };
+            let first = per_master
+                .first()
+                .map(|(master, indexes)| renew_on(master, indexes))
+                .unwrap_or_default();
             std::iter::once(first)
                 .chain(
                     handles
@@ -569,7 +572,6 @@ impl ClusterLeases {
                 )
                 .collect()
         });
-        let mut again = Vec::new();
         let mut node_gone = false;
         for ((_, indexes), answers) in per_master.iter().zip(answers) {
             let mut answers = answers.into_iter();
@@ -584,7 +586,7 @@ impl ClusterLeases {
                         }
                     },
                     Some(answer) => results[index] = Some(answer),
-                    // No master known for its slot (or a thread failed): through the cluster.
+                    // Its master's thread failed: through the cluster.
                     None => again.push(index),
                 }
             }
