@@ -94,7 +94,8 @@ fn reads_processed(node: &lock_tests::RedisServer) -> u64 {
 
 /// 10,000 leases over all slots, held for three renewal periods: none is lost; every master
 /// renews its leases (one script call per slot of a batch), and gets each batch's calls as one
-/// pipeline: it reads its sockets far fewer times than it runs scripts.
+/// pipeline: it reads its sockets fewer times than it runs scripts (at least one read per call
+/// if they came one by one).
 #[test]
 fn ten_thousand_leases_are_renewed_per_master_without_loss() {
     let cluster = quiet_cluster();
@@ -151,8 +152,10 @@ fn ten_thousand_leases_are_renewed_per_master_without_loss() {
             calls >= *slots as u64 * 2,
             "master {port}: {calls} script calls for {slots} slots in three periods"
         );
+        // Sent one by one, each call would need a read of its own; a pipeline of about 170
+        // calls (17 KiB) is read in a few (16 KiB per read, more when the machine is loaded).
         assert!(
-            reads * 8 < calls,
+            reads * 2 < calls,
             "master {port}: {reads} socket reads for {calls} script calls: not pipelined"
         );
     }
