@@ -64,8 +64,9 @@ impl KeyServer for RedisCluster {
 /// `lock_core::conformance_tests!(make_target())` with a `make_target` that returns one.
 #[derive(Debug)]
 pub struct RedisTarget<S> {
-    /// One server, or a Sentinel group (whose sentinels must not fail over while the master is
-    /// paused by [`ConformanceTarget::set_unreachable`]).
+    /// One server, a Sentinel group (whose sentinels must not fail over while the master is
+    /// paused by [`ConformanceTarget::set_unreachable`]), or a cluster (whose node timeout must
+    /// be longer than such a pause).
     pub servers: S,
     /// The backend under test.
     pub backend: RedisBackend,

@@ -17,9 +17,10 @@
 //! - [`cpu::pin_process`] pins a process (every thread) to one CPU, for benchmarks that choose
 //!   where the client and the servers run.
 //! - [`conformance::RedisTarget`] runs `lock_core`'s conformance suite on a Redis backend, on one
-//!   server or through a Sentinel group.
+//!   server, through a Sentinel group or on a cluster.
 //! - [`wait_until`] polls a condition with a deadline, so tests never rely on fixed sleeps.
-//! - [`spawn_waiter`] starts a thread that waits for a lock, for tests of wake-ups.
+//! - [`spawn_waiter`] starts a thread that waits for a lock, for tests of wake-ups, and
+//!   [`assert_woken_by`] checks that a release woke it.
 //! - [`captured_logs`] captures what the libraries log, for tests of their warnings.
 //! - [`error_chain`] prints an error with all its sources, as a user's error reporter would.
 //! - The `lease-holder` binary of this crate is a separate process that holds a lease (to be
