@@ -6,7 +6,7 @@
 //! ```no_run
 //! use lock_tests::RedisCluster;
 //!
-//! let cluster = RedisCluster::start(); // 3 masters + 3 replicas, node timeout 1 s
+//! let mut cluster = RedisCluster::start(); // 3 masters + 3 replicas, node timeout 1 s
 //! let backend = lock_redis::RedisBackend::connect(&cluster.url()).expect("a valid URL");
 //! let slot = cluster.slot_of("lock:{jobs:42}");
 //! let old = cluster.master_of_slot(slot);
