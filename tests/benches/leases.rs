@@ -368,6 +368,7 @@ impl RawLock {
             .key(format!("raw:{{{key}}}:released"))
             .arg(token)
             .arg(10_000) // the marker's TTL in milliseconds, as the backend's default
+            .arg("PUBLISH") // how a backend on one server announces the release
             .invoke(connection)
             .unwrap()
     }
