@@ -33,6 +33,25 @@ pub fn acl_rules(key_prefix: &str) -> String {
     format!("resetkeys ~{prefix}* resetchannels &{prefix}* -@all {COMMANDS}")
 }
 
+/// What a backend on a Redis Cluster sends besides [`COMMANDS`]: sharded pub/sub (`SPUBLISH`
+/// in the release scripts, `SSUBSCRIBE` and `SUNSUBSCRIBE` for wake-ups), and the `redis`
+/// crate's cluster client's handshake and layout (`READONLY`, `CLUSTER SLOTS`).
+const CLUSTER_COMMANDS: &str = "+spublish +ssubscribe +sunsubscribe +readonly +cluster|slots";
+
+/// The ACL rules of a Redis user that may use a backend on a Redis Cluster whose key prefix is
+/// `key_prefix`, and nothing else: [`acl_rules`] and what a cluster needs besides (sharded
+/// pub/sub, `READONLY` and `CLUSTER SLOTS`). Set them on every node, replicas included (a
+/// promoted replica serves the same user).
+///
+/// ```
+/// let rules = lock_redis::cluster_acl_rules("lock:");
+/// assert!(rules.starts_with(&lock_redis::acl_rules("lock:")));
+/// assert!(rules.ends_with("+spublish +ssubscribe +sunsubscribe +readonly +cluster|slots"));
+/// ```
+pub fn cluster_acl_rules(key_prefix: &str) -> String {
+    format!("{} {CLUSTER_COMMANDS}", acl_rules(key_prefix))
+}
+
 /// `text` with the characters that Redis glob patterns treat specially escaped.
 fn escape_glob(text: &str) -> String {
     let mut escaped = String::with_capacity(text.len());

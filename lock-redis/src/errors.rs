@@ -280,6 +280,10 @@ pub(crate) enum CallFailure {
     },
     /// A command failed.
     Redis(RedisError),
+    /// On a Redis Cluster, a redirection (`MOVED`, `ASK`) still met when the call gave up: the
+    /// slot is moving, and a retry goes where it is. (On one server, `MOVED` is permanent: the
+    /// URL names a cluster node.)
+    Redirected(RedisError),
     /// A reply of the wrong shape.
     UnexpectedReply(String),
     /// A release retried after a lost reply found the key gone.
@@ -300,6 +304,7 @@ impl CallFailure {
             CallFailure::NoConnection { kind, .. } => *kind,
             CallFailure::Tls { failure, .. } => failure.kind(),
             CallFailure::Redis(error) => classify(error),
+            CallFailure::Redirected(_) => BackendErrorKind::Transient,
             CallFailure::UnexpectedReply(_) => BackendErrorKind::Permanent,
             CallFailure::ReleaseOutcomeUnknown | CallFailure::NotReplicated { .. } => {
                 BackendErrorKind::Transient
@@ -334,11 +339,13 @@ impl CallFailure {
                 source: handshake_failure(&error)
                     .map_or_else(|| Box::new(error) as _, |(_, source)| source),
             },
-            CallFailure::Redis(source) => RedisBackendError::Command {
-                operation,
-                key,
-                source,
-            },
+            CallFailure::Redis(source) | CallFailure::Redirected(source) => {
+                RedisBackendError::Command {
+                    operation,
+                    key,
+                    source,
+                }
+            }
             CallFailure::UnexpectedReply(reply) => RedisBackendError::UnexpectedReply {
                 operation,
                 key,

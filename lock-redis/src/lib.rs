@@ -1,5 +1,5 @@
 //! Redis lease backend for [`lock_core`]: locks with a TTL in one Redis server (or the master of
-//! a [Sentinel](#sentinel) group), taken, renewed and released by atomic Lua scripts, over an
+//! a [Sentinel](#sentinel) group, or the masters of a [Cluster](#cluster)), taken, renewed and released by atomic Lua scripts, over an
 //! [r2d2] pool of synchronous connections. Needs Redis 7.0 or later.
 //!
 //! # Getting started
@@ -98,8 +98,7 @@
 //! holding the owner's token with a millisecond TTL (rounded up from the lease's TTL). Its fence
 //! counter is `lock:{jobs:42}:fence`, a key without TTL. Its releases are published on the
 //! channel named like its key, `lock:{jobs:42}`. The braces are a Redis Cluster hash tag,
-//! so both keys of a lock share one slot. The backend itself speaks to one server, not to a
-//! Cluster: a renewal batch renews keys of many slots in one script call.
+//! so every key of a lock shares one slot (see [Cluster](#cluster) for user keys with braces).
 //!
 //! - **acquire** sets the key if it is free and issues its fence in the same script: every
 //!   grant issues `max(counter + 1, server TIME in microseconds)` and stores it in the counter.
@@ -237,6 +236,54 @@
 //! (`SELECT`) in round trips of their own, each bounded by what is left of the connect timeout,
 //! and send no `CLIENT SETINFO`.
 //!
+//! # Cluster
+//!
+//! A backend can keep its locks on a Redis Cluster (Redis 7 or later): give it some of the
+//! nodes, as a URL or to a builder; TLS and `min_replicas` are not supported there yet.
+//!
+//! ```text
+//! redis+cluster://[[USER]:PASSWORD@]HOST[:PORT][,HOST[:PORT]...]
+//! ```
+//!
+//! ```
+//! use lock_redis::RedisBackend;
+//!
+//! let backend = RedisBackend::connect("redis+cluster://:hunter2@10.0.0.1:7000,10.0.0.2:7000")?;
+//! assert!(!format!("{backend:?}").contains("hunter2"));
+//! let backend = RedisBackend::cluster_builder(&["10.0.0.1:7000", "10.0.0.2:7000"])
+//!     .credentials("locker", "hunter2")
+//!     .build()?;
+//! # Ok::<(), lock_redis::RedisBackendError>(())
+//! ```
+//!
+//! - **One slot per lease, by construction.** The prefix has no braces, so the hash tag of every
+//!   key of a lock runs from the `{` after the prefix to the first `}` after it: the same text
+//!   in all of them, whatever braces the user key holds. A user key starting with `}` (which
+//!   would leave the tag empty, so each key would be hashed whole) is written with a `\` in
+//!   front, as is one starting with `\`, which keeps the mapping one to one.
+//! - **Where calls go.** The `redis` crate's cluster client learns which master owns which slot
+//!   and follows `MOVED` and `ASK`. Each call goes to the master of its key's slot, through a
+//!   bounded single-server pool per master (every timeout above applies); a renewal batch is
+//!   split per master and sent to all of them at once, one pipelined round trip each, with one
+//!   script call per slot and 128 leases. A call that a master answers with `MOVED`, `ASK`,
+//!   `TRYAGAIN` or `CLUSTERDOWN` goes once more through a pooled cluster connection of the
+//!   crate, which follows the redirection (and refreshes the layout); a master that refuses
+//!   connections makes the backend look at the layout anew. Failed cluster connections are
+//!   dropped, never pooled again (the crate's synchronous connection would keep a dead master's
+//!   address).
+//! - **Wake-ups** use sharded pub/sub: releases are announced with `SPUBLISH`, and one thread
+//!   per backend (`lock-redis-cluster-subscriber`) listens with `SSUBSCRIBE` on the master of
+//!   each waited key's slot, following failovers and slot moves.
+//! - **Failover.** A master's failure touches only its own slots' leases: they are held on the
+//!   promoted replica if replication carried their keys and a renewal reaches it before they
+//!   expire, else reported lost; fences stay higher than any issued before (the server's
+//!   clock). While a slot moves, a lock whose keys are split between two masters cannot be
+//!   acquired (`TRYAGAIN`, transient).
+//! - **ACL**: [`cluster_acl_rules`]: [`acl_rules`] and `+spublish +ssubscribe +sunsubscribe
+//!   +readonly +cluster|slots`, on every node.
+//! - [`RedisBackend::eviction_policy`] asks every master, and names the first policy that is
+//!   not `noeviction`.
+//!
 //! # Errors
 //!
 //! Construction fails with a [`RedisBackendError`]. Calls fail with a
@@ -334,18 +381,20 @@
 //   of connections whose calls are bounded in time;
 // - `backend`: the single-server backend, its builder and its eviction-policy check;
 // - `scripts`: what is stored where (`keys`), and the Lua scripts that change it;
+// - `cluster`: the same leases on a Redis Cluster, each call on the master of its slot;
 // - `subscriber`: release wake-ups over pub/sub;
 // - `redlock`: the same leases over a majority of independent servers;
 // - `errors` and `acl`: what goes wrong, and the rights a Redis user needs.
 mod acl;
 mod backend;
+mod cluster;
 mod connection;
 mod errors;
 mod redlock;
 mod scripts;
 mod subscriber;
 
-pub use acl::acl_rules;
+pub use acl::{acl_rules, cluster_acl_rules};
 pub use backend::builder::RedisBackendBuilder;
 pub use backend::RedisBackend;
 pub use connection::tls::TlsFailure;

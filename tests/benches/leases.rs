@@ -3,8 +3,8 @@
 //!
 //! `cargo bench -p lock-tests --bench leases` runs every row; name rows or placements to run
 //! some: `cargo bench -p lock-tests --bench leases -- memory handoff split`. Rows: `uncontended`,
-//! `saturated`, `handoff`, `redlock`, `renewal` (Redis, run once per placement) and `memory`
-//! (run once). Placements: `split` (every redis-server on one CPU, this process and all its
+//! `saturated`, `handoff`, `redlock`, `renewal` (Redis, run once per placement), `memory` and
+//! `cluster` (run once; `cluster` first, unpinned). Placements: `split` (every redis-server on one CPU, this process and all its
 //! threads on another) and `same` (all on one CPU); a placement name only selects among the
 //! Redis rows. The suite starts its own redis-server processes; see BENCHMARKS.md for the
 //! figures and what they mean.
@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 use lock_core::{Lease, LeaseEvent, LockManager};
 use lock_memory::MemoryBackend;
 use lock_redis::{r2d2, RedisBackend, RedlockBackend};
-use lock_tests::{cpu, RedisServer};
+use lock_tests::{cpu, ClusterOptions, RedisCluster, RedisServer};
 use parking_lot::Mutex;
 
 const TTL: Duration = Duration::from_secs(30);
@@ -64,6 +64,16 @@ fn main() {
         },
     ];
     println!("{}", machine_line());
+
+    if wanted("cluster") {
+        // Before any placement pins this process: three masters and the client share the
+        // machine's CPUs as the scheduler sees fit.
+        println!(
+            "\n== Redis Cluster (3 masters + 3 replicas) against one server: unpinned; load average {}",
+            load_average()
+        );
+        cluster();
+    }
 
     let mut redis_same_rate = None;
     if REDIS_ROWS.iter().any(|row| wanted(row)) {
@@ -358,6 +368,7 @@ impl RawLock {
             .key(format!("raw:{{{key}}}:released"))
             .arg(token)
             .arg(10_000) // the marker's TTL in milliseconds, as the backend's default
+            .arg("PUBLISH") // how a backend on one server announces the release
             .invoke(connection)
             .unwrap()
     }
@@ -1348,5 +1359,65 @@ fn renewal_at_scale(server: &RedisServer) {
         verdict(">= 0.9", ratio >= 0.9),
         our_cpu.per_operation(capacity),
         raw_cpu.per_operation(raw_rate),
+    );
+}
+
+/// Leases renewed per second by a renewer running flat out over `count` leases (due every
+/// few milliseconds) on the servers at `url`, over `window`; and how many stayed held.
+fn renewal_capacity(url: &str, prefix: &str, count: usize, window: Duration) -> (f64, usize) {
+    let (manager, renewed_at) = recording_manager(url, 0.0001);
+    let (leases, _) = acquire_many(&manager, prefix, count);
+    // Let the renewer reach its pace before counting.
+    std::thread::sleep(Duration::from_millis(500));
+    let counted_from = renewed_at.lock().len();
+    std::thread::sleep(window);
+    let renewed = renewed_at.lock().len() - counted_from;
+    let still_held = held(&leases);
+    release_many(leases);
+    (renewed as f64 / window.as_secs_f64(), still_held)
+}
+
+/// The `cluster` row: renewal capacity for 100,000 leases on one master against the 3-master
+/// cluster, and the uncontended acquire + release on each, in paired rounds.
+fn cluster() {
+    const LEASES: usize = 100_000;
+    let single = RedisServer::start();
+    let cluster = RedisCluster::start_with(ClusterOptions {
+        node_timeout: Duration::from_secs(5),
+        ..ClusterOptions::default()
+    });
+    let (single_url, cluster_url) = (single.url(), cluster.url());
+    let window = Duration::from_secs(3);
+    let mut ratios = Vec::new();
+    let mut rates = (Vec::new(), Vec::new());
+    for round in 0..2 {
+        let (one, one_held) =
+            renewal_capacity(&single_url, &format!("single{round}"), LEASES, window);
+        let (three, three_held) =
+            renewal_capacity(&cluster_url, &format!("cluster{round}"), LEASES, window);
+        println!(
+            "cluster      renewal round {round}: one master {one:.0} renewals/s ({one_held} held), cluster {three:.0}/s ({three_held} held)"
+        );
+        ratios.push(three / one);
+        rates.0.push(one);
+        rates.1.push(three);
+    }
+    let ratio = median(ratios);
+    println!(
+        "cluster      renewal capacity, {LEASES} leases flat out: one master {:.0}/s, 3-master cluster {:.0}/s, ratio {ratio:.2} ({})",
+        median(rates.0),
+        median(rates.1),
+        verdict(">= 2", ratio >= 2.0)
+    );
+
+    let single_manager = ours(&single_url, 1);
+    let cluster_manager = ours(&cluster_url, 1);
+    let round = Duration::from_millis(200);
+    let mut one = || rate_for(round, || our_cycle(&single_manager, "uncontended"));
+    let mut three = || rate_for(round, || our_cycle(&cluster_manager, "uncontended"));
+    let paired = paired(15, &mut [&mut one, &mut three]);
+    println!(
+        "cluster      uncontended try_acquire + release: one server {:.0}/s, cluster {:.0}/s, ratio {:.2} (no target)",
+        paired.medians[0], paired.medians[1], paired.ratios[1]
     );
 }

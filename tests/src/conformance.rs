@@ -9,24 +9,54 @@ use lock_core::{LeaseBackend, LockManager, LockManagerBuilder};
 use lock_redis::RedisBackend;
 use redis::Commands;
 
-use crate::{RedisServer, SentinelGroup};
+use crate::{RedisCluster, RedisServer, SentinelGroup};
 
 /// Where a [`RedisTarget`]'s backend keeps its keys.
 pub trait KeyServer {
-    /// The server that holds the keys now.
-    fn key_server(&self) -> &RedisServer;
+    /// Deletes the Redis key `key` where it is kept; how many keys were deleted.
+    fn delete_key(&self, key: &str) -> u64;
+
+    /// Pauses (`SIGSTOP`) or resumes the servers that keep the keys.
+    fn set_paused(&self, paused: bool);
 }
 
 impl KeyServer for RedisServer {
-    fn key_server(&self) -> &RedisServer {
-        self
+    fn delete_key(&self, key: &str) -> u64 {
+        self.connection().del(key).unwrap()
+    }
+
+    fn set_paused(&self, paused: bool) {
+        if paused {
+            self.pause();
+        } else {
+            self.resume();
+        }
     }
 }
 
 /// The master the sentinels name.
 impl KeyServer for SentinelGroup {
-    fn key_server(&self) -> &RedisServer {
-        self.master()
+    fn delete_key(&self, key: &str) -> u64 {
+        self.master().delete_key(key)
+    }
+
+    fn set_paused(&self, paused: bool) {
+        self.master().set_paused(paused);
+    }
+}
+
+/// The master of the key's slot; pausing pauses every node, replicas included, so that no
+/// failover starts (with a node timeout longer than the pause).
+impl KeyServer for RedisCluster {
+    fn delete_key(&self, key: &str) -> u64 {
+        self.node(self.master_of_slot(self.slot_of(key)))
+            .delete_key(key)
+    }
+
+    fn set_paused(&self, paused: bool) {
+        for node in self.nodes().iter().filter(|node| node.is_running()) {
+            node.set_paused(paused);
+        }
     }
 }
 
@@ -34,8 +64,9 @@ impl KeyServer for SentinelGroup {
 /// `lock_core::conformance_tests!(make_target())` with a `make_target` that returns one.
 #[derive(Debug)]
 pub struct RedisTarget<S> {
-    /// One server, or a Sentinel group (whose sentinels must not fail over while the master is
-    /// paused by [`ConformanceTarget::set_unreachable`]).
+    /// One server, a Sentinel group (whose sentinels must not fail over while the master is
+    /// paused by [`ConformanceTarget::set_unreachable`]), or a cluster (whose node timeout must
+    /// be longer than such a pause).
     pub servers: S,
     /// The backend under test.
     pub backend: RedisBackend,
@@ -60,21 +91,11 @@ impl<S: KeyServer> ConformanceTarget for RedisTarget<S> {
     }
 
     fn delete_key(&self, key: &str) {
-        let deleted: u64 = self
-            .servers
-            .key_server()
-            .connection()
-            .del(self.backend.lock_key(key))
-            .unwrap();
+        let deleted = self.servers.delete_key(&self.backend.lock_key(key));
         assert_eq!(deleted, 1, "{key} was not held");
     }
 
     fn set_unreachable(&self, unreachable: bool) {
-        let server = self.servers.key_server();
-        if unreachable {
-            server.pause();
-        } else {
-            server.resume();
-        }
+        self.servers.set_paused(unreachable);
     }
 }

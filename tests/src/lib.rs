@@ -13,14 +13,17 @@
 //!   fenced-write tests run the `fenced_postgres` example's recipe against it.
 //! - [`SentinelGroup`] starts a master, its replicas and three sentinels on free ports, and can
 //!   kill the master, force a failover and wait until the sentinels agree on the new master.
+//! - [`RedisCluster`] starts a Redis Cluster (three masters, a replica each) and can kill a
+//!   master, fail one over and move a slot between masters.
 //! - [`TcpProxy`] sits between a client and a server and can pass, delay, blackhole or reset the
 //!   traffic ([`ProxyMode`]), for existing and new connections alike.
 //! - [`cpu::pin_process`] pins a process (every thread) to one CPU, for benchmarks that choose
 //!   where the client and the servers run.
 //! - [`conformance::RedisTarget`] runs `lock_core`'s conformance suite on a Redis backend, on one
-//!   server or through a Sentinel group.
+//!   server, through a Sentinel group or on a cluster.
 //! - [`wait_until`] polls a condition with a deadline, so tests never rely on fixed sleeps.
-//! - [`spawn_waiter`] starts a thread that waits for a lock, for tests of wake-ups.
+//! - [`spawn_waiter`] starts a thread that waits for a lock, for tests of wake-ups, and
+//!   [`assert_woken_by`] checks that a release woke it.
 //! - [`captured_logs`] captures what the libraries log, for tests of their warnings.
 //! - [`error_chain`] prints an error with all its sources, as a user's error reporter would.
 //! - The `lease-holder` binary of this crate is a separate process that holds a lease (to be
@@ -44,6 +47,7 @@
 // the intended way to report it.
 #![allow(clippy::expect_used, clippy::unwrap_used, clippy::panic)]
 
+pub mod cluster;
 pub mod conformance;
 pub mod counting;
 pub mod cpu;
@@ -57,6 +61,7 @@ pub mod sentinel;
 pub mod server;
 pub mod tls;
 
+pub use cluster::{ClusterOptions, RedisCluster};
 pub use counting::CountingRun;
 pub use fenced::fenced_write;
 pub use logs::{captured_logs, CapturedLogs};
@@ -107,6 +112,23 @@ pub fn wait_until(what: &str, timeout: Duration, mut condition: impl FnMut() -> 
         }
         std::thread::sleep(Duration::from_millis(1));
     }
+}
+
+/// Runs `release`, then checks that `waiter` (from [`spawn_waiter`]) acquired the key within
+/// `within` of it: woken by the release, not by its backoff.
+///
+/// # Panics
+///
+/// If the waiter took longer, or failed.
+pub fn assert_woken_by(waiter: JoinHandle<Instant>, within: Duration, release: impl FnOnce()) {
+    let released = Instant::now();
+    release();
+    let acquired = waiter.join().unwrap();
+    assert!(
+        acquired - released < within,
+        "woken {:?} after the release: slept on its backoff",
+        acquired - released
+    );
 }
 
 /// Starts a thread that waits up to a minute for `key` through `manager` (and takes it with

@@ -84,6 +84,10 @@ pub struct ServerOptions {
     /// instead of as a data server. Its configuration file lives in the server's directory and
     /// keeps what the sentinel learns across [`RedisServer::restart`].
     pub sentinel: Option<SentinelConfig>,
+    /// Run as a Redis Cluster node (`--cluster-enabled yes`) with this node timeout, its cluster
+    /// bus on a free port of its own. [`RedisCluster`](crate::RedisCluster) builds clusters of
+    /// them.
+    pub cluster_node_timeout: Option<Duration>,
 }
 
 /// What a server started as a Sentinel monitors, and how quickly it fails over
@@ -157,6 +161,7 @@ impl fmt::Debug for ServerOptions {
             .field("unix_socket", &self.unix_socket)
             .field("tls", &self.tls)
             .field("sentinel", &self.sentinel)
+            .field("cluster_node_timeout", &self.cluster_node_timeout)
             .finish()
     }
 }
@@ -173,6 +178,8 @@ pub struct RedisServer {
     port: u16,
     /// The TLS port, with [`ServerOptions::tls`] (0 without).
     tls_port: u16,
+    /// The cluster bus port, with [`ServerOptions::cluster_node_timeout`] (0 without).
+    bus_port: u16,
     /// The running process; `None` after [`RedisServer::kill`].
     child: Option<Child>,
     /// Pid of the running process, or of the last one once killed.
@@ -237,6 +244,7 @@ impl RedisServer {
             dir,
             port: 0,
             tls_port: 0,
+            bus_port: 0,
             child: None,
             pid: 0,
         };
@@ -244,6 +252,9 @@ impl RedisServer {
             server.port = free_port();
             if server.options.tls.is_some() {
                 server.tls_port = free_port();
+            }
+            if server.options.cluster_node_timeout.is_some() {
+                server.bus_port = free_port();
             }
             match server.launch() {
                 Ok(()) => return server,
@@ -320,6 +331,11 @@ impl RedisServer {
                 None => format!("redis://127.0.0.1:{}", self.port),
             }
         }
+    }
+
+    /// Whether the process runs (it was not [killed](RedisServer::kill), or was restarted).
+    pub fn is_running(&self) -> bool {
+        self.child.is_some()
     }
 
     /// The process id of the server; after [`RedisServer::kill`], that of the killed process.
@@ -457,6 +473,17 @@ impl RedisServer {
     pub fn subscribers(&self, channel: &str) -> u64 {
         let counts: Vec<(String, u64)> = redis::cmd("PUBSUB")
             .arg("NUMSUB")
+            .arg(channel)
+            .query(&mut self.connection())
+            .unwrap();
+        counts.first().map_or(0, |(_, count)| *count)
+    }
+
+    /// How many clients are subscribed to the shard channel `channel` on this server
+    /// (`PUBSUB SHARDNUMSUB`, Redis 7: sharded pub/sub of a cluster).
+    pub fn shard_subscribers(&self, channel: &str) -> u64 {
+        let counts: Vec<(String, u64)> = redis::cmd("PUBSUB")
+            .arg("SHARDNUMSUB")
             .arg(channel)
             .query(&mut self.connection())
             .unwrap();
@@ -707,6 +734,17 @@ impl RedisServer {
                 .arg(self.socket_path())
                 .args(["--unixsocketperm", "700"]);
         }
+        if let Some(timeout) = self.options.cluster_node_timeout {
+            command
+                .args([
+                    "--cluster-enabled",
+                    "yes",
+                    "--cluster-config-file",
+                    "nodes.conf",
+                ])
+                .args(["--cluster-node-timeout", &timeout.as_millis().to_string()])
+                .args(["--cluster-port", &self.bus_port.to_string()]);
+        }
         if let Some(tls) = &self.options.tls {
             let [cert, key, ca] = TLS_FILES.map(|name| self.dir.join(name));
             command
@@ -829,15 +867,24 @@ fn pid_of(child: &Child) -> Pid {
 
 /// The `redis-server` executable found on `PATH`.
 fn find_redis_server() -> PathBuf {
+    find_binary("redis-server", "redis-server")
+}
+
+/// The path of the program `name` on `PATH`.
+///
+/// # Panics
+///
+/// If there is none, with the command that installs `package` (Debian/Ubuntu).
+pub(crate) fn find_binary(name: &str, package: &str) -> PathBuf {
     std::env::var_os("PATH")
         .iter()
         .flat_map(std::env::split_paths)
-        .map(|dir| dir.join("redis-server"))
+        .map(|dir| dir.join(name))
         .find(|candidate| candidate.is_file())
         .unwrap_or_else(|| {
             panic!(
-                "redis-server not found on PATH: install it with `sudo apt-get install -y \
-                 redis-server` (Debian/Ubuntu)"
+                "{name} not found on PATH: install it with `sudo apt-get install -y {package}` \
+                 (Debian/Ubuntu)"
             )
         })
 }

@@ -4,6 +4,8 @@ use std::fmt;
 use std::path::PathBuf;
 use std::time::Duration;
 
+use crate::cluster::spec::{is_cluster_url, ClusterSpec};
+use crate::cluster::ClusterLeases;
 use crate::connection::connector::Connector;
 use crate::connection::sentinel::spec::{Credentials, SentinelOptions};
 use crate::connection::sentinel::SentinelMaster;
@@ -35,9 +37,22 @@ pub(crate) struct Config {
     pub(crate) key_prefix: String,
     /// Replicas that must acknowledge an acquire, and how long to wait for them.
     pub(crate) min_replicas: Option<(u32, Duration)>,
+    /// On a Redis Cluster: renewal script calls carry keys of one slot each, and releases are
+    /// announced with sharded pub/sub (`SPUBLISH`).
+    pub(crate) sharded: bool,
 }
 
 impl Config {
+    /// The command that announces a release: `SPUBLISH` on a cluster (to the subscribers of
+    /// the key's shard only), else `PUBLISH`.
+    pub(crate) fn publish_command(&self) -> &'static str {
+        if self.sharded {
+            "SPUBLISH"
+        } else {
+            "PUBLISH"
+        }
+    }
+
     /// How long a release marker lives: longer than any call's retries can last (a checkout,
     /// a resync and a command, twice over), and at least ten seconds.
     pub(crate) fn release_marker_ttl(&self) -> Duration {
@@ -59,6 +74,7 @@ impl Default for Config {
             command_timeout: Duration::from_secs(2),
             key_prefix: "lock:".to_owned(),
             min_replicas: None,
+            sharded: false,
         }
     }
 }
@@ -562,6 +578,9 @@ impl RedisBackendBuilder {
     pub fn build(self) -> Result<RedisBackend, RedisBackendError> {
         self.config.validate()?;
         let target = redact_url(&self.url);
+        if is_cluster_url(&self.url) {
+            return self.build_cluster(target);
+        }
         let connector = match self.sentinel.into_spec(&self.url)? {
             Some(mut group) => {
                 if self.tls.is_set() {
@@ -600,6 +619,51 @@ impl RedisBackendBuilder {
             }
         };
         Ok(RedisBackend::from_parts(connector, target, self.config))
+    }
+
+    /// The backend of a `redis+cluster://` URL.
+    fn build_cluster(self, target: String) -> Result<RedisBackend, RedisBackendError> {
+        let unsupported = |what: &str| {
+            Err(RedisBackendError::InvalidConfig {
+                reason: format!("{what} on a Cluster backend: not supported in this version"),
+            })
+        };
+        if self.tls.is_set() {
+            return unsupported("TLS settings");
+        }
+        if self.config.min_replicas.is_some() {
+            return unsupported("min_replicas");
+        }
+        // Refuses Sentinel credentials on a backend that is not a Sentinel one.
+        self.sentinel.into_spec(&self.url)?;
+        let mut spec = ClusterSpec::parse_url(&self.url)?;
+        if let Some((user, password)) = self.credentials {
+            spec.username = Some(user);
+            spec.password = Some(password);
+        }
+        let invalid = |reason: String| RedisBackendError::InvalidUrl {
+            url: target.clone(),
+            reason,
+        };
+        let seed = spec
+            .seeds
+            .first()
+            .ok_or_else(|| invalid("no seed node".to_owned()))?;
+        let seed = spec
+            .node_info(seed)
+            .and_then(redis::Client::open)
+            .map_err(|error| invalid(error.to_string()))?;
+        let config = Config {
+            sharded: true,
+            ..self.config
+        };
+        let cluster = ClusterLeases::new(spec, target.clone(), config.clone())?;
+        Ok(RedisBackend::on_cluster(
+            cluster,
+            Connector::Server(Box::new(seed)),
+            target,
+            config,
+        ))
     }
 }
 

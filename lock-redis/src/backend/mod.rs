@@ -15,6 +15,7 @@ use redis::{Cmd, Value};
 
 use crate::backend::builder::Config;
 use crate::backend::eviction::{read_eviction_policy, EvictionCheck};
+use crate::cluster::{slot_of, ClusterLeases};
 use crate::connection::connector::Connector;
 use crate::connection::deadline::Deadline;
 use crate::connection::pool::{
@@ -69,6 +70,9 @@ struct Inner {
     subscriber: Option<Subscriber>,
     /// Whether the server's eviction policy has been looked at (and warned about).
     eviction: EvictionCheck,
+    /// On a Redis Cluster (`redis+cluster://`), where every call goes instead; `pool` and
+    /// `subscriber` are then unused.
+    cluster: Option<ClusterLeases>,
 }
 
 impl fmt::Debug for RedisBackend {
@@ -83,6 +87,7 @@ impl fmt::Debug for RedisBackend {
             .field("command_timeout", &inner.config.command_timeout)
             .field("pool", &inner.pool)
             .field("subscriber", &inner.subscriber)
+            .field("cluster", &inner.cluster)
             .finish()
     }
 }
@@ -97,7 +102,9 @@ impl RedisBackend {
     /// [crate docs](crate#tls)), `unix:///path/to/redis.sock[?db=N&pass=P]`, or the master of a
     /// Sentinel group,
     /// `redis+sentinel://[user][:password@]host[:port][,host[:port]...]/master-name[/db]`
-    /// (see [Sentinel](crate#sentinel); plain TCP only).
+    /// (see [Sentinel](crate#sentinel); plain TCP only), or a Redis Cluster,
+    /// `redis+cluster://[user][:password@]host[:port][,host[:port]...]` (see
+    /// [Cluster](crate#cluster); plain TCP only).
     ///
     /// Checks the URL, but does not connect: a server that is down now is no error here (the
     /// calls report it, as transient errors the manager retries), and neither is a wrong
@@ -172,6 +179,32 @@ impl RedisBackend {
         RedisBackendBuilder::sentinel(sentinels, master_name)
     }
 
+    /// A builder for a backend on a Redis Cluster: `seeds` are the addresses (`host:port`,
+    /// `host` for port 6379, or `[ipv6]:port`) of some of its nodes, asked in turn for the
+    /// cluster's layout. The same as [`builder`](Self::builder) with a
+    /// `redis+cluster://host:port,host:port` URL; credentials come from
+    /// [`credentials`](RedisBackendBuilder::credentials). See [Cluster](crate#cluster) for
+    /// where calls go and what a failover does to a lease.
+    ///
+    /// Like every builder, it does not connect.
+    ///
+    /// ```
+    /// use lock_redis::{RedisBackend, RedisBackendError};
+    ///
+    /// let backend = RedisBackend::cluster_builder(&["10.0.0.1:7000", "10.0.0.2:7000"])
+    ///     .credentials("locker", "hunter2")
+    ///     .build()?;
+    /// assert!(format!("{backend:?}").contains("redis+cluster://10.0.0.1:7000,10.0.0.2:7000"));
+    /// assert!(!format!("{backend:?}").contains("hunter2"));
+    ///
+    /// let error = RedisBackend::cluster_builder(&[]).build().unwrap_err();
+    /// assert!(matches!(error, RedisBackendError::InvalidUrl { .. }));
+    /// # Ok::<(), RedisBackendError>(())
+    /// ```
+    pub fn cluster_builder(seeds: &[&str]) -> RedisBackendBuilder {
+        RedisBackendBuilder::new(&crate::cluster::spec::cluster_url(seeds))
+    }
+
     /// A backend over your own r2d2 pool, with the default timeouts and key prefix.
     ///
     /// Differences from a backend made by [`builder`](Self::builder):
@@ -206,6 +239,7 @@ impl RedisBackend {
             ConnectionPool::Given(pool),
             "<r2d2 pool given to from_pool>".to_owned(),
             config,
+            None,
             None,
         )
     }
@@ -263,6 +297,9 @@ impl RedisBackend {
     /// A [`RedisBackendError`] about [`RedisOperation::EvictionPolicy`] when the server cannot
     /// be reached or does not answer within the configured timeouts.
     pub fn eviction_policy(&self) -> Result<Option<String>, RedisBackendError> {
+        if let Some(cluster) = &self.inner.cluster {
+            return cluster.eviction_policy();
+        }
         let operation = RedisOperation::EvictionPolicy;
         let answer = self
             .call(operation, "", Duration::MAX, read_eviction_policy)
@@ -295,13 +332,16 @@ impl RedisBackend {
     }
 
     /// Runs one script as one call (see [`call`](Self::call)), and names the operation and the
-    /// key in its error.
-    fn run_script<T>(
+    /// key in its error. On a cluster, on the master of the keys' slot.
+    pub(crate) fn run_script<T>(
         &self,
         call: ScriptCall<'_>,
         timeout: Duration,
         parse: impl Fn(Value) -> Result<T, CallFailure>,
     ) -> Result<Answer<T>, BackendError> {
+        if let Some(cluster) = &self.inner.cluster {
+            return cluster.run_script(call, timeout, &parse);
+        }
         let ScriptCall {
             operation,
             key,
@@ -331,7 +371,24 @@ impl RedisBackend {
             command_timeout: config.command_timeout,
             target: target.clone(),
         });
-        RedisBackend::new(pool, target, config, Some(subscriber))
+        RedisBackend::new(pool, target, config, Some(subscriber), None)
+    }
+
+    /// A backend on a cluster: every call goes to `cluster`. `seed` is a connector to one seed
+    /// node, for a pool that stays empty.
+    pub(crate) fn on_cluster(
+        cluster: ClusterLeases,
+        seed: Connector,
+        target: String,
+        config: Config,
+    ) -> RedisBackend {
+        let pool = ConnectionPool::build(PoolSettings {
+            connector: seed,
+            size: 1,
+            connect_timeout: config.connect_timeout,
+            target: &target,
+        });
+        RedisBackend::new(pool, target, config, None, Some(cluster))
     }
 
     fn new(
@@ -339,6 +396,7 @@ impl RedisBackend {
         target: String,
         config: Config,
         subscriber: Option<Subscriber>,
+        cluster: Option<ClusterLeases>,
     ) -> RedisBackend {
         RedisBackend {
             inner: Arc::new(Inner {
@@ -348,6 +406,7 @@ impl RedisBackend {
                 eviction: EvictionCheck::new(target.clone()),
                 target,
                 subscriber,
+                cluster,
             }),
         }
     }
@@ -463,7 +522,11 @@ impl RedisBackend {
     ) -> Result<Vec<Result<Ownership, CallFailure>>, CallFailure> {
         let prefix = &self.inner.config.key_prefix;
         let script = &self.inner.scripts.renew;
-        let chunks: Vec<&[LeaseRequest<'_>]> = requests.chunks(RENEW_CHUNK).collect();
+        let chunks: Vec<&[LeaseRequest<'_>]> = if self.inner.config.sharded {
+            slot_chunks(prefix, requests)
+        } else {
+            requests.chunks(RENEW_CHUNK).collect()
+        };
         let cmds: Vec<Cmd> = chunks
             .iter()
             .map(|chunk| renew_call(script, prefix, chunk))
@@ -510,6 +573,9 @@ impl RedisBackend {
     }
 
     fn watch(&self, key: &str) -> Option<ReleaseWatch> {
+        if let Some(cluster) = &self.inner.cluster {
+            return cluster.watch(key);
+        }
         self.inner.subscriber.as_ref()?.watch(key)
     }
 }
@@ -539,24 +605,57 @@ fn wait_for_replicas(
     })
 }
 
-/// One `renew.lua` call renewing every lease of `chunk`: its lock keys, then a token and a TTL
-/// per key.
+/// One `renew.lua` call renewing every lease of `chunk` (see [`renew_arguments`]).
 fn renew_call(script: &LuaScript, prefix: &str, chunk: &[LeaseRequest<'_>]) -> Cmd {
-    let keys: Vec<String> = chunk
+    let (keys, args) = renew_arguments(prefix, chunk);
+    let keys: Vec<&str> = keys.iter().map(String::as_str).collect();
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    script.evalsha(&keys, &args)
+}
+
+/// The keys and arguments of a `renew.lua` call renewing every lease of `chunk`: its lock keys,
+/// then a token and a TTL per key.
+pub(crate) fn renew_arguments(
+    prefix: &str,
+    chunk: &[LeaseRequest<'_>],
+) -> (Vec<String>, Vec<String>) {
+    let keys = chunk
         .iter()
         .map(|request| lock_key(prefix, request.key))
         .collect();
-    let ttls: Vec<String> = chunk
+    let args = chunk
         .iter()
-        .map(|request| ttl_millis(request.ttl).to_string())
+        .flat_map(|request| {
+            [
+                request.token.to_owned(),
+                ttl_millis(request.ttl).to_string(),
+            ]
+        })
         .collect();
-    let keys: Vec<&str> = keys.iter().map(String::as_str).collect();
-    let args: Vec<&str> = chunk
-        .iter()
-        .zip(&ttls)
-        .flat_map(|(request, ttl)| [request.token, ttl.as_str()])
-        .collect();
-    script.evalsha(&keys, &args)
+    (keys, args)
+}
+
+/// `requests` (in slot order) cut into script calls of one slot and at most [`RENEW_CHUNK`]
+/// leases each: on a cluster node, a script may only touch keys of one slot.
+fn slot_chunks<'r, 'a>(
+    prefix: &str,
+    requests: &'r [LeaseRequest<'a>],
+) -> Vec<&'r [LeaseRequest<'a>]> {
+    let mut chunks = Vec::new();
+    let mut start = 0;
+    let mut slot = None;
+    for (index, request) in requests.iter().enumerate() {
+        let this = slot_of(&lock_key(prefix, request.key));
+        if index > start && (slot != Some(this) || index - start == RENEW_CHUNK) {
+            chunks.push(&requests[start..index]);
+            start = index;
+        }
+        slot = Some(this);
+    }
+    if start < requests.len() {
+        chunks.push(&requests[start..]);
+    }
+    chunks
 }
 
 /// `replies`, then `failure` for each of the `expected` replies that did not come.
@@ -576,20 +675,21 @@ fn fill(
 }
 
 /// What a successful [`RedisBackend::call`] brought back.
-struct Answer<T> {
-    value: T,
+pub(crate) struct Answer<T> {
+    pub(crate) value: T,
     /// An earlier attempt of the call wrote its request, then lost its connection before the
     /// reply: the server may have run it.
-    after_unanswered_attempt: bool,
+    pub(crate) after_unanswered_attempt: bool,
 }
 
 /// One script run: what it is for, on which user key, and its keys and arguments.
-struct ScriptCall<'a> {
-    operation: RedisOperation,
-    key: &'a str,
-    script: &'a LuaScript,
-    keys: &'a [&'a str],
-    args: &'a [&'a str],
+#[derive(Clone, Copy)]
+pub(crate) struct ScriptCall<'a> {
+    pub(crate) operation: RedisOperation,
+    pub(crate) key: &'a str,
+    pub(crate) script: &'a LuaScript,
+    pub(crate) keys: &'a [&'a str],
+    pub(crate) args: &'a [&'a str],
 }
 
 impl LeaseBackend for RedisBackend {
@@ -605,6 +705,18 @@ impl LeaseBackend for RedisBackend {
         let (keys, args) = ([lock.as_str(), &fence], [request.token, &ttl]);
         let script = &self.inner.scripts.acquire;
         let operation = RedisOperation::Acquire;
+        if self.inner.config.min_replicas.is_none() {
+            let call = ScriptCall {
+                operation,
+                key: request.key,
+                script,
+                keys: &keys,
+                args: &args,
+            };
+            return self
+                .run_script(call, timeout, parse_acquire)
+                .map(|answer| answer.value);
+        }
         self.call(operation, request.key, timeout, |connection, deadline| {
             let outcome = parse_acquire(Self::eval(connection, deadline, script, &keys, &args)?)?;
             if let (AcquireOutcome::Acquired { .. }, Some(replicas)) =
@@ -628,6 +740,9 @@ impl LeaseBackend for RedisBackend {
         let Some(first) = requests.first() else {
             return Vec::new();
         };
+        if let Some(cluster) = &self.inner.cluster {
+            return cluster.renew_batch(requests, timeout);
+        }
         let outcome = self.call(
             RedisOperation::Renew,
             first.key,
@@ -670,7 +785,7 @@ impl LeaseBackend for RedisBackend {
             key,
             script: &self.inner.scripts.release,
             keys: &[&lock, &marker],
-            args: &[token, &marker_ttl],
+            args: &[token, &marker_ttl, self.inner.config.publish_command()],
         };
         match self.run_script(call, timeout, parse_ownership)? {
             // The key is gone and no marker says our token deleted it, yet an attempt whose

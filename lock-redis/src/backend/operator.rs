@@ -46,7 +46,7 @@ impl RedisBackend {
             key,
             script: &self.inner.scripts.force_release,
             keys: &[&lock],
-            args: &[],
+            args: &[self.inner.config.publish_command()],
         };
         self.run_script(call, timeout, parse_force_release)
             .map(|answer| answer.value)

@@ -99,7 +99,7 @@ pub(crate) fn open_client(url: &str) -> Result<redis::Client, RedisBackendError>
         Some(_) => {
             return Err(RedisBackendError::InvalidUrl {
                 url: redact_url(url),
-                reason: "the scheme must be redis://, rediss://, unix:// or redis+sentinel://"
+                reason: "the scheme must be redis://, rediss://, unix://, redis+sentinel:// or redis+cluster://"
                     .to_owned(),
             })
         }

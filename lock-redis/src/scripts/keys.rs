@@ -5,21 +5,36 @@ use std::time::Duration;
 /// The Redis key that holds the lock `key`: `<prefix>{<key>}`.
 ///
 /// The `{…}` hash tag puts the lock key and its fence counter in one Redis Cluster slot, so a
-/// script may touch both.
+/// script may touch both. Every key of a lock starts with the same `<prefix>{<key>}` and the
+/// prefix has no braces, so Redis' hash tag (from the first `{` to the first `}` after it) is
+/// the same for all of them whatever braces the user key holds; the one user key that would
+/// leave the tag empty, hence no tag at all, starts with `}`, and is escaped (see `tagged`).
 pub(crate) fn lock_key(prefix: &str, key: &str) -> String {
-    format!("{prefix}{{{key}}}")
+    format!("{prefix}{{{}}}", tagged(key))
 }
 
 /// The Redis key that counts the fences of the lock `key`: `<prefix>{<key>}:fence`.
 pub(crate) fn fence_key(prefix: &str, key: &str) -> String {
-    format!("{prefix}{{{key}}}:fence")
+    format!("{prefix}{{{}}}:fence", tagged(key))
+}
+
+/// `key` as written between the braces: itself, unless it starts with `}` (which would make the
+/// hash tag empty, so that Redis Cluster would hash each key of the lock whole, into different
+/// slots) or with a backslash, the escape; those get a backslash in front, which keeps the mapping
+/// one-to-one and the tag non-empty.
+fn tagged(key: &str) -> std::borrow::Cow<'_, str> {
+    if key.starts_with(['}', '\\']) {
+        format!("\\{key}").into()
+    } else {
+        key.into()
+    }
 }
 
 /// The Redis key that remembers, for a short while, which token last released the lock `key`:
 /// `<prefix>{<key>}:released`. It lets a release retried after a lost reply know that its
 /// first attempt deleted the key.
 pub(crate) fn release_marker_key(prefix: &str, key: &str) -> String {
-    format!("{prefix}{{{key}}}:released")
+    format!("{prefix}{{{}}}:released", tagged(key))
 }
 
 /// The pub/sub channel on which the releases of the lock `key` are announced: named like its
@@ -54,29 +69,33 @@ mod tests {
     }
 
     /// The slot of a key is decided by the text between its first `{` and the first `}` after
-    /// it; both keys of a lock must have the same one, whatever the user key contains.
+    /// it; every key of a lock must have the same one, whatever the user key contains.
     #[test]
     fn keys_hash_to_the_same_slot_even_with_braces_in_the_user_key() {
-        fn hash_tag(key: &str) -> &str {
-            match key.find('{') {
-                Some(open) => match key[open + 1..].find('}') {
-                    Some(len) if len > 0 => &key[open + 1..open + 1 + len],
-                    _ => key,
-                },
-                None => key,
-            }
-        }
-        for user_key in ["a", "a}b", "{a}", "}", "{", "a{b}c", "{}"] {
+        use redis::cluster_routing::Slot;
+        for user_key in [
+            "a", "a}b", "{a}", "}", "{", "a{b}c", "{}", "}x", "\\", "\\}", "}}{",
+        ] {
             let lock = lock_key("p:", user_key);
-            let fence = fence_key("p:", user_key);
-            if hash_tag(&lock) == lock.as_str() {
-                // No tag: the whole key is hashed, so the two differ. That only happens for an
-                // empty tag `{}`, i.e. a user key starting with `}`.
-                assert!(user_key.starts_with('}'), "{user_key}");
-            } else {
-                assert_eq!(hash_tag(&lock), hash_tag(&fence), "{user_key}");
+            let slot = Slot::for_key(&lock);
+            for other in [
+                fence_key("p:", user_key),
+                release_marker_key("p:", user_key),
+                release_channel("p:", user_key),
+            ] {
+                assert_eq!(
+                    Slot::for_key(&other),
+                    slot,
+                    "{user_key:?}: {lock} and {other}"
+                );
             }
+            // A non-empty tag: the lock's keys are not hashed whole.
+            assert!(!lock.starts_with("p:{}"), "{lock}");
         }
+        // Escaping keeps different user keys apart.
+        assert_ne!(lock_key("p:", "}x"), lock_key("p:", "\\}x"));
+        assert_eq!(lock_key("p:", "}x"), "p:{\\}x}");
+        assert_eq!(lock_key("p:", "\\}x"), "p:{\\\\}x}");
     }
 
     #[test]

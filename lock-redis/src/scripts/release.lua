@@ -5,6 +5,8 @@
 -- KEYS[2]  the lock's release marker     <prefix>{<key>}:released
 -- ARGV[1]  the holder's token
 -- ARGV[2]  how long the marker lives, in milliseconds (longer than any call's retries)
+-- ARGV[3]  the command that announces it: PUBLISH, or SPUBLISH on a Redis Cluster (heard on the
+--          node that owns the key's slot only)
 --
 -- The release is announced on the key's own channel, named like the lock key: only processes
 -- with a thread waiting for this key are subscribed to it, so when nobody waits, nobody hears.
@@ -18,7 +20,7 @@ if holder == ARGV[1] then
   -- write (out of memory) nor a refused PUBLISH (a user without the channel) may turn the
   -- release into an error.
   redis.pcall('SET', KEYS[2], ARGV[1], 'PX', ARGV[2])
-  redis.pcall('PUBLISH', KEYS[1], '')
+  redis.pcall(ARGV[3], KEYS[1], '')
   return 1
 end
 -- Gone, and our token's release is the last one: an earlier attempt of ours deleted it.

@@ -1,7 +1,7 @@
 //! A separate process that holds leases on a Redis server, for tests that pause or kill a
 //! *holder* rather than a server.
 //!
-//! LOCKS is one Redis URL (a `redis+sentinel://` one too), or several separated by commas for a
+//! LOCKS is one Redis URL (a `redis+sentinel://` or `redis+cluster://` one too), or several separated by commas for a
 //! Redlock over those masters; DATA is the Redis URL where the counter, the fence log and the
 //! fenced store live.
 //!
@@ -67,8 +67,8 @@ fn main() -> Result {
 
 /// A manager on one server (or Sentinel group), or on a Redlock when `urls` lists several.
 fn manager(urls: &str) -> Result<LockManager> {
-    if urls.starts_with("redis+sentinel://") {
-        // Its commas separate sentinels, not Redlock nodes.
+    if urls.starts_with("redis+sentinel://") || urls.starts_with("redis+cluster://") {
+        // Its commas separate sentinels or seed nodes, not Redlock nodes.
         return Ok(LockManager::new(RedisBackend::connect(urls)?));
     }
     let urls: Vec<&str> = urls.split(',').collect();

@@ -44,7 +44,7 @@ impl Address {
     }
 
     /// `host`, `host:port`, `[v6]` or `[v6]:port`; the port defaults to `default_port`.
-    fn parse(text: &str, default_port: u16) -> Result<Address, String> {
+    pub(crate) fn parse(text: &str, default_port: u16) -> Result<Address, String> {
         let (host, port) = if let Some(bracketed) = text.strip_prefix('[') {
             let (host, after) = bracketed
                 .split_once(']')
@@ -178,7 +178,7 @@ impl SentinelSpec {
     }
 }
 
-fn tcp_info(address: &Address) -> Result<ConnectionInfo, RedisError> {
+pub(crate) fn tcp_info(address: &Address) -> Result<ConnectionInfo, RedisError> {
     (address.host.clone(), address.port).into_connection_info()
 }
 
@@ -265,7 +265,7 @@ fn parse(url: &str) -> Result<SentinelSpec, String> {
 }
 
 /// Decodes `%XX` escapes.
-fn percent_decode(text: &str) -> Result<String, String> {
+pub(crate) fn percent_decode(text: &str) -> Result<String, String> {
     let bytes = text.as_bytes();
     let mut decoded = Vec::with_capacity(bytes.len());
     let mut index = 0;
