@@ -38,6 +38,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::fmt;
+use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -81,42 +82,63 @@ pub(crate) struct SubscriberSettings {
 }
 
 /// The shared subscriber of one backend: its registry of waiters and its lazily started thread.
-pub(crate) struct Subscriber {
+pub(crate) type Subscriber = WaiterThread<SubscriberSettings>;
+
+impl Subscriber {
+    pub(crate) fn new(settings: SubscriberSettings) -> Subscriber {
+        WaiterThread::start_on_first_wait("lock-redis-subscriber", settings, run)
+    }
+}
+
+/// A registry of the keys this process's threads wait for, and the thread that subscribes to
+/// their release channels, started by the first wait: one server's subscriber
+/// ([`Subscriber`]) and a cluster's sharded one share it, with their own `body`.
+pub(crate) struct WaiterThread<S> {
     registry: ReleaseWaiters,
     /// The keys whose first waiter arrived or last waiter left, for the thread.
     changes: Receiver<Box<str>>,
-    settings: SubscriberSettings,
+    settings: Arc<S>,
+    name: &'static str,
+    /// The thread's loop; it returns once the registry is gone.
+    body: fn(&S, &WeakReleaseWaiters, &Receiver<Box<str>>),
     thread: Mutex<Option<JoinHandle<()>>>,
 }
 
-impl fmt::Debug for Subscriber {
+impl<S> fmt::Debug for WaiterThread<S> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Subscriber")
-            .field("key_prefix", &self.settings.key_prefix)
+        f.debug_struct("WaiterThread")
+            .field("name", &self.name)
             .field("started", &self.thread.lock().is_some())
             .field("waiters", &self.registry.len())
             .finish()
     }
 }
 
-impl Subscriber {
-    pub(crate) fn new(settings: SubscriberSettings) -> Subscriber {
+impl<S: Send + Sync + 'static> WaiterThread<S> {
+    /// A registry with no waiter yet; the thread named `name` runs `body` from the first wait.
+    pub(crate) fn start_on_first_wait(
+        name: &'static str,
+        settings: S,
+        body: fn(&S, &WeakReleaseWaiters, &Receiver<Box<str>>),
+    ) -> WaiterThread<S> {
         let (sender, changes) = crossbeam_channel::unbounded();
         let registry = ReleaseWaiters::with_listener(move |key| {
             // Fails only once the thread has ended, when nobody needs to know.
             let _ = sender.send(key.into());
         });
-        Subscriber {
+        WaiterThread {
             registry,
             changes,
-            settings,
+            settings: Arc::new(settings),
+            name,
+            body,
             thread: Mutex::new(None),
         }
     }
 
     /// Registers a waiter for `key`, starting the thread if it is not running. Never touches
     /// the network: the thread subscribes, and wakes the waiter once the subscription is
-    /// confirmed.
+    /// confirmed. `None` if the thread could not be started: waiters then use backoff only.
     pub(crate) fn watch(&self, key: &str) -> Option<ReleaseWatch> {
         let watch = self.registry.register(key);
         self.ensure_started().then_some(watch)
@@ -130,17 +152,18 @@ impl Subscriber {
         }
         let registry = self.registry.downgrade();
         let changes = self.changes.clone();
-        let settings = self.settings.clone();
+        let settings = Arc::clone(&self.settings);
+        let body = self.body;
         let spawned = std::thread::Builder::new()
-            .name("lock-redis-subscriber".to_owned())
-            .spawn(move || run(&settings, &registry, &changes));
+            .name(self.name.to_owned())
+            .spawn(move || body(&settings, &registry, &changes));
         match spawned {
             Ok(handle) => {
                 *thread = Some(handle);
                 true
             }
             Err(error) => {
-                tracing::warn!(%error, "could not start the lock-redis subscriber thread; waiters use backoff only");
+                tracing::warn!(%error, thread = self.name, "could not start a lock-redis subscriber thread; waiters use backoff only");
                 false
             }
         }

@@ -63,10 +63,11 @@ fn leases_on_every_master_with_braces_in_their_keys() {
         *masters.entry(cluster.master_of_slot(slot)).or_insert(0) += 1;
         let state = manager.inspect(key).unwrap();
         assert!(state.is_held(), "{key}: {state:?}");
+        // Held by this thread: not re-entrant, refused at once.
         assert!(manager
             .try_acquire(key, Duration::from_secs(5))
-            .unwrap()
-            .is_none());
+            .unwrap_err()
+            .is_already_held());
         lease.release().unwrap();
         assert!(!manager.inspect(key).unwrap().is_held(), "{key}");
     }

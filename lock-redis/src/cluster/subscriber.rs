@@ -14,12 +14,10 @@
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
-use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, RecvTimeoutError, TryRecvError};
-use lock_core::{ReleaseWaiters, ReleaseWatch, WeakReleaseWaiters};
-use parking_lot::Mutex;
+use lock_core::{ReleaseWaiters, WeakReleaseWaiters};
 use redis::cluster::NodeAddress;
 use redis::{Connection, ProtocolVersion, PushKind, Value};
 
@@ -27,6 +25,7 @@ use super::spec::ClusterSpec;
 use super::{slot_of, Layout};
 use crate::connection::sentinel::spec::Address;
 use crate::scripts::keys::release_channel;
+use crate::subscriber::WaiterThread;
 
 /// How long a read on one master's connection waits for a message.
 const POLL_INTERVAL: Duration = Duration::from_millis(5);
@@ -37,61 +36,24 @@ const LAYOUT_CHECK: Duration = Duration::from_millis(100);
 /// What the thread needs.
 pub(crate) struct Settings {
     pub(crate) spec: ClusterSpec,
-    pub(crate) layout: Arc<Layout>,
+    pub(super) layout: Arc<Layout>,
     pub(crate) key_prefix: String,
     pub(crate) connect_timeout: Duration,
     pub(crate) command_timeout: Duration,
     pub(crate) target: String,
 }
 
-/// The sharded subscriber of one cluster backend.
-pub(crate) struct ClusterSubscriber {
-    registry: ReleaseWaiters,
-    changes: Receiver<Box<str>>,
-    settings: Arc<Settings>,
-    thread: Mutex<Option<JoinHandle<()>>>,
-}
+/// The sharded subscriber of one cluster backend: its registry of waiters and its lazily
+/// started thread.
+pub(crate) type ClusterSubscriber = WaiterThread<Settings>;
 
 impl ClusterSubscriber {
     pub(crate) fn new(settings: Settings) -> ClusterSubscriber {
-        let (sender, changes) = crossbeam_channel::unbounded();
-        let registry = ReleaseWaiters::with_listener(move |key| {
-            // Fails only once the thread has ended, when nobody needs to know.
-            let _ = sender.send(key.into());
-        });
-        ClusterSubscriber {
-            registry,
-            changes,
-            settings: Arc::new(settings),
-            thread: Mutex::new(None),
-        }
-    }
-
-    /// Registers a waiter for `key`, starting the thread if it is not running.
-    pub(crate) fn watch(&self, key: &str) -> Option<ReleaseWatch> {
-        let watch = self.registry.register(key);
-        let mut thread = self.thread.lock();
-        if thread.as_ref().is_some_and(|handle| !handle.is_finished()) {
-            return Some(watch);
-        }
-        let (registry, changes, settings) = (
-            self.registry.downgrade(),
-            self.changes.clone(),
-            Arc::clone(&self.settings),
-        );
-        let spawned = std::thread::Builder::new()
-            .name("lock-redis-cluster-subscriber".to_owned())
-            .spawn(move || Listener::new(&settings).run(&registry, &changes));
-        match spawned {
-            Ok(handle) => {
-                *thread = Some(handle);
-                Some(watch)
-            }
-            Err(error) => {
-                tracing::warn!(%error, "could not start the lock-redis cluster subscriber thread; waiters use backoff only");
-                None
-            }
-        }
+        WaiterThread::start_on_first_wait(
+            "lock-redis-cluster-subscriber",
+            settings,
+            |settings, registry, changes| Listener::new(settings).run(registry, changes),
+        )
     }
 }
 
