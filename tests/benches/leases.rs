@@ -1390,11 +1390,20 @@ fn cluster() {
     let window = Duration::from_secs(3);
     let mut ratios = Vec::new();
     let mut rates = (Vec::new(), Vec::new());
-    for round in 0..2 {
-        let (one, one_held) =
-            renewal_capacity(&single_url, &format!("single{round}"), LEASES, window);
-        let (three, three_held) =
-            renewal_capacity(&cluster_url, &format!("cluster{round}"), LEASES, window);
+    // Three rounds, so that the median is one round's figure; the side that runs first
+    // alternates.
+    for round in 0..3 {
+        let single_side =
+            || renewal_capacity(&single_url, &format!("single{round}"), LEASES, window);
+        let cluster_side =
+            || renewal_capacity(&cluster_url, &format!("cluster{round}"), LEASES, window);
+        let ((one, one_held), (three, three_held)) = if round % 2 == 0 {
+            let one = single_side();
+            (one, cluster_side())
+        } else {
+            let three = cluster_side();
+            (single_side(), three)
+        };
         println!(
             "cluster      renewal round {round}: one master {one:.0} renewals/s ({one_held} held), cluster {three:.0}/s ({three_held} held)"
         );
