@@ -5,7 +5,9 @@
 
 use std::time::{Duration, Instant};
 
-use lock_core::{Lease, LockManager, RetryPolicy};
+use lock_core::{
+    AcquireOutcome, Lease, LeaseBackend, LeaseRequest, LockManager, Ownership, RetryPolicy,
+};
 use lock_redis::RedisBackend;
 use lock_tests::{
     assert_woken_by, spawn_waiter, wait_until, CountingRun, RedisCluster, RedisServer,
@@ -251,6 +253,96 @@ fn leases_in_a_slot_that_moves_stay_held_or_are_reported_lost() {
             assert!(error.is_lost(), "{error}");
         }
     }
+}
+
+/// One renewal call renews leases of many slots on its master; a key that master does not serve
+/// (moved away while its slot migrates, or after the move) is refused alone, and renewed where
+/// it lives, through `ASK` or `MOVED`. Checked with a batch sent after each key of a slot moves:
+/// every lease is renewed, on whichever master holds its key.
+#[test]
+fn a_renewal_batch_renews_every_lease_of_a_slot_that_moves() {
+    let cluster = RedisCluster::start();
+    let backend = backend(&cluster);
+    let timeout = Duration::from_secs(5);
+    // Six keys in one slot (one hash tag), and forty spread over the cluster.
+    let keys: Vec<String> = (0..6)
+        .map(|index| format!("moving}}:{index}"))
+        .chain((0..40).map(|index| format!("spread:{index}")))
+        .collect();
+    fn acquired(key: &str) -> LeaseRequest<'_> {
+        LeaseRequest {
+            key,
+            token: "holder",
+            ttl: Duration::from_secs(60),
+        }
+    }
+    for key in &keys {
+        let outcome = backend.try_acquire(&acquired(key), timeout).unwrap();
+        assert!(matches!(outcome, AcquireOutcome::Acquired { .. }), "{key}");
+    }
+    // Renewed to two minutes: a key whose TTL is above one minute was renewed.
+    let renewals: Vec<LeaseRequest<'_>> = keys
+        .iter()
+        .map(|key| LeaseRequest {
+            ttl: Duration::from_secs(120),
+            ..acquired(key)
+        })
+        .collect();
+    let slot = cluster.slot_of(&backend.lock_key(&keys[0]));
+    let from = cluster.master_of_slot(slot);
+    let to = cluster
+        .masters()
+        .iter()
+        .map(|master| master.port())
+        .find(|&port| port != from)
+        .unwrap();
+    // The longest TTL any master holds for `key` (its key lives on one of them; the others
+    // answer MOVED or ASK, or -2). ASKING lets the importing master answer for its keys.
+    let ttl_left = |key: &str| -> i64 {
+        cluster
+            .masters()
+            .iter()
+            .map(|master| {
+                redis::pipe()
+                    .cmd("ASKING")
+                    .ignore()
+                    .cmd("PTTL")
+                    .arg(backend.lock_key(key))
+                    .query::<(i64,)>(&mut master.connection())
+                    .map_or(-2, |(ttl,)| ttl)
+            })
+            .max()
+            .unwrap()
+    };
+    let renew_all = |when: &str| {
+        for (key, result) in keys.iter().zip(backend.renew_batch(&renewals, timeout)) {
+            assert!(
+                matches!(result, Ok(Ownership::Owned)),
+                "{key} {when}: {result:?}"
+            );
+            assert!(ttl_left(key) > 60_000, "{key} {when}: not renewed");
+        }
+    };
+    renew_all("before the move");
+    let mut moved = 0;
+    cluster.move_slot(slot, to, || {
+        moved += 1;
+        renew_all(&format!("with {moved} keys moved"));
+    });
+    assert_eq!(
+        moved, 12,
+        "six locks and their fence counters, moved one by one"
+    );
+    renew_all("after the move");
+    // Nothing was renewed for anyone else: a token that does not hold its lock is refused.
+    let stranger = LeaseRequest {
+        token: "stranger",
+        ..renewals[0]
+    };
+    assert!(matches!(
+        backend.renew_batch(&[stranger], timeout)[0],
+        Ok(Ownership::NotOwned)
+    ));
 }
 
 /// Three processes of four threads per key, one key on each master, count in a fenced store

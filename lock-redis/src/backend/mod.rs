@@ -15,16 +15,16 @@ use redis::{Cmd, Value};
 
 use crate::backend::builder::Config;
 use crate::backend::eviction::{read_eviction_policy, EvictionCheck};
-use crate::cluster::{slot_of, ClusterLeases};
+use crate::cluster::ClusterLeases;
 use crate::connection::connector::Connector;
 use crate::connection::deadline::Deadline;
 use crate::connection::pool::{
     pipeline_round_trip, round_trip, ConnectionPool, PoolSettings, PooledConnection,
 };
 use crate::errors::{closed_unread, is_retryable_elsewhere, CallFailure, RedisOperation};
-use crate::scripts::keys::{fence_key, lock_key, release_marker_key, ttl_millis};
+use crate::scripts::keys::{fence_key, lock_key, push_lock_key, release_marker_key, ttl_millis};
 use crate::scripts::{
-    is_noscript, parse_acquire, parse_ownership, parse_renewals, LuaScript, Scripts,
+    is_noscript, parse_acquire, parse_ownership, parse_renewals, LuaScript, ScriptBy, Scripts,
 };
 use crate::subscriber::{Subscriber, SubscriberSettings};
 use crate::{RedisBackendBuilder, RedisBackendError};
@@ -522,24 +522,23 @@ impl RedisBackend {
     ) -> Result<Vec<Result<Ownership, CallFailure>>, CallFailure> {
         let prefix = &self.inner.config.key_prefix;
         let script = &self.inner.scripts.renew;
-        let chunks: Vec<&[LeaseRequest<'_>]> = if self.inner.config.sharded {
-            slot_chunks(prefix, requests)
-        } else {
-            requests.chunks(RENEW_CHUNK).collect()
-        };
-        let cmds: Vec<Cmd> = chunks
-            .iter()
-            .map(|chunk| renew_call(script, prefix, chunk))
-            .collect();
-
-        let sent = pipeline_round_trip(connection, &cmds, deadline);
+        let chunks: Vec<&[LeaseRequest<'_>]> = requests.chunks(RENEW_CHUNK).collect();
+        let mut cmds = Vec::with_capacity(chunks.len());
+        let sent = pipeline_round_trip(
+            connection,
+            chunks
+                .iter()
+                .map(|chunk| renew_call(script, ScriptBy::Hash, prefix, chunk, &[])),
+            &mut cmds,
+            deadline,
+        );
         if sent.replies.is_empty() {
             if let Some(failure) = sent.failure {
                 // Nothing came back: let `call` decide whether another connection may help.
                 return Err(failure);
             }
         }
-        let mut replies = fill(sent.replies, sent.failure, cmds.len(), deadline);
+        let mut replies = fill(sent.replies, sent.failure, chunks.len(), deadline);
 
         let missing: Vec<usize> = replies
             .iter()
@@ -549,10 +548,11 @@ impl RedisBackend {
             .collect();
         if !missing.is_empty() {
             tracing::debug!("Redis does not have the renew script cached (restarted?); loading it");
-            let mut retry = vec![script.load()];
-            retry.extend(missing.iter().map(|&index| cmds[index].clone()));
-            let resent = pipeline_round_trip(connection, &retry, deadline);
-            let mut again = fill(resent.replies, resent.failure, retry.len(), deadline).into_iter();
+            let retry = std::iter::once(script.load())
+                .chain(missing.iter().map(|&index| cmds[index].clone()));
+            let resent = pipeline_round_trip(connection, retry, &mut Vec::new(), deadline);
+            let mut again =
+                fill(resent.replies, resent.failure, missing.len() + 1, deadline).into_iter();
             // The first reply is SCRIPT LOAD's. If it was refused (a user without
             // `script|load`), the EVALSHAs say NOSCRIPT again: the refusal is the answer.
             let refused = again
@@ -605,57 +605,30 @@ fn wait_for_replicas(
     })
 }
 
-/// One `renew.lua` call renewing every lease of `chunk` (see [`renew_arguments`]).
-fn renew_call(script: &LuaScript, prefix: &str, chunk: &[LeaseRequest<'_>]) -> Cmd {
-    let (keys, args) = renew_arguments(prefix, chunk);
-    let keys: Vec<&str> = keys.iter().map(String::as_str).collect();
-    let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    script.evalsha(&keys, &args)
-}
-
-/// The keys and arguments of a `renew.lua` call renewing every lease of `chunk`: its lock keys,
-/// then a token and a TTL per key.
-pub(crate) fn renew_arguments(
+/// One `renew.lua` call renewing every lease of `chunk`: a lock key, a token and a TTL per
+/// lease, as arguments. `declared` are the keys it declares: none, or the one key a Redis
+/// Cluster connection routes the call by. `by` says whether the call names the script by its
+/// hash (`EVALSHA`) or sends its source (`EVAL`, for a node that lost it).
+pub(crate) fn renew_call(
+    script: &LuaScript,
+    by: ScriptBy,
     prefix: &str,
     chunk: &[LeaseRequest<'_>],
-) -> (Vec<String>, Vec<String>) {
-    let keys = chunk
-        .iter()
-        .map(|request| lock_key(prefix, request.key))
-        .collect();
-    let args = chunk
-        .iter()
-        .flat_map(|request| {
-            [
-                request.token.to_owned(),
-                ttl_millis(request.ttl).to_string(),
-            ]
-        })
-        .collect();
-    (keys, args)
-}
-
-/// `requests` (in slot order) cut into script calls of one slot and at most [`RENEW_CHUNK`]
-/// leases each: on a cluster node, a script may only touch keys of one slot.
-fn slot_chunks<'r, 'a>(
-    prefix: &str,
-    requests: &'r [LeaseRequest<'a>],
-) -> Vec<&'r [LeaseRequest<'a>]> {
-    let mut chunks = Vec::new();
-    let mut start = 0;
-    let mut slot = None;
-    for (index, request) in requests.iter().enumerate() {
-        let this = slot_of(&lock_key(prefix, request.key));
-        if index > start && (slot != Some(this) || index - start == RENEW_CHUNK) {
-            chunks.push(&requests[start..index]);
-            start = index;
-        }
-        slot = Some(this);
+    declared: &[&str],
+) -> Cmd {
+    let mut cmd = match by {
+        ScriptBy::Hash => script.evalsha(declared, &[]),
+        ScriptBy::Source => script.eval(declared, &[]),
+    };
+    let mut key = String::new();
+    for request in chunk {
+        key.clear();
+        push_lock_key(&mut key, prefix, request.key);
+        cmd.arg(key.as_str())
+            .arg(request.token)
+            .arg(ttl_millis(request.ttl));
     }
-    if start < requests.len() {
-        chunks.push(&requests[start..]);
-    }
-    chunks
+    cmd
 }
 
 /// `replies`, then `failure` for each of the `expected` replies that did not come.

@@ -11,8 +11,10 @@
 //! pool, with every call bounded in time, drained after a timeout, retried on a closed
 //! connection), to which calls for its slots go directly: a script call is one round trip, and
 //! a renewal batch is split per master and sent to every master at once, from one thread per
-//! master, as one pipeline per master (one script call per slot and 128 leases, since a script
-//! may only touch keys of one slot).
+//! master, as one pipeline per master of one script call per 128 leases, whatever their slots:
+//! `renew.lua` takes its keys as arguments and carries the flag `allow-cross-slot-keys`, so one
+//! call may touch every slot its node serves. A key the node does not serve (any more) is
+//! refused alone, and asked for again through the cluster's routing (see below).
 //!
 //! **When the layout changed.** A call that a master answers with `MOVED`, `ASK`, `TRYAGAIN` or
 //! `CLUSTERDOWN`, or whose master refuses or drops connections, goes once more through a pooled
@@ -41,13 +43,13 @@ use redis::cluster_read_routing::{
 use redis::{Cmd, ConnectionLike, ErrorKind, RedisError, ServerErrorKind, Value};
 
 use crate::backend::builder::Config;
-use crate::backend::{renew_arguments, Answer, RedisBackend, ScriptCall};
+use crate::backend::{renew_call, Answer, RedisBackend, ScriptCall};
 use crate::connection::connector::Connector;
 use crate::connection::deadline::Deadline;
 use crate::connection::sentinel::spec::Address;
 use crate::errors::{is_retryable_elsewhere, CallFailure, RedisOperation};
 use crate::scripts::keys::lock_key;
-use crate::scripts::{parse_renewals, Scripts};
+use crate::scripts::{parse_renewals, ScriptBy, Scripts};
 use crate::RedisBackendError;
 use spec::ClusterSpec;
 use subscriber::{ClusterSubscriber, Settings};
@@ -260,6 +262,16 @@ impl Verdict {
             _ => Verdict::Final,
         }
     }
+}
+
+/// Whether `error` is the server's reply refusing the call (or one key of it), not a lost
+/// connection or a timeout.
+fn is_refusal(error: &BackendError) -> bool {
+    matches!(
+        error.cause().downcast_ref::<RedisBackendError>(),
+        Some(RedisBackendError::Command { source, .. })
+            if matches!(source.kind(), ErrorKind::Server(_) | ErrorKind::Extension)
+    )
 }
 
 /// `MOVED`, `ASK`, `TRYAGAIN`, `CLUSTERDOWN`: the cluster's layout is changing.
@@ -508,8 +520,8 @@ impl ClusterLeases {
     }
 
     /// Renews every lease of `requests`: one pipeline per master, all masters at once; leases
-    /// whose master's answer says the layout changed go once more through a cluster connection,
-    /// one script call per slot.
+    /// whose master's answer says the layout changed, or that the master refused alone, go once
+    /// more through a cluster connection, one script call each.
     pub(crate) fn renew_batch(
         &self,
         requests: &[LeaseRequest<'_>],
@@ -517,19 +529,13 @@ impl ClusterLeases {
     ) -> Vec<Result<Ownership, BackendError>> {
         let deadline = Deadline::after(timeout);
         let prefix = &self.config.key_prefix;
-        let mut order: Vec<(u16, usize)> = requests
-            .iter()
-            .enumerate()
-            .map(|(index, request)| (slot_of(&lock_key(prefix, request.key)), index))
-            .collect();
-        order.sort_unstable();
-        // Per master, its requests in slot order.
+        // Per master, its requests.
         let mut per_master: Vec<(RedisBackend, Vec<usize>)> = Vec::new();
         let mut groups: HashMap<NodeAddress, usize> = HashMap::new();
         // Leases of slots whose master is not known (yet): through the cluster.
         let mut again = Vec::new();
-        for (slot, index) in order {
-            let Some(address) = self.master_of(slot) else {
+        for (index, request) in requests.iter().enumerate() {
+            let Some(address) = self.master_of(slot_of(&lock_key(prefix, request.key))) else {
                 again.push(index);
                 continue;
             };
@@ -578,6 +584,11 @@ impl ClusterLeases {
             for &index in indexes {
                 match answers.next() {
                     Some(Err(error)) => match Verdict::of(&error) {
+                        // A key's own refusal inside the call: Redis refuses a key its node
+                        // does not serve (another node's slot, or missing here while its slot
+                        // migrates away); asked alone, the cluster routes it (MOVED, ASK). A
+                        // real refusal (a wrong type) comes back the same, and is reported.
+                        Verdict::Final if is_refusal(&error) => again.push(index),
                         Verdict::Final => results[index] = Some(Err(error)),
                         Verdict::Redirected => again.push(index),
                         Verdict::NodeGone { .. } => {
@@ -621,12 +632,12 @@ impl ClusterLeases {
         let script = &self.scripts.renew;
         for &index in indexes {
             let request = std::slice::from_ref(&requests[index]);
-            let (keys, args) = renew_arguments(prefix, request);
-            let keys: Vec<&str> = keys.iter().map(String::as_str).collect();
-            let args: Vec<&str> = args.iter().map(String::as_str).collect();
+            // Declared, so that the connection routes the call to the key's node.
+            let lock = lock_key(prefix, request[0].key);
+            let declared = [lock.as_str()];
             let reply = self.routed(
-                &script.evalsha(&keys, &args),
-                &script.eval(&keys, &args),
+                &renew_call(script, ScriptBy::Hash, prefix, request, &declared),
+                &renew_call(script, ScriptBy::Source, prefix, request, &declared),
                 deadline,
             );
             results[index] = parse_renewals(reply, 1).pop().map(|result| {

@@ -485,21 +485,31 @@ pub(crate) struct PipelineReplies {
     pub(crate) failure: Option<CallFailure>,
 }
 
-/// Sends all `cmds` in one write and reads their replies, each read bounded by what is left
-/// before `deadline`. Stops at the first failure; the connection is then marked for a resync, as
-/// replies may still be due.
+/// Sends each of `cmds` as soon as the iterator yields it, keeping it in `sent`, then reads
+/// their replies, each read bounded by what is left before `deadline`. A lazy iterator that
+/// builds its commands lets the server run the first while the next is built. Stops at the
+/// first failure; the connection is then marked for a resync, as replies may still be due.
 pub(crate) fn pipeline_round_trip(
     connection: &mut PooledConnection,
-    cmds: &[Cmd],
+    cmds: impl IntoIterator<Item = Cmd>,
+    sent: &mut Vec<Cmd>,
     deadline: &Deadline,
 ) -> PipelineReplies {
-    let mut replies = Vec::with_capacity(cmds.len());
-    let mut pipeline = redis::pipe();
+    let first = sent.len();
+    let mut packed = Vec::new();
+    let mut outcome = Ok(());
     for cmd in cmds {
-        pipeline.add_command(cmd.clone());
+        packed.clear();
+        cmd.write_packed_command(&mut packed);
+        outcome = connection.send(&packed, deadline);
+        sent.push(cmd);
+        if outcome.is_err() {
+            break;
+        }
     }
-    let mut outcome = connection.send(&pipeline.get_packed_pipeline(), deadline);
-    while outcome.is_ok() && replies.len() < cmds.len() {
+    let expected = sent.len() - first;
+    let mut replies = Vec::with_capacity(expected);
+    while outcome.is_ok() && replies.len() < expected {
         outcome = connection
             .receive(deadline)
             .map(|reply| replies.push(reply));

@@ -10,7 +10,17 @@ use std::time::Duration;
 /// the same for all of them whatever braces the user key holds; the one user key that would
 /// leave the tag empty, hence no tag at all, starts with `}`, and is escaped (see `tagged`).
 pub(crate) fn lock_key(prefix: &str, key: &str) -> String {
-    format!("{prefix}{{{}}}", tagged(key))
+    let mut text = String::with_capacity(prefix.len() + key.len() + 3);
+    push_lock_key(&mut text, prefix, key);
+    text
+}
+
+/// Appends [`lock_key`]`(prefix, key)` to `text`, without a new allocation when `text` has room.
+pub(crate) fn push_lock_key(text: &mut String, prefix: &str, key: &str) {
+    text.push_str(prefix);
+    text.push('{');
+    text.push_str(&tagged(key));
+    text.push('}');
 }
 
 /// The Redis key that counts the fences of the lock `key`: `<prefix>{<key>}:fence`.

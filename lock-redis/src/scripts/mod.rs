@@ -54,6 +54,15 @@ impl LuaScript {
     }
 }
 
+/// How a call names its script.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum ScriptBy {
+    /// By its SHA1 (`EVALSHA`): the usual call.
+    Hash,
+    /// By its source (`EVAL`): for a server that does not have it cached (`NOSCRIPT`).
+    Source,
+}
+
 /// The lease scripts.
 #[derive(Debug, Clone)]
 pub(crate) struct Scripts {
