@@ -265,7 +265,9 @@
 //!   and follows `MOVED` and `ASK`. Each call goes to the master of its key's slot, through a
 //!   bounded single-server pool per master (every timeout above applies); a renewal batch is
 //!   split per master and sent to all of them at once, one pipelined round trip each, with one
-//!   script call per slot and 128 leases. A call that a master answers with `MOVED`, `ASK`,
+//!   script call per 128 leases whatever their slots (the renewal script takes its keys as
+//!   arguments, with the flag `allow-cross-slot-keys`; a key the node does not serve is refused
+//!   alone, and that lease asked again through the cluster's routing). A call that a master answers with `MOVED`, `ASK`,
 //!   `TRYAGAIN` or `CLUSTERDOWN` goes once more through a pooled cluster connection of the
 //!   crate, which follows the redirection (and refreshes the layout); a master that refuses
 //!   connections makes the backend look at the layout anew. Failed cluster connections are

@@ -1259,21 +1259,22 @@ fn script_calls(server: &RedisServer) -> u64 {
         .sum()
 }
 
-/// How busy the server and this process were while `work` ran, each as a share of one CPU:
-/// which side of a flat-out run is the bottleneck.
-fn cpu_use<T>(server: &RedisServer, work: impl FnOnce() -> T) -> (T, CpuUse) {
-    let pids = [server.pid(), std::process::id()];
-    let before = pids.map(cpu_seconds);
+/// How busy the `servers` (together) and this process were while `work` ran, each as a share
+/// of one CPU: which side of a flat-out run is the bottleneck.
+fn cpu_use<T>(servers: &[&RedisServer], work: impl FnOnce() -> T) -> (T, CpuUse) {
+    let pids: Vec<u32> = servers.iter().map(|server| server.pid()).collect();
+    let servers_cpu = || pids.iter().map(|&pid| cpu_seconds(pid)).sum::<f64>();
+    let me = std::process::id();
+    let before = (servers_cpu(), cpu_seconds(me));
     let started = Instant::now();
     let result = work();
     let elapsed = started.elapsed().as_secs_f64();
-    let after = pids.map(cpu_seconds);
-    let share = |i: usize| (after[i] - before[i]) / elapsed;
+    let after = (servers_cpu(), cpu_seconds(me));
     (
         result,
         CpuUse {
-            server: share(0),
-            bench: share(1),
+            server: (after.0 - before.0) / elapsed,
+            bench: (after.1 - before.1) / elapsed,
         },
     )
 }
@@ -1346,7 +1347,7 @@ fn renewal_at_scale(server: &RedisServer) {
     // Each side's keys exist only during its own windows: the server's key space is the same.
     let raw_window = |url: &str, shape: RawKeys| {
         let mut raw = RawRenewals::new(url, LEASES, shape);
-        let measured = cpu_use(server, || raw.rate(window / 2));
+        let measured = cpu_use(&[server], || raw.rate(window / 2));
         raw.delete_keys();
         measured
     };
@@ -1356,7 +1357,7 @@ fn renewal_at_scale(server: &RedisServer) {
     let (leases, _) = acquire_many(&manager, "capacity", LEASES);
     let counted_from = renewed_at.lock().len();
     let calls_before = script_calls(server);
-    let ((), our_cpu) = cpu_use(server, || std::thread::sleep(window));
+    let ((), our_cpu) = cpu_use(&[server], || std::thread::sleep(window));
     let renewed = renewed_at.lock().len() - counted_from;
     let keys_per_call = renewed as f64 / (script_calls(server) - calls_before) as f64;
     let capacity = renewed as f64 / window.as_secs_f64();
@@ -1395,18 +1396,32 @@ fn renewal_at_scale(server: &RedisServer) {
 }
 
 /// Leases renewed per second by a renewer running flat out over `count` leases (due every
-/// few milliseconds) on the servers at `url`, over `window`; and how many stayed held.
-fn renewal_capacity(url: &str, prefix: &str, count: usize, window: Duration) -> (f64, usize) {
+/// few milliseconds) on the servers at `url`, over `window`; how many stayed held; and the CPU
+/// that `masters` (together) and this process used meanwhile, and the share of a CPU that
+/// `replicas` (together) used.
+fn renewal_capacity(
+    url: &str,
+    (masters, replicas): (&[&RedisServer], &[&RedisServer]),
+    prefix: &str,
+    count: usize,
+    window: Duration,
+) -> (f64, usize, CpuUse, f64) {
     let (manager, renewed_at) = recording_manager(url, 0.0001);
     let (leases, _) = acquire_many(&manager, prefix, count);
     // Let the renewer reach its pace before counting.
     std::thread::sleep(Duration::from_millis(500));
     let counted_from = renewed_at.lock().len();
-    std::thread::sleep(window);
+    let (((), cpu), replicas_cpu) =
+        cpu_use(replicas, || cpu_use(masters, || std::thread::sleep(window)));
     let renewed = renewed_at.lock().len() - counted_from;
     let still_held = held(&leases);
     release_many(leases);
-    (renewed as f64 / window.as_secs_f64(), still_held)
+    (
+        renewed as f64 / window.as_secs_f64(),
+        still_held,
+        cpu,
+        replicas_cpu.server,
+    )
 }
 
 /// The `cluster` row: renewal capacity for 100,000 leases on one master against the 3-master
@@ -1419,36 +1434,68 @@ fn cluster() {
         ..ClusterOptions::default()
     });
     let (single_url, cluster_url) = (single.url(), cluster.url());
+    let masters = cluster.masters();
+    let replicas: Vec<&RedisServer> = cluster
+        .nodes()
+        .iter()
+        .filter(|node| !masters.iter().any(|master| master.port() == node.port()))
+        .collect();
     let window = Duration::from_secs(3);
     let mut ratios = Vec::new();
     let mut rates = (Vec::new(), Vec::new());
+    let mut cpu = (Vec::new(), Vec::new(), Vec::new());
     // Three rounds, so that the median is one round's figure; the side that runs first
     // alternates.
     for round in 0..3 {
-        let single_side =
-            || renewal_capacity(&single_url, &format!("single{round}"), LEASES, window);
-        let cluster_side =
-            || renewal_capacity(&cluster_url, &format!("cluster{round}"), LEASES, window);
-        let ((one, one_held), (three, three_held)) = if round % 2 == 0 {
-            let one = single_side();
-            (one, cluster_side())
-        } else {
-            let three = cluster_side();
-            (single_side(), three)
+        let single_side = || {
+            renewal_capacity(
+                &single_url,
+                (&[&single], &[]),
+                &format!("single{round}"),
+                LEASES,
+                window,
+            )
         };
+        let cluster_side = || {
+            renewal_capacity(
+                &cluster_url,
+                (&masters, &replicas),
+                &format!("cluster{round}"),
+                LEASES,
+                window,
+            )
+        };
+        let ((one, one_held, one_cpu, _), (three, three_held, three_cpu, replicas_cpu)) =
+            if round % 2 == 0 {
+                let one = single_side();
+                (one, cluster_side())
+            } else {
+                let three = cluster_side();
+                (single_side(), three)
+            };
         println!(
-            "cluster      renewal round {round}: one master {one:.0} renewals/s ({one_held} held), cluster {three:.0}/s ({three_held} held)"
+            "cluster      renewal round {round}: one master {one:.0} renewals/s ({one_held} held; {}), cluster {three:.0}/s ({three_held} held; the 3 masters' {}; the 3 replicas {:.1?} per renewal, {:.0}% of a CPU)",
+            one_cpu.per_operation(one),
+            three_cpu.per_operation(three),
+            Duration::from_secs_f64(replicas_cpu / three),
+            replicas_cpu * 100.0,
         );
         ratios.push(three / one);
         rates.0.push(one);
         rates.1.push(three);
+        cpu.0.push(one_cpu.server / one);
+        cpu.1.push(three_cpu.server / three);
+        cpu.2.push(replicas_cpu / three);
     }
     let ratio = median(ratios);
     println!(
-        "cluster      renewal capacity, {LEASES} leases flat out: one master {:.0}/s, 3-master cluster {:.0}/s, ratio {ratio:.2} ({})",
+        "cluster      renewal capacity, {LEASES} leases flat out: one master {:.0}/s, 3-master cluster {:.0}/s, ratio {ratio:.2} ({}); server CPU per renewal: one master {:.1?}, the cluster's masters {:.1?} (together) and replicas {:.1?}",
         median(rates.0),
         median(rates.1),
-        verdict(">= 2", ratio >= 2.0)
+        verdict(">= 2", ratio >= 2.0),
+        Duration::from_secs_f64(median(cpu.0)),
+        Duration::from_secs_f64(median(cpu.1)),
+        Duration::from_secs_f64(median(cpu.2)),
     );
 
     let single_manager = ours(&single_url, 1);

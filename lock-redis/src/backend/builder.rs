@@ -37,8 +37,7 @@ pub(crate) struct Config {
     pub(crate) key_prefix: String,
     /// Replicas that must acknowledge an acquire, and how long to wait for them.
     pub(crate) min_replicas: Option<(u32, Duration)>,
-    /// On a Redis Cluster: renewal script calls carry keys of one slot each, and releases are
-    /// announced with sharded pub/sub (`SPUBLISH`).
+    /// On a Redis Cluster: releases are announced with sharded pub/sub (`SPUBLISH`).
     pub(crate) sharded: bool,
 }
 
