@@ -1131,8 +1131,8 @@ const RAW_CHUNK: usize = 128;
 #[derive(Clone, Copy)]
 enum RawKeys {
     /// As our leases' keys: named `lock:{rawcap:N}`, taken with our `acquire.lua` (which also
-    /// writes a fence counter per key), with a 32-digit token: the same renewals as ours, on
-    /// keys the server laid out in memory as it lays out ours.
+    /// writes a fence counter per key) by as many threads as take ours, with a 32-digit token:
+    /// the same renewals as ours, on keys the server laid out in memory as it lays out ours.
     AsOurs,
     /// `raw:{renew:N}`, set by plain `SET`s in a tight pipeline, with the token `token`: the
     /// server packs them densely in memory, and renews them faster (a cost of memory layout,
@@ -1152,23 +1152,43 @@ impl RawRenewals {
         };
         let keys: Vec<String> = (0..count).map(|n| format!("{name}{n}}}")).collect();
         let ttl = TTL.as_millis() as u64;
-        for chunk in keys.chunks(1000) {
-            let mut pipe = redis::pipe();
-            for key in chunk {
-                match shape {
-                    RawKeys::AsOurs => pipe
-                        .cmd("EVALSHA")
-                        .arg(acquire.get_hash())
-                        .arg(2)
-                        .arg(key)
-                        .arg(format!("{key}:fence"))
-                        .arg(token)
-                        .arg(ttl),
-                    RawKeys::Plain => pipe.cmd("SET").arg(key).arg(token).arg("PX").arg(ttl),
+        match shape {
+            // As `acquire_many` takes ours: one script call (one round trip) per key, from
+            // [`ACQUIRERS`] threads at once, so the server interleaves them alike.
+            RawKeys::AsOurs => std::thread::scope(|scope| {
+                for part in 0..ACQUIRERS {
+                    let (keys, acquire) = (&keys, &acquire);
+                    scope.spawn(move || {
+                        let mut connection =
+                            redis::Client::open(url).unwrap().get_connection().unwrap();
+                        for key in keys.iter().skip(part).step_by(ACQUIRERS) {
+                            let _: redis::Value = redis::cmd("EVALSHA")
+                                .arg(acquire.get_hash())
+                                .arg(2)
+                                .arg(key)
+                                .arg(format!("{key}:fence"))
+                                .arg(token)
+                                .arg(ttl)
+                                .query(&mut connection)
+                                .unwrap();
+                        }
+                    });
                 }
-                .ignore();
+            }),
+            RawKeys::Plain => {
+                for chunk in keys.chunks(1000) {
+                    let mut pipe = redis::pipe();
+                    for key in chunk {
+                        pipe.cmd("SET")
+                            .arg(key)
+                            .arg(token)
+                            .arg("PX")
+                            .arg(ttl)
+                            .ignore();
+                    }
+                    let () = pipe.query(&mut connection).unwrap();
+                }
             }
-            let () = pipe.query(&mut connection).unwrap();
         }
         let script = redis::Script::new(include_str!("../../lock-redis/src/scripts/renew.lua"));
         script.load(&mut connection).unwrap();
