@@ -1008,13 +1008,45 @@ fn redlock(single: &RedisServer, placement: &Placement) {
         );
         let (single_p50, redlock_p50) = (figures.medians[0], figures.medians[1]);
         let ratio = figures.ratios[1];
+        // What the fan-out through the nodes' worker threads costs this process: thread
+        // switches and CPU per cycle, against one node's.
+        let switches = |manager: &LockManager, key: &str| {
+            const CYCLES: usize = 1000;
+            let before = (context_switches(), cpu_seconds(std::process::id()));
+            cycle_latencies(manager, key, CYCLES);
+            let after = (context_switches(), cpu_seconds(std::process::id()));
+            (
+                (after.0 - before.0) as f64 / CYCLES as f64,
+                Duration::from_secs_f64((after.1 - before.1) / CYCLES as f64),
+            )
+        };
+        let (one_switches, one_cpu) = switches(&single_manager, "redlock-baseline");
+        let (our_switches, our_cpu) = switches(&manager, "redlock");
         println!(
-            "redlock      N={nodes} acquire+release p50:      {:>9.1?} vs one node {:>9.1?}  ratio {ratio:.2} ({})",
+            "redlock      N={nodes} acquire+release p50:      {:>9.1?} vs one node {:>9.1?}  ratio {ratio:.2} ({}); per cycle, this process: {our_switches:.1} thread switches and {our_cpu:.1?} of CPU, against {one_switches:.1} and {one_cpu:.1?} for one node",
             Duration::from_secs_f64(redlock_p50),
             Duration::from_secs_f64(single_p50),
             placement.target(placement.is_split(), "<= 1.5", ratio <= 1.5),
         );
     }
+}
+
+/// Thread switches (voluntary and not) of every thread of this process so far.
+fn context_switches() -> u64 {
+    let Ok(tasks) = std::fs::read_dir("/proc/self/task") else {
+        return 0;
+    };
+    tasks
+        .flatten()
+        .filter_map(|task| std::fs::read_to_string(task.path().join("status")).ok())
+        .flat_map(|status| {
+            status
+                .lines()
+                .filter(|line| line.contains("ctxt_switches:"))
+                .filter_map(|line| line.split_whitespace().nth(1)?.parse::<u64>().ok())
+                .collect::<Vec<_>>()
+        })
+        .sum()
 }
 
 fn resident_bytes() -> u64 {

@@ -2,10 +2,12 @@
 //!
 //! One file per job: `builder` checks the settings, `node` runs each master's workers,
 //! `acquire` takes a majority and its fence, `quorum` counts answers and names failures,
-//! `operator` inspects and force-releases keys for operators.
+//! `operator` inspects and force-releases keys for operators, `handoff` carries jobs to the
+//! workers and their answers back.
 
 mod acquire;
 mod builder;
+mod handoff;
 mod node;
 mod operator;
 mod quorum;
@@ -186,7 +188,7 @@ impl RedlockBackend {
         mut decided: impl FnMut(&[Option<T>]) -> bool,
     ) -> Vec<Option<T>> {
         let nodes = &self.shared.nodes;
-        let (reply, answers) = crossbeam_channel::bounded(nodes.len());
+        let (reply, answers) = handoff::queue();
         let mut sent = 0;
         for node in targets.into_iter().filter_map(|index| nodes.get(index)) {
             node.send(make(reply.clone()));
@@ -196,10 +198,7 @@ impl RedlockBackend {
         let mut slots: Vec<Option<T>> = nodes.iter().map(|_| None).collect();
         let deadline = Instant::now().checked_add(wait);
         for _ in 0..sent {
-            let answer = match deadline {
-                Some(deadline) => answers.recv_deadline(deadline).ok(),
-                None => answers.recv().ok(),
-            };
+            let answer = answers.recv_until(deadline).ok();
             let Some((index, value)) = answer else { break };
             if let Some(slot) = slots.get_mut(index) {
                 *slot = Some(value);

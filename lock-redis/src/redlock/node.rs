@@ -5,10 +5,10 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use crossbeam_channel::{RecvTimeoutError, Sender};
 use lock_core::{AcquireOutcome, BackendError, KeyState, LeaseBackend, LeaseRequest, Ownership};
 use parking_lot::Mutex;
 
+use super::handoff::{self, Empty, Sender};
 use crate::connection::deadline::Deadline;
 use crate::{RedisBackend, RedisBackendError};
 
@@ -35,7 +35,7 @@ impl Node {
         workers: usize,
         node_timeout: Duration,
     ) -> Result<Node, RedisBackendError> {
-        let (jobs, queue) = crossbeam_channel::unbounded::<Job>();
+        let (jobs, queue) = handoff::queue::<Job>();
         let cleanup = Arc::new(Cleanup::default());
         let mut handles = Vec::with_capacity(workers);
         for _ in 0..workers {
@@ -45,8 +45,8 @@ impl Node {
                 .spawn(move || loop {
                     match queue.recv_timeout(CLEANUP_INTERVAL) {
                         Ok(job) => job.run(index, &backend, &cleanup),
-                        Err(RecvTimeoutError::Timeout) => cleanup.retry(&backend, node_timeout),
-                        Err(RecvTimeoutError::Disconnected) => return,
+                        Err(Empty::TimedOut) => cleanup.retry(&backend, node_timeout),
+                        Err(Empty::Closed) => return,
                     }
                 })
                 .map_err(|error| RedisBackendError::InvalidConfig {
@@ -63,7 +63,7 @@ impl Node {
 
     pub(super) fn send(&self, job: Job) {
         if let Some(jobs) = &self.jobs {
-            let _ = jobs.send(job);
+            jobs.send(job);
         }
     }
 
@@ -151,7 +151,7 @@ impl Job {
                     token: &token,
                     ttl,
                 };
-                let _ = reply.send((index, backend.try_acquire(&request, timeout)));
+                reply.send((index, backend.try_acquire(&request, timeout)));
             }
             Job::RaiseFence {
                 key,
@@ -162,7 +162,7 @@ impl Job {
                 let Some(timeout) = time_left(&deadline) else {
                     return;
                 };
-                let _ = reply.send((index, backend.raise_fence(&key, fence, timeout)));
+                reply.send((index, backend.raise_fence(&key, fence, timeout)));
             }
             Job::Renew {
                 batch,
@@ -180,7 +180,7 @@ impl Job {
                         ttl: *ttl,
                     })
                     .collect();
-                let _ = reply.send((index, backend.renew_batch(&requests, timeout)));
+                reply.send((index, backend.renew_batch(&requests, timeout)));
             }
             Job::Release {
                 key,
@@ -193,7 +193,7 @@ impl Job {
                 if matches!(&result, Err(error) if error.is_transient()) {
                     cleanup.remember(key, token, ttl.unwrap_or(CLEANUP_UNKNOWN_TTL));
                 }
-                let _ = reply.send((index, result));
+                reply.send((index, result));
             }
             Job::Inspect {
                 key,
@@ -203,7 +203,7 @@ impl Job {
                 let Some(timeout) = time_left(&deadline) else {
                     return;
                 };
-                let _ = reply.send((index, backend.inspect(&key, timeout)));
+                reply.send((index, backend.inspect(&key, timeout)));
             }
             Job::ForceRelease {
                 key,
@@ -213,7 +213,7 @@ impl Job {
                 let Some(timeout) = time_left(&deadline) else {
                     return;
                 };
-                let _ = reply.send((index, backend.force_release(&key, timeout)));
+                reply.send((index, backend.force_release(&key, timeout)));
             }
         }
     }
