@@ -666,3 +666,45 @@ fn a_release_whose_reply_is_lost_is_not_reported_as_a_loss() {
         Ownership::NotOwned
     );
 }
+
+/// A full server (used memory over `maxmemory`, policy `noeviction`) refuses new locks, but still
+/// renews and releases the leases held: a renewal only moves a TTL. (The renewal script is
+/// flagged `allow-oom` for that; without the flag, Redis would refuse every call of it.)
+#[test]
+fn a_full_server_refuses_new_locks_but_renews_and_releases_held_ones() {
+    let server = RedisServer::start();
+    let backend = RedisBackend::connect(&server.url()).unwrap();
+    let held = lock_core::LeaseRequest {
+        key: "full",
+        token: "holder",
+        ttl: Duration::from_secs(5),
+    };
+    let outcome = backend.try_acquire(&held, WAIT).unwrap();
+    assert!(matches!(outcome, lock_core::AcquireOutcome::Acquired { .. }));
+    let () = redis::cmd("CONFIG")
+        .arg("SET")
+        .arg("maxmemory")
+        .arg(1)
+        .query(&mut server.connection())
+        .unwrap();
+    let other = lock_core::LeaseRequest {
+        key: "other",
+        ..held
+    };
+    let refused = backend.try_acquire(&other, WAIT).unwrap_err();
+    assert!(format!("{refused:?}").contains("OOM"), "{refused:?}");
+    let renewal = lock_core::LeaseRequest {
+        ttl: Duration::from_secs(60),
+        ..held
+    };
+    assert!(matches!(
+        backend.renew_batch(&[renewal], WAIT)[0],
+        Ok(Ownership::Owned)
+    ));
+    let ttl_left: i64 = server.connection().pttl(backend.lock_key("full")).unwrap();
+    assert!(ttl_left > 5_000, "renewed to a minute: {ttl_left} ms left");
+    assert_eq!(
+        backend.release("full", "holder", WAIT).unwrap(),
+        Ownership::Owned
+    );
+}
