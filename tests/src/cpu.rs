@@ -24,8 +24,16 @@ pub fn allowed_cpus() -> io::Result<Vec<usize>> {
 /// A thread that exits while the list is walked is skipped. `pin_process(std::process::id(),
 /// cpu)` pins the calling process, all its threads included.
 pub fn pin_process(pid: u32, cpu: usize) -> io::Result<()> {
+    pin_process_to(pid, &[cpu])
+}
+
+/// Lets every thread of process `pid` run on any of `cpus` (and on no other), as
+/// [`pin_process`] does for one CPU: `pin_process_to(pid, &allowed_cpus()?)` unpins it.
+pub fn pin_process_to(pid: u32, cpus: &[usize]) -> io::Result<()> {
     let mut set = CpuSet::new();
-    set.set(cpu)?;
+    for &cpu in cpus {
+        set.set(cpu)?;
+    }
     for entry in std::fs::read_dir(format!("/proc/{pid}/task"))? {
         let Some(tid) = entry?
             .file_name()
