@@ -52,6 +52,17 @@ fn key_on(cluster: &RedisCluster, backend: &RedisBackend, prefix: &str, port: u1
         .unwrap_or_else(|| panic!("no {prefix} key on master {port}"))
 }
 
+/// The port of a master other than the master of `slot`: where the slot can move.
+fn another_master(cluster: &RedisCluster, slot: u16) -> u16 {
+    let from = cluster.master_of_slot(slot);
+    cluster
+        .masters()
+        .iter()
+        .map(|master| master.port())
+        .find(|&port| port != from)
+        .expect("a cluster of more than one master")
+}
+
 /// Checks a lease that may have been lost: either it is still held, and the cluster holds its
 /// key with its fence (looked at when `inspect`), or its loss was reported no later than its
 /// `valid_until` plus the slack (the report is consumed: check a lost lease once).
@@ -186,13 +197,7 @@ fn leases_in_a_slot_that_moves_stay_held_or_are_reported_lost() {
         .map(|key| manager.try_acquire(key, ttl).unwrap().unwrap())
         .collect();
     let slot = cluster.slot_of(&backend.lock_key(&keys[0]));
-    let from = cluster.master_of_slot(slot);
-    let to = cluster
-        .masters()
-        .iter()
-        .map(|master| master.port())
-        .find(|&port| port != from)
-        .unwrap();
+    let to = another_master(&cluster, slot);
     let mut last_fence = 0;
     // The leases found lost (on time), not checked again.
     let mut lost = std::collections::HashSet::new();
@@ -289,13 +294,7 @@ fn a_renewal_batch_renews_every_lease_of_a_slot_that_moves() {
         })
         .collect();
     let slot = cluster.slot_of(&backend.lock_key(&keys[0]));
-    let from = cluster.master_of_slot(slot);
-    let to = cluster
-        .masters()
-        .iter()
-        .map(|master| master.port())
-        .find(|&port| port != from)
-        .unwrap();
+    let to = another_master(&cluster, slot);
     // The longest TTL any master holds for `key` (its key lives on one of them; the others
     // answer MOVED or ASK, or -2). ASKING lets the importing master answer for its keys.
     let ttl_left = |key: &str| -> i64 {

@@ -680,7 +680,10 @@ fn a_full_server_refuses_new_locks_but_renews_and_releases_held_ones() {
         ttl: Duration::from_secs(5),
     };
     let outcome = backend.try_acquire(&held, WAIT).unwrap();
-    assert!(matches!(outcome, lock_core::AcquireOutcome::Acquired { .. }));
+    assert!(matches!(
+        outcome,
+        lock_core::AcquireOutcome::Acquired { .. }
+    ));
     let () = redis::cmd("CONFIG")
         .arg("SET")
         .arg("maxmemory")
