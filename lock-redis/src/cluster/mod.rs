@@ -633,7 +633,7 @@ impl ClusterLeases {
         for &index in indexes {
             let request = std::slice::from_ref(&requests[index]);
             // Declared, so that the connection routes the call to the key's node.
-            let lock = lock_key(prefix, request[0].key);
+            let lock = lock_key(prefix, requests[index].key);
             let declared = [lock.as_str()];
             let reply = self.routed(
                 &renew_call(script, ScriptBy::Hash, prefix, request, &declared),
