@@ -1132,12 +1132,7 @@ fn delete_leftovers(url: &str, prefix: &str, count: usize) {
 fn recording_manager(url: &str, renew_fraction: f64) -> (LockManager, Arc<Mutex<Vec<Instant>>>) {
     let renewed_at: Arc<Mutex<Vec<Instant>>> = Arc::new(Mutex::new(Vec::new()));
     let log = renewed_at.clone();
-    let backend = RedisBackend::builder(url)
-        .pool_size(ACQUIRERS as u32 + 1)
-        .build()
-        .unwrap();
-    let manager = LockManager::builder(backend)
-        .renew_fraction(renew_fraction)
+    let manager = renewing_manager(url, renew_fraction)
         .event_hook(move |event: &LeaseEvent<'_>| {
             if let LeaseEvent::Renewed { .. } = event {
                 log.lock().push(Instant::now());
@@ -1146,6 +1141,22 @@ fn recording_manager(url: &str, renew_fraction: f64) -> (LockManager, Arc<Mutex<
         .build()
         .unwrap();
     (manager, renewed_at)
+}
+
+/// A manager for the renewal rows, with a pool for [`ACQUIRERS`] threads, renewing at
+/// `renew_fraction` of the TTL. The capacity measurements add no hook: they count renewals
+/// with [`LockManager::stats`], which the manager keeps anyway.
+fn renewing_manager(url: &str, renew_fraction: f64) -> lock_core::LockManagerBuilder {
+    let backend = RedisBackend::builder(url)
+        .pool_size(ACQUIRERS as u32 + 1)
+        .build()
+        .unwrap();
+    LockManager::builder(backend).renew_fraction(renew_fraction)
+}
+
+/// Renewals `manager` has made so far.
+fn renewals_made(manager: &LockManager) -> u64 {
+    manager.stats().renewals.ok
 }
 
 /// The renewal baseline: the raw client renewing `count` keys of its own with `renew.lua`,
@@ -1407,12 +1418,12 @@ fn renewal_at_scale(server: &RedisServer) {
     };
     let (raw_before, raw_cpu_before) = raw_window(url, RawKeys::AsOurs);
     let (plain_before, _) = raw_window(url, RawKeys::Plain);
-    let (manager, renewed_at) = recording_manager(url, 0.0001);
+    let manager = renewing_manager(url, 0.0001).build().unwrap();
     let (leases, _) = acquire_many(&manager, "capacity", LEASES);
-    let counted_from = renewed_at.lock().len();
+    let counted_from = renewals_made(&manager);
     let calls_before = script_calls(server);
     let ((), our_cpu) = cpu_use(&[server], || std::thread::sleep(window));
-    let renewed = renewed_at.lock().len() - counted_from;
+    let renewed = renewals_made(&manager) - counted_from;
     let keys_per_call = renewed as f64 / (script_calls(server) - calls_before) as f64;
     let capacity = renewed as f64 / window.as_secs_f64();
     let still_held = held(&leases);
@@ -1460,14 +1471,14 @@ fn renewal_capacity(
     count: usize,
     window: Duration,
 ) -> (f64, usize, CpuUse, f64) {
-    let (manager, renewed_at) = recording_manager(url, 0.0001);
+    let manager = renewing_manager(url, 0.0001).build().unwrap();
     let (leases, _) = acquire_many(&manager, prefix, count);
     // Let the renewer reach its pace before counting.
     std::thread::sleep(Duration::from_millis(500));
-    let counted_from = renewed_at.lock().len();
+    let counted_from = renewals_made(&manager);
     let (((), cpu), replicas_cpu) =
         cpu_use(replicas, || cpu_use(masters, || std::thread::sleep(window)));
-    let renewed = renewed_at.lock().len() - counted_from;
+    let renewed = renewals_made(&manager) - counted_from;
     let still_held = held(&leases);
     release_many(leases);
     (
