@@ -276,3 +276,83 @@ fn processes_on_five_nodes_lose_no_update_while_one_node_dies() {
     cluster.servers[3].kill();
     run.check(children, &mut data.connection());
 }
+
+/// While the nodes' counters agree and their clocks are not ahead of this machine's (the
+/// steady state), every node of the majority issues the fence the acquire proposed, so no
+/// node needs its counter raised afterwards: no node runs the write-back script, and the fences
+/// still strictly increase.
+#[test]
+fn a_steady_acquire_needs_no_fence_write_back() {
+    let raise_fence =
+        redis::Script::new(include_str!("../../lock-redis/src/scripts/raise_fence.lua"));
+    let cluster = cluster(3);
+    // Every command each node runs from here on, in its slow log.
+    for server in &cluster.servers {
+        let mut connection = server.connection();
+        let () = redis::cmd("CONFIG")
+            .arg("SET")
+            .arg("slowlog-log-slower-than")
+            .arg(0)
+            .arg("slowlog-max-len")
+            .arg(10_000)
+            .query(&mut connection)
+            .unwrap();
+    }
+    let ttl = Duration::from_secs(10);
+    let mut last = 0;
+    for round in 0..20 {
+        let token = format!("steady-{round}");
+        let request = LeaseRequest {
+            key: "steady",
+            token: &token,
+            ttl,
+        };
+        let outcome = cluster.redlock.try_acquire(&request, Duration::MAX);
+        let Ok(AcquireOutcome::Acquired { fence }) = outcome else {
+            panic!("a free key on three healthy nodes is granted: {outcome:?}");
+        };
+        assert!(fence > last, "fence went from {last} to {fence}");
+        last = fence;
+        cluster
+            .redlock
+            .release("steady", &token, Duration::MAX)
+            .unwrap();
+    }
+    for (node, server) in cluster.servers.iter().enumerate() {
+        let entries: Vec<redis::Value> = redis::cmd("SLOWLOG")
+            .arg("GET")
+            .arg(-1)
+            .query(&mut server.connection())
+            .unwrap();
+        // Each entry: id, time, duration, the command's arguments, ...
+        let scripts: Vec<Vec<String>> = entries
+            .iter()
+            .filter_map(|entry| match entry {
+                redis::Value::Array(fields) => fields.get(3),
+                _ => None,
+            })
+            .filter_map(|arguments| redis::from_redis_value_ref::<Vec<String>>(arguments).ok())
+            .filter(|arguments| {
+                arguments
+                    .first()
+                    .is_some_and(|name| name.starts_with("EVAL"))
+            })
+            .collect();
+        assert!(
+            scripts.len() >= 20,
+            "node {node} logged {} script calls",
+            scripts.len()
+        );
+        let raises = scripts
+            .iter()
+            // A call by source (EVAL) comes only after one by hash (EVALSHA) was refused.
+            .filter(|arguments| {
+                arguments.get(1).map(String::as_str) == Some(raise_fence.get_hash())
+            })
+            .count();
+        assert_eq!(
+            raises, 0,
+            "node {node} had its fence counter raised {raises} times"
+        );
+    }
+}

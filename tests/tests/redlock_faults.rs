@@ -209,9 +209,10 @@ fn an_acquire_whose_write_back_times_out_fails_and_leaves_no_token() {
 /// Many threads race for a few keys on three healthy masters; each holder appends its fence to
 /// its key's log while it holds the lease. Every log must strictly increase.
 ///
-/// The nodes' counters drift apart in real use (grants that came too late to count, fences
-/// seeded from each server's clock), and only then does an acquire need a write-back: a thread
-/// here raises one node's counter now and then, so that many grants do.
+/// The nodes' counters drift apart in real use (grants that came too late to count, a node's
+/// clock ahead of the fence an acquire proposes), and only then does an acquire need a
+/// write-back: a thread here raises one node's counter now and then past the proposals (by more
+/// than their one-second lead), so that many grants do.
 #[test]
 fn fences_strictly_increase_under_contention() {
     const GRANTS: usize = 20_000;
@@ -242,7 +243,7 @@ fn fences_strictly_increase_under_contention() {
                 let node = bump % connections.len();
                 let _: u64 = redis::cmd("INCRBY")
                     .arg(&fence_keys[bump % KEYS])
-                    .arg(1 + bump % 5)
+                    .arg(2_000_000 + bump % 5)
                     .query(&mut connections[node])
                     .unwrap();
                 thread::sleep(Duration::from_millis(1));

@@ -308,6 +308,56 @@ impl RedisBackend {
         Ok(answer.value)
     }
 
+    /// [`try_acquire`](LeaseBackend::try_acquire), issuing a fence of at least `proposed` if it
+    /// is granted (Redlock proposes one ahead of its nodes' clocks, so that the nodes of a
+    /// majority issue the same fence). `proposed` must be below 2^53.
+    pub(crate) fn acquire_proposing(
+        &self,
+        request: &LeaseRequest<'_>,
+        proposed: Option<u64>,
+        timeout: Duration,
+    ) -> Result<AcquireOutcome, BackendError> {
+        let prefix = &self.inner.config.key_prefix;
+        let lock = lock_key(prefix, request.key);
+        let fence = fence_key(prefix, request.key);
+        let ttl = ttl_millis(request.ttl).to_string();
+        let proposed = proposed.map(|fence| fence.to_string());
+        let keys = [lock.as_str(), &fence];
+        let args_with_proposal;
+        let args: &[&str] = match &proposed {
+            Some(proposed) => {
+                args_with_proposal = [request.token, &ttl, proposed];
+                &args_with_proposal
+            }
+            None => &[request.token, &ttl],
+        };
+        let script = &self.inner.scripts.acquire;
+        let operation = RedisOperation::Acquire;
+        if self.inner.config.min_replicas.is_none() {
+            let call = ScriptCall {
+                operation,
+                key: request.key,
+                script,
+                keys: &keys,
+                args,
+            };
+            return self
+                .run_script(call, timeout, parse_acquire)
+                .map(|answer| answer.value);
+        }
+        self.call(operation, request.key, timeout, |connection, deadline| {
+            let outcome = parse_acquire(Self::eval(connection, deadline, script, &keys, args)?)?;
+            if let (AcquireOutcome::Acquired { .. }, Some(replicas)) =
+                (&outcome, self.inner.config.min_replicas)
+            {
+                wait_for_replicas(connection, deadline, replicas)?;
+            }
+            Ok(outcome)
+        })
+        .map(|answer| answer.value)
+        .map_err(|failure| failure.into_backend_error(operation, request.key))
+    }
+
     /// Raises the fence counter of `key` to at least `fence` (Redlock's write-back).
     pub(crate) fn raise_fence(
         &self,
@@ -671,36 +721,7 @@ impl LeaseBackend for RedisBackend {
         request: &LeaseRequest<'_>,
         timeout: Duration,
     ) -> Result<AcquireOutcome, BackendError> {
-        let prefix = &self.inner.config.key_prefix;
-        let lock = lock_key(prefix, request.key);
-        let fence = fence_key(prefix, request.key);
-        let ttl = ttl_millis(request.ttl).to_string();
-        let (keys, args) = ([lock.as_str(), &fence], [request.token, &ttl]);
-        let script = &self.inner.scripts.acquire;
-        let operation = RedisOperation::Acquire;
-        if self.inner.config.min_replicas.is_none() {
-            let call = ScriptCall {
-                operation,
-                key: request.key,
-                script,
-                keys: &keys,
-                args: &args,
-            };
-            return self
-                .run_script(call, timeout, parse_acquire)
-                .map(|answer| answer.value);
-        }
-        self.call(operation, request.key, timeout, |connection, deadline| {
-            let outcome = parse_acquire(Self::eval(connection, deadline, script, &keys, &args)?)?;
-            if let (AcquireOutcome::Acquired { .. }, Some(replicas)) =
-                (&outcome, self.inner.config.min_replicas)
-            {
-                wait_for_replicas(connection, deadline, replicas)?;
-            }
-            Ok(outcome)
-        })
-        .map(|answer| answer.value)
-        .map_err(|failure| failure.into_backend_error(operation, request.key))
+        self.acquire_proposing(request, None, timeout)
     }
 
     /// Sends every renewal in one pipelined round trip: one script call per chunk of 128

@@ -2,7 +2,7 @@
 //! node of that majority hold it before the acquire returns.
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use lock_core::{AcquireOutcome, BackendError, LeaseRequest};
 
@@ -10,6 +10,23 @@ use super::node::Job;
 use super::quorum::Quorum;
 use super::{RedlockBackend, REPLY_GRACE};
 use crate::connection::deadline::Deadline;
+
+/// How far ahead of this machine's clock an acquire proposes its fence: more than the nodes'
+/// clocks are expected to run ahead of it, with a call's time in flight.
+const PROPOSAL_LEAD: Duration = Duration::from_secs(1);
+
+/// The fence an acquire proposes to every node: this machine's clock in microseconds plus
+/// [`PROPOSAL_LEAD`]. A node issues `max(its counter + 1, its clock, the proposal)`, so while
+/// the proposal is ahead of the nodes' clocks and of the key's counters (the steady state:
+/// every grant of the majority leaves the counters equal), the nodes of a majority issue the
+/// same fence and the acquire needs no write-back round trip. The proposal only ever raises a
+/// fence, so a wrong clock costs that round trip, never a fence's order. `None` for a clock
+/// before 1970 or past 2^53 microseconds (the year 2255).
+fn proposed_fence() -> Option<u64> {
+    let now = SystemTime::now().duration_since(UNIX_EPOCH).ok()?;
+    let micros = u64::try_from(now.saturating_add(PROPOSAL_LEAD).as_micros()).ok()?;
+    (micros < 1 << 53).then_some(micros)
+}
 
 /// The nodes' answers to one acquire, as they stood when a majority granted or the rest failed.
 struct Votes {
@@ -58,6 +75,7 @@ impl RedlockBackend {
         node_timeout: Duration,
     ) -> Votes {
         let quorum = self.shared.quorum;
+        let proposed = proposed_fence();
         let answers = self.gather_until(
             self.all_nodes(),
             node_timeout.saturating_add(REPLY_GRACE),
@@ -65,6 +83,7 @@ impl RedlockBackend {
                 key: key.clone(),
                 token: token.clone(),
                 ttl,
+                proposed,
                 deadline: Deadline::after(node_timeout),
                 reply,
             },

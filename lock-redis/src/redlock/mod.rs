@@ -38,7 +38,8 @@ const REPLY_GRACE: Duration = Duration::from_millis(50);
 ///   channel) and stops listening once a majority (`N/2 + 1`) granted the key: those nodes
 ///   are *the majority*, and a node that grants later is not counted. The fence is the highest
 ///   the majority issued. Each node of the majority whose counter is below it (it issued
-///   less) is then raised to it, and the acquire waits for their acknowledgements: a node whose
+///   less) is then raised to it, and the acquire waits for their acknowledgements (a second
+///   round trip, which the steady state does without: see [Fences](#fences)): a node whose
 ///   write-back fails or times out is no longer counted. The acquire succeeds only if the nodes
 ///   counted are still a majority and validity is left, by the same [`DriftRule`] as the
 ///   lease's: `elapsed < ttl - (ttl * drift_factor + 2 ms)`. Otherwise it releases the key on
@@ -70,6 +71,14 @@ const REPLY_GRACE: Duration = Duration::from_millis(50);
 /// or expired after our validity), so it issues a fence above its counter, and the next fence
 /// is higher. This assumes only that a node issues fences above its counter, whatever the
 /// formula.
+///
+/// Each acquire proposes one fence to every node: this machine's clock in microseconds plus one
+/// second. A node issues `max(counter + 1, its own clock in µs, the proposal)`, so while the
+/// proposal is ahead of the nodes' clocks and counters (the steady state, where each grant
+/// leaves the majority's counters equal), every node of the majority issues the same fence and
+/// none needs raising: an acquire is one round trip. A proposal only ever raises a fence, so a
+/// client clock that is behind, or a node clock more than a second ahead of it, costs the
+/// write-back round trip, never the order of fences.
 ///
 /// # What Redlock does and does not promise
 ///

@@ -95,6 +95,8 @@ pub(super) enum Job {
         key: Arc<str>,
         token: Arc<str>,
         ttl: Duration,
+        /// The fence to issue at least, if granted.
+        proposed: Option<u64>,
         deadline: Deadline,
         reply: Reply<Result<AcquireOutcome, BackendError>>,
     },
@@ -140,6 +142,7 @@ impl Job {
                 key,
                 token,
                 ttl,
+                proposed,
                 deadline,
                 reply,
             } => {
@@ -151,7 +154,10 @@ impl Job {
                     token: &token,
                     ttl,
                 };
-                reply.send((index, backend.try_acquire(&request, timeout)));
+                reply.send((
+                    index,
+                    backend.acquire_proposing(&request, proposed, timeout),
+                ));
             }
             Job::RaiseFence {
                 key,

@@ -4,6 +4,9 @@
 -- KEYS[2]  the lock's fence counter   <prefix>{<key>}:fence
 -- ARGV[1]  the new holder's token
 -- ARGV[2]  the TTL in milliseconds
+-- ARGV[3]  optional: a fence to issue at least, a whole number below 2^53 in canonical form
+--          (Redlock proposes one ahead of its nodes' clocks, so that the nodes of a majority
+--          issue the same fence and none needs raising afterwards)
 --
 -- Returns {1, fence} when the lock is ours, {0, pttl} when another token holds it (pttl is the
 -- holder's remaining TTL in milliseconds, or -1 if its key has no TTL). When the fence counter
@@ -12,7 +15,7 @@
 --
 -- Needs Redis 7.0 or later (SET with both NX and GET).
 --
--- Every grant issues max(counter + 1, server TIME in microseconds) and stores it in the counter,
+-- Every grant issues max(counter + 1, server TIME in microseconds, ARGV[3]) and stores it in the counter,
 -- so fences keep growing when the counter comes back missing or stale: a restart without
 -- persistence, a restore from an older snapshot, a failover to a replica that missed the last
 -- grants (as long as the server's clock does not step back, and fewer than one lock per
@@ -47,7 +50,7 @@ local function unusable(counter)
 end
 
 -- Issues the next fence for a lock this call has just taken: above the last one, and at least
--- the server's clock in microseconds. Reads and writes the counter in one command; when the
+-- the server's clock in microseconds and the proposed fence, if any. Reads and writes the counter in one command; when the
 -- counter turns out to be unusable, puts it back and gives the lock up, so nothing changed.
 local function grant()
   local now = redis.pcall('TIME') -- seconds and microseconds, as text
@@ -56,6 +59,10 @@ local function grant()
     return now
   end
   local text = now[1] .. string.rep('0', 6 - #now[2]) .. now[2]
+  local proposed = ARGV[3]
+  if proposed and (#proposed > #text or (#proposed == #text and proposed > text)) then
+    text = proposed
+  end
   local previous = redis.pcall('SET', KEYS[2], text, 'KEEPTTL', 'GET')
   local error = unusable(previous)
   if error then
