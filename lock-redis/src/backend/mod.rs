@@ -24,7 +24,7 @@ use crate::connection::pool::{
 use crate::errors::{closed_unread, is_retryable_elsewhere, CallFailure, RedisOperation};
 use crate::scripts::keys::{fence_key, lock_key, push_lock_key, release_marker_key, ttl_millis};
 use crate::scripts::{
-    is_noscript, parse_acquire, parse_ownership, parse_renewals, LuaScript, ScriptBy, Scripts,
+    is_noscript, parse_acquire, parse_ownership, parse_renewals, LuaScript, Room, ScriptBy, Scripts,
 };
 use crate::subscriber::{Subscriber, SubscriberSettings};
 use crate::{RedisBackendBuilder, RedisBackendError};
@@ -666,10 +666,14 @@ pub(crate) fn renew_call(
     chunk: &[LeaseRequest<'_>],
     declared: &[&str],
 ) -> Cmd {
-    let mut cmd = match by {
-        ScriptBy::Hash => script.evalsha(declared, &[]),
-        ScriptBy::Source => script.eval(declared, &[]),
+    let room = Room {
+        arguments: 3 * chunk.len(),
+        bytes: chunk
+            .iter()
+            .map(|request| prefix.len() + request.key.len() + request.token.len() + 24)
+            .sum(),
     };
+    let mut cmd = script.call(by, declared, &[], room);
     let mut key = String::new();
     for request in chunk {
         key.clear();

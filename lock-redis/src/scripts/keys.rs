@@ -25,7 +25,7 @@ pub(crate) fn push_lock_key(text: &mut String, prefix: &str, key: &str) {
 
 /// The Redis key that counts the fences of the lock `key`: `<prefix>{<key>}:fence`.
 pub(crate) fn fence_key(prefix: &str, key: &str) -> String {
-    format!("{prefix}{{{}}}:fence", tagged(key))
+    lock_key_and(prefix, key, ":fence")
 }
 
 /// `key` as written between the braces: itself, unless it starts with `}` (which would make the
@@ -44,7 +44,15 @@ fn tagged(key: &str) -> std::borrow::Cow<'_, str> {
 /// `<prefix>{<key>}:released`. It lets a release retried after a lost reply know that its
 /// first attempt deleted the key.
 pub(crate) fn release_marker_key(prefix: &str, key: &str) -> String {
-    format!("{prefix}{{{}}}:released", tagged(key))
+    lock_key_and(prefix, key, ":released")
+}
+
+/// [`lock_key`]`(prefix, key)` followed by `suffix`, in one allocation.
+fn lock_key_and(prefix: &str, key: &str, suffix: &str) -> String {
+    let mut text = String::with_capacity(prefix.len() + key.len() + 3 + suffix.len());
+    push_lock_key(&mut text, prefix, key);
+    text.push_str(suffix);
+    text
 }
 
 /// The pub/sub channel on which the releases of the lock `key` are announced: named like its

@@ -31,18 +31,30 @@ impl LuaScript {
 
     /// `EVALSHA <sha> <#keys> <keys…> <args…>`.
     pub(crate) fn evalsha(&self, keys: &[&str], args: &[&str]) -> Cmd {
-        let mut cmd = redis::cmd("EVALSHA");
-        cmd.arg(self.script.get_hash())
-            .arg(keys.len())
-            .arg(keys)
-            .arg(args);
-        cmd
+        self.call(ScriptBy::Hash, keys, args, Room::default())
     }
 
     /// `EVAL <source> <#keys> <keys…> <args…>`: the fallback for `NOSCRIPT`.
     pub(crate) fn eval(&self, keys: &[&str], args: &[&str]) -> Cmd {
-        let mut cmd = redis::cmd("EVAL");
-        cmd.arg(self.source).arg(keys.len()).arg(keys).arg(args);
+        self.call(ScriptBy::Source, keys, args, Room::default())
+    }
+
+    /// `EVALSHA` or `EVAL`, with room for `more` arguments still to come, so that the command
+    /// is built in buffers allocated once (the `redis` crate grows them as arguments come
+    /// otherwise: a third of the client's instructions in an acquire, measured with callgrind).
+    pub(crate) fn call(&self, by: ScriptBy, keys: &[&str], args: &[&str], more: Room) -> Cmd {
+        let (name, script): (&str, &str) = match by {
+            ScriptBy::Hash => ("EVALSHA", self.script.get_hash()),
+            ScriptBy::Source => ("EVAL", self.source),
+        };
+        let given = || keys.iter().chain(args);
+        let arguments = 3 + keys.len() + args.len() + more.arguments;
+        let bytes = name.len() + script.len() + 20 + given().map(|arg| arg.len()).sum::<usize>();
+        let mut cmd = Cmd::with_capacity(arguments, bytes.saturating_add(more.bytes));
+        cmd.arg(name).arg(script).arg(keys.len());
+        for arg in given() {
+            cmd.arg(*arg);
+        }
         cmd
     }
 
@@ -52,6 +64,15 @@ impl LuaScript {
         cmd.arg("LOAD").arg(self.source);
         cmd
     }
+}
+
+/// Room to keep in a command for arguments added after it is made.
+#[derive(Debug, Clone, Copy, Default)]
+pub(crate) struct Room {
+    /// How many.
+    pub(crate) arguments: usize,
+    /// Their bytes in all.
+    pub(crate) bytes: usize,
 }
 
 /// How a call names its script.
