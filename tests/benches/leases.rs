@@ -572,6 +572,21 @@ fn uncontended(server: &RedisServer, placement: &Placement) -> f64 {
             },
         ],
     );
+    // What the server process pays in all, requests and replies included: its CPU time.
+    // About a second of the server's CPU per side in `same`; in `split` the round trips make
+    // the cycles slower, and each costs the server more (a wake-up per request).
+    let cpu_cycles: u32 = if placement.is_split() { 10_000 } else { 40_000 };
+    let cpu = paired(
+        3,
+        &mut [
+            &mut || {
+                server_cpu_per_cycle(server, cpu_cycles, || {
+                    raw.cycle("raw:uncontended", "token");
+                })
+            },
+            &mut || server_cpu_per_cycle(server, cpu_cycles, || our_cycle(&manager, "uncontended")),
+        ],
+    );
     let (target, label) = if placement.is_split() {
         (0.95, ">= 0.95 in split")
     } else {
@@ -590,7 +605,23 @@ fn uncontended(server: &RedisServer, placement: &Placement) -> f64 {
         our_time.breakdown(),
         raw_time.breakdown(),
     );
+    println!(
+        "             server CPU per cycle (utime + stime of redis-server: commands, reading requests, writing replies): ours {:.1?}, raw {:.1?}, ours/raw {:.2} (medians of 3 paired rounds of {cpu_cycles} cycles)",
+        Duration::from_secs_f64(cpu.medians[1]),
+        Duration::from_secs_f64(cpu.medians[0]),
+        cpu.ratios[1],
+    );
     our_rate
+}
+
+/// The CPU time of the server's process per cycle, over `cycles` cycles (`/proc` counts it in
+/// hundredths of a second: measure enough cycles for that to be fine).
+fn server_cpu_per_cycle(server: &RedisServer, cycles: u32, mut cycle: impl FnMut()) -> f64 {
+    let before = cpu_seconds(server.pid());
+    for _ in 0..cycles {
+        cycle();
+    }
+    (cpu_seconds(server.pid()) - before) / f64::from(cycles)
 }
 
 fn memory(redis_same_rate: Option<f64>) {
