@@ -92,6 +92,9 @@ fn main() {
                     redis_same_rate = Some(rate);
                 }
             }
+            if wanted("candidates") && !placement.is_split() {
+                candidates(&server);
+            }
             if wanted("saturated") {
                 saturated(&server.url(), placement);
             }
@@ -132,8 +135,9 @@ fn main() {
 }
 
 const PLACEMENT_NAMES: [&str; 2] = ["split", "same"];
-const REDIS_ROWS: [&str; 6] = [
+const REDIS_ROWS: [&str; 7] = [
     "uncontended",
+    "candidates",
     "saturated",
     "handoff",
     "redlock",
@@ -329,9 +333,7 @@ impl RawLock {
             .test_on_check_out(false)
             .build(redis::Client::open(url).unwrap())
             .unwrap();
-        let unlock = redis::Script::new(
-            "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end return 0",
-        );
+        let unlock = redis::Script::new(COMPARE_AND_DELETE);
         RawLock {
             pool,
             unlock,
@@ -622,6 +624,215 @@ fn server_cpu_per_cycle(server: &RedisServer, cycles: u32, mut cycle: impl FnMut
         cycle();
     }
     (cpu_seconds(server.pid()) - before) / f64::from(cycles)
+}
+
+/// The raw client's release: delete the key if the token holds it.
+const COMPARE_AND_DELETE: &str =
+    "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end return 0";
+
+/// One way to take and release a fenced lock, measured by [`candidates`].
+struct Candidate {
+    name: &'static str,
+    /// What it gives up against ours.
+    gives_up: &'static str,
+    /// The commands the client sends itself (commandstats counts a script's or a transaction's
+    /// inner commands on their own lines too: only these are summed).
+    sent: &'static [&'static str],
+    acquire: Acquire,
+    release: Release,
+}
+
+enum Acquire {
+    /// `SET key token NX PX ttl`: no fence.
+    SetNx,
+    /// `acquire.lua`.
+    Script,
+    /// `MULTI`, `SET key token NX GET PX ttl`, `INCR counter`, `TIME`, `EXEC`: the client would
+    /// take `max(INCR, TIME)` as the fence.
+    Transaction,
+}
+
+enum Release {
+    /// `release.lua`: marker and announcement.
+    Script,
+    /// GET, DEL and the announcement, without the marker.
+    Unmarked,
+    /// Compare-and-delete.
+    CompareAndDelete,
+}
+
+/// The "fewest server microseconds per cycle that keep every guarantee": every
+/// candidate's server cost per acquire + release, against the raw client's, and what each gives
+/// up. Run in `same` only (in `split` the server's CPU is mostly its wake-ups).
+fn candidates(server: &RedisServer) {
+    const CYCLES: u32 = 20_000;
+    let candidates = [
+        Candidate {
+            name: "raw: SET NX PX + compare-and-delete",
+            gives_up: "fences, waking waiters, knowing a retried release",
+            sent: &["set", "evalsha"],
+            acquire: Acquire::SetNx,
+            release: Release::CompareAndDelete,
+        },
+        Candidate {
+            name: "ours: acquire.lua + release.lua",
+            gives_up: "nothing",
+            sent: &["evalsha"],
+            acquire: Acquire::Script,
+            release: Release::Script,
+        },
+        Candidate {
+            name: "acquire.lua + release without marker",
+            gives_up: "knowing that a retried release succeeded",
+            sent: &["evalsha"],
+            acquire: Acquire::Script,
+            release: Release::Unmarked,
+        },
+        Candidate {
+            name: "acquire.lua + compare-and-delete",
+            gives_up: "that, and waking waiters on release",
+            sent: &["evalsha"],
+            acquire: Acquire::Script,
+            release: Release::CompareAndDelete,
+        },
+        Candidate {
+            name: "MULTI SET NX GET PX, INCR, TIME + release.lua",
+            gives_up: "fence order across a server clock that steps back (the counter no longer keeps the highest fence)",
+            sent: &["multi", "exec", "evalsha"],
+            acquire: Acquire::Transaction,
+            release: Release::Script,
+        },
+        Candidate {
+            name: "MULTI SET NX GET PX, INCR, TIME + compare-and-delete",
+            gives_up: "all of the above",
+            sent: &["multi", "exec", "evalsha"],
+            acquire: Acquire::Transaction,
+            release: Release::CompareAndDelete,
+        },
+    ];
+    let acquire = redis::Script::new(include_str!("../../lock-redis/src/scripts/acquire.lua"));
+    let release = redis::Script::new(include_str!("../../lock-redis/src/scripts/release.lua"));
+    let unmarked = redis::Script::new(
+        "if redis.call('GET', KEYS[1]) == ARGV[1] then redis.call('DEL', KEYS[1]) redis.pcall('PUBLISH', KEYS[1], '') return 1 end return 0",
+    );
+    let unlock = redis::Script::new(COMPARE_AND_DELETE);
+    let (lock, counter, marker) = ("cand:{k}", "cand:{k}:fence", "cand:{k}:released");
+    let token = "0123456789abcdef0123456789abcdef";
+    let ttl = TTL.as_millis() as u64;
+    let mut connection = server.connection();
+    let cycle = |candidate: &Candidate, connection: &mut redis::Connection| {
+        match candidate.acquire {
+            Acquire::SetNx => {
+                let set: Option<String> = redis::cmd("SET")
+                    .arg(lock)
+                    .arg(token)
+                    .arg("NX")
+                    .arg("PX")
+                    .arg(ttl)
+                    .query(connection)
+                    .unwrap();
+                assert!(set.is_some());
+            }
+            Acquire::Script => {
+                let granted: Vec<i64> = acquire
+                    .key(lock)
+                    .key(counter)
+                    .arg(token)
+                    .arg(ttl)
+                    .invoke(connection)
+                    .unwrap();
+                assert_eq!(granted.first(), Some(&1));
+            }
+            Acquire::Transaction => {
+                let (holder, _fence, _time): (Option<String>, u64, (u64, u64)) = redis::pipe()
+                    .atomic()
+                    .cmd("SET")
+                    .arg(lock)
+                    .arg(token)
+                    .arg("NX")
+                    .arg("GET")
+                    .arg("PX")
+                    .arg(ttl)
+                    .cmd("INCR")
+                    .arg(counter)
+                    .cmd("TIME")
+                    .query(connection)
+                    .unwrap();
+                assert!(holder.is_none());
+            }
+        }
+        let released: i64 = match candidate.release {
+            Release::Script => release
+                .key(lock)
+                .key(marker)
+                .arg(token)
+                .arg(10_000)
+                .arg("PUBLISH")
+                .invoke(connection),
+            Release::Unmarked => unmarked.key(lock).arg(token).invoke(connection),
+            Release::CompareAndDelete => unlock.key(lock).arg(token).invoke(connection),
+        }
+        .unwrap();
+        assert_eq!(released, 1);
+    };
+    // Each script cached, each candidate warm.
+    for candidate in &candidates {
+        for _ in 0..100 {
+            cycle(candidate, &mut connection);
+        }
+    }
+    let mut figures: Vec<(Vec<f64>, Vec<f64>)> =
+        candidates.iter().map(|_| Default::default()).collect();
+    for _round in 0..3 {
+        for (candidate, (commands, cpu)) in candidates.iter().zip(&mut figures) {
+            let () = redis::cmd("CONFIG")
+                .arg("RESETSTAT")
+                .query(&mut connection)
+                .unwrap();
+            let per_cycle =
+                server_cpu_per_cycle(server, CYCLES, || cycle(candidate, &mut connection));
+            let stats: String = redis::cmd("INFO")
+                .arg("commandstats")
+                .query(&mut connection)
+                .unwrap();
+            commands.push(sent_usec(&stats, candidate.sent) / f64::from(CYCLES));
+            cpu.push(per_cycle);
+        }
+    }
+    let medians: Vec<(f64, f64)> = figures
+        .into_iter()
+        .map(|(commands, cpu)| (median(commands), median(cpu)))
+        .collect();
+    let (raw_commands, raw_cpu) = medians[0];
+    println!("candidates   server cost per acquire + release, one connection, medians of 3 rounds of {CYCLES} cycles: command time (INFO commandstats, the commands sent) and the server's CPU (utime + stime)");
+    for (candidate, (commands, cpu)) in candidates.iter().zip(&medians) {
+        println!(
+            "             {:<52} commands {:>5.2}µs ({:.2}x raw)  CPU {:>5.1}µs ({:.2}x raw)  gives up: {}",
+            candidate.name,
+            commands,
+            commands / raw_commands,
+            cpu * 1e6,
+            cpu / raw_cpu,
+            candidate.gives_up,
+        );
+    }
+}
+
+/// The microseconds `INFO commandstats` counts for the commands named `sent`.
+fn sent_usec(stats: &str, sent: &[&str]) -> f64 {
+    stats
+        .lines()
+        .filter_map(|line| {
+            let (name, fields) = line.strip_prefix("cmdstat_")?.split_once(':')?;
+            if !sent.contains(&name) {
+                return None;
+            }
+            let usec = fields
+                .split(',')
+                .find_map(|field| field.strip_prefix("usec="))?;
+            usec.parse::<f64>().ok()
+        })
+        .sum()
 }
 
 fn memory(redis_same_rate: Option<f64>) {
