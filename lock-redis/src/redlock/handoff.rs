@@ -23,6 +23,8 @@ struct Shared<T> {
 
 struct State<T> {
     items: VecDeque<T>,
+    /// How many items a receiver waits for (see [`Receiver::wait_for`]); 1 otherwise.
+    wanted: usize,
     /// Live [`Sender`]s: when none is left and the queue is empty, receivers stop waiting.
     senders: usize,
 }
@@ -47,6 +49,7 @@ pub(super) fn queue<T>() -> (Sender<T>, Receiver<T>) {
     let shared = Arc::new(Shared {
         state: Mutex::new(State {
             items: VecDeque::new(),
+            wanted: 1,
             senders: 1,
         }),
         changed: Condvar::new(),
@@ -58,8 +61,14 @@ impl<T> Sender<T> {
     /// Queues `item` and wakes one waiting receiver (if any). Items nobody receives are
     /// dropped with the queue.
     pub(super) fn send(&self, item: T) {
-        self.0.state.lock().items.push_back(item);
-        self.0.changed.notify_one();
+        let mut state = self.0.state.lock();
+        state.items.push_back(item);
+        // A receiver waiting for more items than are queued sleeps on: waking it would only
+        // cost a thread switch.
+        if state.items.len() >= state.wanted {
+            drop(state);
+            self.0.changed.notify_one();
+        }
     }
 }
 
@@ -103,6 +112,26 @@ impl<T> Receiver<T> {
                 None => self.0.changed.wait(&mut state),
             }
         }
+    }
+
+    /// Waits until `count` items are queued, every sender is gone, or `deadline` (`None`: no
+    /// deadline) has passed, so that a caller who needs several answers before it can decide
+    /// anything is woken once, not once per answer. One receiver of a queue at a time may wait
+    /// here.
+    pub(super) fn wait_for(&self, count: usize, deadline: Option<Instant>) {
+        let mut state = self.0.state.lock();
+        state.wanted = count.max(1);
+        while state.items.len() < state.wanted && state.senders > 0 {
+            match deadline {
+                Some(deadline) => {
+                    if self.0.changed.wait_until(&mut state, deadline).timed_out() {
+                        break;
+                    }
+                }
+                None => self.0.changed.wait(&mut state),
+            }
+        }
+        state.wanted = 1;
     }
 
     /// The next item, waiting for one up to `timeout`.
@@ -151,6 +180,37 @@ mod tests {
         let waiter = std::thread::spawn(move || receiver.recv_until(None));
         drop(sender);
         assert_eq!(waiter.join().unwrap(), Err(Empty::Closed));
+    }
+
+    #[test]
+    fn a_receiver_waiting_for_several_items_wakes_once_they_are_all_queued() {
+        let (sender, receiver) = queue();
+        let waiter = {
+            let receiver = receiver.clone();
+            std::thread::spawn(move || {
+                receiver.wait_for(3, None);
+                (0..3)
+                    .map(|_| receiver.recv_until(None))
+                    .collect::<Vec<_>>()
+            })
+        };
+        for item in 1..=3 {
+            sender.send(item);
+        }
+        assert_eq!(waiter.join().unwrap(), vec![Ok(1), Ok(2), Ok(3)]);
+        // Fewer than wanted: the deadline ends the wait, and the last sender leaving does too.
+        sender.send(4);
+        let started = Instant::now();
+        receiver.wait_for(2, started.checked_add(Duration::from_millis(20)));
+        assert!(started.elapsed() >= Duration::from_millis(20));
+        assert_eq!(receiver.recv_until(None), Ok(4));
+        let waiter = {
+            let receiver = receiver.clone();
+            std::thread::spawn(move || receiver.wait_for(2, None))
+        };
+        drop(sender);
+        waiter.join().unwrap();
+        assert_eq!(receiver.recv_until(None), Err(Empty::Closed));
     }
 
     #[test]

@@ -26,6 +26,12 @@ impl Quorum {
         self.needed
     }
 
+    /// The fewest answers that can decide a call: a majority agreeing, or enough nodes that
+    /// will not agree to rule one out.
+    pub(super) fn first_decision(self) -> usize {
+        self.needed.min(self.nodes - self.needed + 1)
+    }
+
     /// Whether `agreed` nodes are a majority.
     pub(super) fn reached_by(self, agreed: usize) -> bool {
         agreed >= self.needed
@@ -176,6 +182,19 @@ mod tests {
 
     fn decide(quorum: Quorum, answers: &[Option<&Answer>]) -> Result<Ownership, BackendError> {
         Tally::of(answers.iter().copied()).decide(quorum, "renew")
+    }
+
+    #[test]
+    fn no_call_is_decided_by_fewer_answers_than_the_first_decision() {
+        for nodes in 1..=7 {
+            let quorum = Quorum::of(nodes);
+            let first = quorum.first_decision();
+            assert!(quorum.reached_by(first) || quorum.ruled_out_by(first));
+            assert!(!quorum.reached_by(first - 1) && !quorum.ruled_out_by(first - 1));
+        }
+        assert_eq!(Quorum::of(3).first_decision(), 2);
+        assert_eq!(Quorum::of(4).first_decision(), 2);
+        assert_eq!(Quorum::of(5).first_decision(), 3);
     }
 
     #[test]
