@@ -2,7 +2,7 @@
 
 use std::collections::HashMap;
 use std::fmt;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Weak};
 
 use crossbeam_channel::Sender;
@@ -57,6 +57,15 @@ type Listener = Box<dyn Fn(&str) + Send + Sync>;
 #[derive(Default)]
 struct Registry {
     waiters: Mutex<HashMap<Box<str>, Vec<Waiter>>>,
+    /// How many keys have waiters, kept with `waiters` (under its lock): a wake-up when nobody
+    /// waits anywhere (every uncontended release) reads it and takes no lock.
+    ///
+    /// No wake-up is lost by skipping the lock. A waiter registers, then tries the key again;
+    /// a release deletes the key, then reads this count. If the waiter's try came after the
+    /// delete, it finds the key free. If it came before, in the backend's own critical section
+    /// (its lock, or the server's one thread), the registration happened before the delete,
+    /// and so before this read, which therefore sees it.
+    waited_keys: AtomicUsize,
     next_id: AtomicU64,
     listener: Option<Listener>,
 }
@@ -132,6 +141,9 @@ impl ReleaseWaiters {
             if senders.len() == 1 {
                 self.registry.changed(key);
             }
+            self.registry
+                .waited_keys
+                .store(waiters.len(), Ordering::Release);
         }
         let registration = Registration {
             registry: Arc::downgrade(&self.registry),
@@ -143,6 +155,9 @@ impl ReleaseWaiters {
 
     /// Wakes the longest-waiting waiter of `key` that has no wake-up pending yet.
     pub fn wake_one(&self, key: &str) {
+        if self.nobody_waits() {
+            return;
+        }
         if let Some(waiters) = self.registry.waiters.lock().get(key) {
             // A full channel means already woken: each release wakes one more waiter.
             for (_, sender) in waiters {
@@ -156,11 +171,19 @@ impl ReleaseWaiters {
     /// Wakes every waiter of `key`: after its releases may have gone unheard (before a
     /// subscription to them took effect, say).
     pub fn wake_every(&self, key: &str) {
+        if self.nobody_waits() {
+            return;
+        }
         if let Some(waiters) = self.registry.waiters.lock().get(key) {
             for (_, sender) in waiters {
                 let _ = sender.try_send(());
             }
         }
+    }
+
+    /// Whether no key has a waiter, without locking (see `Registry::waited_keys`).
+    fn nobody_waits(&self) -> bool {
+        self.registry.waited_keys.load(Ordering::Acquire) == 0
     }
 
     /// How many waiters `key` has.
@@ -218,6 +241,7 @@ impl Drop for Registration {
             if senders.is_empty() {
                 waiters.remove(&self.key);
                 registry.changed(&self.key);
+                registry.waited_keys.store(waiters.len(), Ordering::Release);
             }
         }
     }
