@@ -461,14 +461,7 @@ const SLOWLOG_ENTRIES: usize = 50_000;
 /// client (the script's, with no address).
 fn server_time_per_cycle(server: &RedisServer, cycles: u32, mut cycle: impl FnMut()) -> ServerTime {
     let mut connection = server.connection();
-    let () = redis::cmd("CONFIG")
-        .arg("SET")
-        .arg("slowlog-log-slower-than")
-        .arg(0)
-        .arg("slowlog-max-len")
-        .arg(SLOWLOG_ENTRIES)
-        .query(&mut connection)
-        .unwrap();
+    server.log_every_command(SLOWLOG_ENTRIES);
     let () = redis::cmd("SLOWLOG")
         .arg("RESET")
         .query(&mut connection)

@@ -17,13 +17,16 @@
 
 use std::fmt;
 use std::process::Command;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use crate::server::{find_binary, RedisServer, ServerOptions};
-use crate::wait_until;
+use crate::{poll_until, wait_until};
 
 /// How long the cluster may take to form, or to settle after a failover or a slot move.
 const SETTLE_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long [`RedisCluster::failover_slot`] gives one `CLUSTER FAILOVER` before asking again:
+/// longer than Redis' own limit for a manual failover (5 s).
+const FAILOVER_ATTEMPT: Duration = Duration::from_secs(8);
 
 /// The shape of a [`RedisCluster`].
 #[derive(Debug, Clone)]
@@ -237,6 +240,16 @@ impl RedisCluster {
 
     /// Fails the master of `slot` over to its replica by hand (`CLUSTER FAILOVER` on the
     /// replica), and waits until the replica owns the slot; returns the new master's port.
+    ///
+    /// A manual failover that does not complete within Redis' own limit (5 s: the master must
+    /// pause its clients and the replica catch up, then win an election) is dropped without a
+    /// word, which happens on a loaded machine. So it is asked for again after
+    /// [`FAILOVER_ATTEMPT`], then with `FORCE` (no handshake with the master; the election
+    /// still needs a majority of masters).
+    ///
+    /// # Panics
+    ///
+    /// If the slot has not moved after 30 seconds.
     pub fn failover_slot(&self, slot: u16) -> u16 {
         let old = self.master_of_slot(slot);
         let master_id = node_id(self.node(old));
@@ -244,10 +257,24 @@ impl RedisCluster {
             .running()
             .find(|node| cluster_info(node, "myself").contains(&format!("slave {master_id}")))
             .expect("the master has a replica");
-        redis::cmd("CLUSTER")
-            .arg("FAILOVER")
-            .exec(&mut replica.connection())
-            .expect("CLUSTER FAILOVER");
+        let started = Instant::now();
+        for attempt in 0.. {
+            let mut failover = redis::cmd("CLUSTER");
+            failover.arg("FAILOVER");
+            if attempt > 0 {
+                failover.arg("FORCE");
+            }
+            failover
+                .exec(&mut replica.connection())
+                .expect("CLUSTER FAILOVER");
+            let moved = poll_until(FAILOVER_ATTEMPT, || {
+                self.try_master_of_slot(slot)
+                    .is_some_and(|port| port != old)
+            });
+            if moved || started.elapsed() >= SETTLE_TIMEOUT {
+                break;
+            }
+        }
         self.wait_for_new_master_of_slot(slot, old)
     }
 

@@ -101,14 +101,23 @@ pub fn error_chain(error: &(dyn Error + 'static)) -> String {
 /// Panics with `timed out after {timeout:?} waiting until {what}` if `condition` is still `false`
 /// once `timeout` has elapsed. The condition is always checked at least once, and once more after
 /// the deadline before giving up.
-pub fn wait_until(what: &str, timeout: Duration, mut condition: impl FnMut() -> bool) {
+pub fn wait_until(what: &str, timeout: Duration, condition: impl FnMut() -> bool) {
+    if !poll_until(timeout, condition) {
+        panic!("timed out after {timeout:?} waiting until {what}");
+    }
+}
+
+/// Polls `condition` every millisecond until it returns `true` (then returns `true`), or until
+/// `timeout` has elapsed (then `false`). The condition is always checked at least once, and
+/// once more after the deadline.
+pub fn poll_until(timeout: Duration, mut condition: impl FnMut() -> bool) -> bool {
     let start = Instant::now();
     loop {
         if condition() {
-            return;
+            return true;
         }
         if start.elapsed() >= timeout {
-            panic!("timed out after {timeout:?} waiting until {what}");
+            return false;
         }
         std::thread::sleep(Duration::from_millis(1));
     }

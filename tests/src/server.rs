@@ -453,6 +453,19 @@ impl RedisServer {
         clients.lines().filter(|line| filter(line)).count()
     }
 
+    /// Makes the slow log record every command the server runs from now on (a threshold of
+    /// zero), keeping the last `entries`, each command a script calls included.
+    pub fn log_every_command(&self, entries: usize) {
+        let () = redis::cmd("CONFIG")
+            .arg("SET")
+            .arg("slowlog-log-slower-than")
+            .arg(0)
+            .arg("slowlog-max-len")
+            .arg(entries)
+            .query(&mut self.connection())
+            .unwrap();
+    }
+
     /// How many scripts the server has run (`INFO commandstats`: `EVALSHA` and `EVAL` calls):
     /// each lease operation of a Redis backend is one.
     pub fn script_calls(&self) -> u64 {

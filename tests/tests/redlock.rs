@@ -288,15 +288,7 @@ fn a_steady_acquire_needs_no_fence_write_back() {
     let cluster = cluster(3);
     // Every command each node runs from here on, in its slow log.
     for server in &cluster.servers {
-        let mut connection = server.connection();
-        let () = redis::cmd("CONFIG")
-            .arg("SET")
-            .arg("slowlog-log-slower-than")
-            .arg(0)
-            .arg("slowlog-max-len")
-            .arg(10_000)
-            .query(&mut connection)
-            .unwrap();
+        server.log_every_command(10_000);
     }
     let ttl = Duration::from_secs(10);
     let mut last = 0;
