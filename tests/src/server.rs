@@ -466,6 +466,36 @@ impl RedisServer {
             .unwrap();
     }
 
+    /// How many times the server ran `acquire.lua` since [`log_every_command`] turned its slow
+    /// log on: each attempt to take a key through a `RedisBackend` is one `EVALSHA` of it (the
+    /// `EVAL` that follows a refused `EVALSHA` is not counted again). A waiter's attempts show
+    /// when it has tried again and gone back to sleep.
+    ///
+    /// [`log_every_command`]: RedisServer::log_every_command
+    pub fn acquire_attempts(&self) -> usize {
+        let acquire = redis::Script::new(include_str!("../../lock-redis/src/scripts/acquire.lua"));
+        let entries: Vec<redis::Value> = redis::cmd("SLOWLOG")
+            .arg("GET")
+            .arg(-1)
+            .query(&mut self.connection())
+            .unwrap();
+        entries
+            .iter()
+            .filter_map(|entry| match entry {
+                // Each entry: id, time, duration, the command's arguments, ...
+                redis::Value::Array(fields) => fields.get(3),
+                _ => None,
+            })
+            .filter_map(|arguments| redis::from_redis_value_ref::<Vec<String>>(arguments).ok())
+            .filter(|arguments| {
+                arguments
+                    .first()
+                    .is_some_and(|name| name.eq_ignore_ascii_case("EVALSHA"))
+                    && arguments.get(1).map(String::as_str) == Some(acquire.get_hash())
+            })
+            .count()
+    }
+
     /// How many scripts the server has run (`INFO commandstats`: `EVALSHA` and `EVAL` calls):
     /// each lease operation of a Redis backend is one.
     pub fn script_calls(&self) -> u64 {

@@ -185,6 +185,7 @@ fn a_release_wakes_a_waiter_through_sharded_pub_sub_on_the_keys_master() {
     let ttl = Duration::from_secs(30);
     let lease = holder.acquire("handoff", ttl).unwrap();
     let master = cluster.master_of_slot(cluster.slot_of(&channel));
+    cluster.node(master).log_every_command(1_000);
     let waiter = spawn_waiter(&sleepy, "handoff", ttl);
     wait_until(
         "the waiter subscribed on the key's master",
@@ -196,8 +197,13 @@ fn a_release_wakes_a_waiter_through_sharded_pub_sub_on_the_keys_master() {
             assert_eq!(other.subscribers(&channel), 0);
         }
     }
-    // Woken by its subscription, the waiter found the lock held and sleeps on its backoff.
-    std::thread::sleep(Duration::from_millis(200));
+    // Woken by its subscription, the waiter found the lock held (its third attempt) and
+    // sleeps on its backoff.
+    wait_until(
+        "the waiter tried three times",
+        Duration::from_secs(10),
+        || cluster.node(master).acquire_attempts() >= 3,
+    );
     assert_woken_by(waiter, Duration::from_secs(2), || lease.release().unwrap());
 }
 
@@ -232,15 +238,20 @@ fn a_user_with_the_cluster_acl_rules_holds_renews_and_wakes() {
     std::thread::sleep(ttl * 2);
     assert!(leases.iter().all(|lease| lease.is_held()));
     assert!(holder.inspect("acl:0").unwrap().is_held());
-    let waiter = spawn_waiter(&sleepy, "acl:0", ttl);
     let channel = lock_redis::RedisBackend::connect(&cluster.url())
         .unwrap()
         .lock_key("acl:0");
     let master = cluster.master_of_slot(cluster.slot_of(&channel));
+    cluster.node(master).log_every_command(1_000);
+    let waiter = spawn_waiter(&sleepy, "acl:0", ttl);
     wait_until("the waiter subscribed", Duration::from_secs(10), || {
         cluster.node(master).shard_subscribers(&channel) == 1
     });
-    std::thread::sleep(Duration::from_millis(200));
+    wait_until(
+        "the waiter tried three times",
+        Duration::from_secs(10),
+        || cluster.node(master).acquire_attempts() >= 3,
+    );
     let mut leases = leases.into_iter();
     let first = leases.next().unwrap();
     assert_woken_by(waiter, Duration::from_secs(2), || first.release().unwrap());

@@ -425,6 +425,10 @@ fn a_release_after_a_failover_wakes_a_waiter_through_the_new_master() {
     let lease = holder.acquire("handoff", TTL).unwrap();
     let slot = cluster.slot_of(&channel);
     let old = cluster.master_of_slot(slot);
+    // Every node, the replica that takes over included.
+    for node in cluster.nodes() {
+        node.log_every_command(1_000);
+    }
     let waiter = spawn_waiter(&sleepy, "handoff", TTL);
     wait_until("the waiter subscribed", WAIT, || {
         cluster.node(old).shard_subscribers(&channel) == 1
@@ -433,7 +437,10 @@ fn a_release_after_a_failover_wakes_a_waiter_through_the_new_master() {
     wait_until("the subscriber subscribed on the new master", WAIT, || {
         cluster.node(new).shard_subscribers(&channel) == 1
     });
-    // Woken by the new subscription, the waiter tries (the lock is still held) and sleeps.
-    std::thread::sleep(Duration::from_millis(300));
+    // Woken by the new subscription, the waiter tries on the new master (the lock is still
+    // held) and sleeps.
+    wait_until("the waiter tried on the new master", WAIT, || {
+        cluster.node(new).acquire_attempts() >= 1
+    });
     assert_woken_by(waiter, Duration::from_secs(2), || lease.release().unwrap());
 }

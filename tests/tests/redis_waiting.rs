@@ -18,12 +18,18 @@ fn a_release_wakes_a_waiter_long_before_its_backoff() {
     let backend = RedisBackend::connect(&server.url()).unwrap();
     let manager = LockManager::builder(backend).retry(SLEEPY).build().unwrap();
     let lease = manager.acquire("handoff", TTL).unwrap();
+    server.log_every_command(1_000);
     let waiting = spawn_waiter(&manager, "handoff", TTL);
     wait_until("the waiter subscribed", Duration::from_secs(10), || {
         server.subscribers("lock:{handoff}") == 1
     });
-    // Let the waiter fail its first attempt and go to sleep on its 30 s backoff.
-    std::thread::sleep(Duration::from_millis(100));
+    // Its first attempt, the one right after it registered, and the one its subscription woke:
+    // then it sleeps on its 30 s backoff.
+    wait_until(
+        "the waiter tried three times",
+        Duration::from_secs(10),
+        || server.acquire_attempts() >= 3,
+    );
     let released = Instant::now();
     lease.release().unwrap();
     let acquired = waiting.join().unwrap();
