@@ -467,13 +467,21 @@ impl RedisServer {
     }
 
     /// How many times the server ran `acquire.lua` since [`log_every_command`] turned its slow
-    /// log on: each attempt to take a key through a `RedisBackend` is one `EVALSHA` of it (the
-    /// `EVAL` that follows a refused `EVALSHA` is not counted again). A waiter's attempts show
-    /// when it has tried again and gone back to sleep.
+    /// log on: each attempt to take a key through a `RedisBackend` is one. A waiter's attempts
+    /// show when it has tried again and gone back to sleep.
     ///
     /// [`log_every_command`]: RedisServer::log_every_command
     pub fn acquire_attempts(&self) -> usize {
         let acquire = redis::Script::new(include_str!("../../lock-redis/src/scripts/acquire.lua"));
+        self.script_runs(acquire.get_hash())
+    }
+
+    /// How many times the server was asked to run the script whose SHA1 is `hash` (`EVALSHA`)
+    /// since [`log_every_command`] turned its slow log on. The `EVAL` that follows a refused
+    /// `EVALSHA` is not counted again.
+    ///
+    /// [`log_every_command`]: RedisServer::log_every_command
+    pub fn script_runs(&self, hash: &str) -> usize {
         let entries: Vec<redis::Value> = redis::cmd("SLOWLOG")
             .arg("GET")
             .arg(-1)
@@ -491,7 +499,7 @@ impl RedisServer {
                 arguments
                     .first()
                     .is_some_and(|name| name.eq_ignore_ascii_case("EVALSHA"))
-                    && arguments.get(1).map(String::as_str) == Some(acquire.get_hash())
+                    && arguments.get(1).map(String::as_str) == Some(hash)
             })
             .count()
     }

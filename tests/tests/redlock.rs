@@ -311,37 +311,12 @@ fn a_steady_acquire_needs_no_fence_write_back() {
             .unwrap();
     }
     for (node, server) in cluster.servers.iter().enumerate() {
-        let entries: Vec<redis::Value> = redis::cmd("SLOWLOG")
-            .arg("GET")
-            .arg(-1)
-            .query(&mut server.connection())
-            .unwrap();
-        // Each entry: id, time, duration, the command's arguments, ...
-        let scripts: Vec<Vec<String>> = entries
-            .iter()
-            .filter_map(|entry| match entry {
-                redis::Value::Array(fields) => fields.get(3),
-                _ => None,
-            })
-            .filter_map(|arguments| redis::from_redis_value_ref::<Vec<String>>(arguments).ok())
-            .filter(|arguments| {
-                arguments
-                    .first()
-                    .is_some_and(|name| name.starts_with("EVAL"))
-            })
-            .collect();
+        let attempts = server.acquire_attempts();
         assert!(
-            scripts.len() >= 20,
-            "node {node} logged {} script calls",
-            scripts.len()
+            attempts >= 20,
+            "node {node} ran acquire.lua {attempts} times"
         );
-        let raises = scripts
-            .iter()
-            // A call by source (EVAL) comes only after one by hash (EVALSHA) was refused.
-            .filter(|arguments| {
-                arguments.get(1).map(String::as_str) == Some(raise_fence.get_hash())
-            })
-            .count();
+        let raises = server.script_runs(raise_fence.get_hash());
         assert_eq!(
             raises, 0,
             "node {node} had its fence counter raised {raises} times"
