@@ -267,11 +267,11 @@
 //!   split per master and sent to all of them at once, one pipelined round trip each, with one
 //!   script call per 128 leases whatever their slots (the renewal script takes its keys as
 //!   arguments, with the flag `allow-cross-slot-keys`; a key the node does not serve is refused
-//!   alone, and that lease asked again through the cluster's routing). A call that a master answers with `MOVED`, `ASK`,
-//!   `TRYAGAIN` or `CLUSTERDOWN` goes once more through a pooled cluster connection of the
-//!   crate, which follows the redirection (and refreshes the layout); a master that refuses
-//!   connections makes the backend look at the layout anew. Failed cluster connections are
-//!   dropped, never pooled again (the crate's synchronous connection would keep a dead master's
+//!   alone, and that lease asked again through the cluster's routing). A call that a master answers
+//!   with `MOVED`, `ASK`, `TRYAGAIN` or `CLUSTERDOWN` goes once more through a pooled cluster
+//!   connection of the crate, which follows the redirection (and refreshes the layout); a master
+//!   that refuses connections makes the backend look at the layout anew. Failed cluster connections
+//!   are dropped, never pooled again (the crate's synchronous connection would keep a dead master's
 //!   address).
 //! - **Wake-ups** use sharded pub/sub: releases are announced with `SPUBLISH`, and one thread
 //!   per backend (`lock-redis-cluster-subscriber`) listens with `SSUBSCRIBE` on the master of

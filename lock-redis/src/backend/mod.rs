@@ -323,14 +323,9 @@ impl RedisBackend {
         let ttl = ttl_millis(request.ttl).to_string();
         let proposed = proposed.map(|fence| fence.to_string());
         let keys = [lock.as_str(), &fence];
-        let args_with_proposal;
-        let args: &[&str] = match &proposed {
-            Some(proposed) => {
-                args_with_proposal = [request.token, &ttl, proposed];
-                &args_with_proposal
-            }
-            None => &[request.token, &ttl],
-        };
+        let given = [request.token, &ttl, proposed.as_deref().unwrap_or_default()];
+        // The proposal, the third argument, only when there is one.
+        let args = &given[..if proposed.is_some() { 3 } else { 2 }];
         let script = &self.inner.scripts.acquire;
         let operation = RedisOperation::Acquire;
         if self.inner.config.min_replicas.is_none() {

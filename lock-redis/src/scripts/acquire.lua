@@ -15,8 +15,8 @@
 --
 -- Needs Redis 7.0 or later (SET with both NX and GET).
 --
--- Every grant issues max(counter + 1, server TIME in microseconds, ARGV[3]) and stores it in the counter,
--- so fences keep growing when the counter comes back missing or stale: a restart without
+-- Every grant issues max(counter + 1, server TIME in microseconds, ARGV[3]) and stores it in the
+-- counter, so fences keep growing when the counter comes back missing or stale: a restart without
 -- persistence, a restore from an older snapshot, a failover to a replica that missed the last
 -- grants (as long as the server's clock does not step back, and fewer than one lock per
 -- microsecond is taken on average). Scripts are replicated by their effects (always, since Redis
@@ -50,8 +50,9 @@ local function unusable(counter)
 end
 
 -- Issues the next fence for a lock this call has just taken: above the last one, and at least
--- the server's clock in microseconds and the proposed fence, if any. Reads and writes the counter in one command; when the
--- counter turns out to be unusable, puts it back and gives the lock up, so nothing changed.
+-- the server's clock in microseconds and the proposed fence, if any. Reads and writes the
+-- counter in one command; when the counter turns out to be unusable, puts it back and gives the
+-- lock up, so nothing changed.
 local function grant()
   local now = redis.pcall('TIME') -- seconds and microseconds, as text
   if now.err then -- refused (a user without TIME): give the lock up, or it would stay behind
